@@ -1,0 +1,226 @@
+"""Command-line interface: ``fmlm train | sample | data | config``.
+
+Every user-fixable problem (unknown preset or key, bad value, missing or corrupt
+checkpoint, empty or non-UTF-8 corpus, ...) is reported as one line on stderr
+with exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from fmlm.errors import FmlmError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line (exit code 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        raise SystemExit(2)
+
+
+def _steps_list(text: str) -> list[int]:
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"steps must be integers, got {text!r}") from None
+    if not steps or any(s < 1 for s in steps):
+        raise argparse.ArgumentTypeError(f"steps must be >= 1, got {text!r}")
+    return steps
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _split_preset(items: list[str]) -> tuple[str | None, list[str]]:
+    """The first positional is a preset or .toml file unless it is a key=value override."""
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def cmd_train(args) -> int:
+    from fmlm.config import build_config
+    from fmlm.train import Trainer
+
+    preset, overrides = _split_preset(args.config)
+    cfg = build_config(preset, overrides)
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.preset
+    log = (lambda *a, **k: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    trainer = Trainer(cfg, run_dir, resume=not args.no_resume, progress=not args.quiet, log=log)
+    summary = trainer.fit()
+    if not args.no_samples and not summary["interrupted"]:
+        from fmlm.api import load
+
+        model = load(run_dir, device=trainer.device)
+        summary["samples"] = _report_samples(model, [cfg.sample.steps], cfg.sample.num_samples,
+                                             cfg.sample.seed, cfg.sample.float64, show=not args.quiet,
+                                             check=model.task is not None)
+    print(json.dumps(summary, indent=2))
+    return 130 if summary["interrupted"] else 0
+
+
+def _report_samples(model, steps_list, num_samples, seed, float64, show=True, check=False, max_show=4,
+                    seq_len=None) -> list[dict]:
+    results = []
+    for steps in steps_list:
+        t0 = time.perf_counter()
+        ids = model.sample_ids(num_samples, steps, seed, float64=float64, seq_len=seq_len)
+        dt = time.perf_counter() - t0
+        texts = model.decode(ids)
+        rec = {"steps": steps, "num_samples": num_samples, "seed": seed,
+               "seconds_per_sample": dt / num_samples}
+        if check and model.task is not None:
+            m = model.task.check(ids)
+            rec.update(valid_rate=m["valid_rate"], coverage=m["coverage"])
+        rec["texts"] = texts[:max_show] if max_show else texts
+        if show:
+            head = f"--- {steps} steps, {rec['seconds_per_sample'] * 1e3:.2f} ms/sample"
+            if "valid_rate" in rec:
+                head += f", valid {rec['valid_rate']:.3f}, coverage {rec['coverage']:.3f}"
+            print(head, file=sys.stderr)
+            for t in rec["texts"]:
+                print(t, file=sys.stderr)
+                print("", file=sys.stderr)
+        results.append(rec)
+    return results
+
+
+def cmd_sample(args) -> int:
+    from fmlm.api import load
+
+    tokenizer = None
+    if args.tokenizer:
+        from fmlm.data import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
+    model = load(args.ckpt, device=args.device, ema=not args.no_ema, tokenizer=tokenizer)
+    steps_list = args.steps or [model.config.sample.steps]
+    if args.json or args.check:
+        results = _report_samples(model, steps_list, args.num_samples, args.seed, args.float64, show=False,
+                                  check=args.check, max_show=0 if args.json else 4, seq_len=args.seq_len)
+        if args.json:
+            print(json.dumps({"checkpoint": str(model.path), "results": results}, indent=2))
+        else:
+            for r in results:
+                line = f"steps {r['steps']:>5}: {r['seconds_per_sample'] * 1e3:8.2f} ms/sample"
+                if "valid_rate" in r:
+                    line += f"  valid {r['valid_rate']:.3f}  coverage {r['coverage']:.3f}"
+                print(line)
+        return 0
+    for steps in steps_list:
+        for text in model.sample(args.num_samples, steps, args.seed, float64=args.float64, seq_len=args.seq_len):
+            print(text)
+            print()
+    return 0
+
+
+def cmd_data(args) -> int:
+    from fmlm.config import build_config
+    from fmlm.train import load_data
+
+    preset, overrides = _split_preset(args.config)
+    cfg = build_config(preset, overrides)
+    bundle = load_data(cfg)
+    info = dict(bundle.info)
+    info.update(vocab_size=bundle.tokenizer.vocab_size, tokenizer=bundle.tokenizer.spec,
+                seq_len=cfg.data.seq_len, train_blocks=len(bundle.train), val_blocks=len(bundle.val))
+    print(json.dumps(info, indent=2, default=str))
+    for i in range(min(args.show, len(bundle.train))):
+        print(f"--- train block {i}", file=sys.stderr)
+        print(bundle.tokenizer.decode(bundle.train.batch([i])[0].tolist()), file=sys.stderr)
+    return 0
+
+
+def cmd_config(args) -> int:
+    from fmlm.config import PRESETS, build_config
+
+    if args.list:
+        for name in PRESETS:
+            print(name)
+        return 0
+    preset, overrides = _split_preset(args.config)
+    print(json.dumps(build_config(preset, overrides).to_dict(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fmlm", description="Flow-based and flow map language models.")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a model (default: the embedded Shakespeare preset)",
+                       description="Train a model. CONFIG is a preset name or a .toml file, followed by "
+                                   "key=value overrides (e.g. lr=1e-3 train.max_steps=500 loss=mse_denoiser "
+                                   "time=uniform). Re-running the same command resumes from the last "
+                                   "checkpoint in the run directory.")
+    t.add_argument("config", nargs="*", metavar="PRESET|FILE.toml|key=value")
+    t.add_argument("--run-dir", help="run directory (default: runs/<preset>)")
+    t.add_argument("--no-resume", action="store_true", help="start over even if the run directory has checkpoints")
+    t.add_argument("--no-samples", action="store_true", help="do not sample at the end")
+    t.add_argument("--quiet", action="store_true", help="no progress bar or log lines; print only the summary")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="sample text from a checkpoint",
+                       description="Sample from a checkpoint or run directory (its newest checkpoint).")
+    s.add_argument("--ckpt", required=True, help="checkpoint or run directory")
+    s.add_argument("--steps", type=_steps_list, help="number of steps, or a comma-separated list (e.g. 1,2,4,8)")
+    s.add_argument("--num-samples", "-n", type=_positive, default=4)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seq-len", type=_positive, help="sequence length (at most the model's maximum)")
+    s.add_argument("--float64", action="store_true", help="integrate the flow in float64")
+    s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    s.add_argument("--tokenizer", help="replacement tokenizer directory (must match the model's vocabulary)")
+    s.add_argument("--device", help="cpu, cuda, mps (default: best available)")
+    s.add_argument("--check", action="store_true", help="synthetic tasks: print valid rate and coverage")
+    s.add_argument("--json", action="store_true", help="print JSON (texts, timings, metrics)")
+    s.set_defaults(func=cmd_sample)
+
+    d = sub.add_parser("data", help="prepare and inspect a dataset (tokenise, pack, cache)",
+                       description="Tokenise, pack and cache the data of a preset; print statistics.")
+    d.add_argument("config", nargs="*", metavar="PRESET|FILE.toml|key=value")
+    d.add_argument("--show", type=int, default=1, help="print this many decoded training blocks")
+    d.set_defaults(func=cmd_data)
+
+    c = sub.add_parser("config", help="print the resolved config of a preset with overrides")
+    c.add_argument("config", nargs="*", metavar="PRESET|FILE.toml|key=value")
+    c.add_argument("--list", action="store_true", help="list the presets")
+    c.set_defaults(func=cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from fmlm import __version__
+
+        print(__version__)
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except FmlmError as e:
+        sys.stderr.write(f"fmlm: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("fmlm: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

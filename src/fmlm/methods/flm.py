@@ -1,0 +1,164 @@
+"""Flow-based language model (FLM): stage 1 of the method.
+
+Maths (METHOD.md §1–3). Tokens are one-hot vectors x1 ∈ {0,1}^{L×V}; noise
+x0 ~ N(0, I) has the same shape; the interpolant is I_t = (1 − t)·x0 + t·x1.
+The denoiser D_t(x) = E[x1 | I_t = x] = p(x1 | I_t = x) is a token-wise softmax
+of the backbone's logits, trained by cross-entropy. The flow's velocity is
+b_t(x) = (D_t(x) − x)/(1 − t), integrated with Euler steps uniform in the
+decoding-error time τ, on which the network is conditioned (t = t(τ)).
+
+Ablations (``loss=``): ``ce`` (the method), ``mse_denoiser`` (squared error of
+softmax(logits) to the one-hot), ``mse_velocity`` (raw outputs regress the
+velocity x1 − x0, the failing baseline of the paper).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmlm.schedule import Schedule
+
+# A denoiser maps (state z (B, L, V), network time τ (B,)) to D on the simplex (B, L, V).
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def stratified_uniform(batch: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """τ ~ U[0, 1) drawn as one uniform offset plus an evenly spaced grid (antithetic / stratified).
+
+    Every τ is marginally uniform, and the batch covers [0, 1) evenly, which lowers
+    the variance of the batch-mean loss.
+    """
+    u = torch.rand((), generator=generator, device=device)
+    return (u + torch.arange(batch, device=device) / batch) % 1.0
+
+
+@torch.no_grad()
+def euler_sample(
+    denoiser: Denoiser,
+    noise: torch.Tensor,
+    schedule: Schedule,
+    steps: int,
+    dtype: torch.dtype = torch.float32,
+    callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Integrate the FLM probability-flow ODE with Euler steps on a uniform τ grid.
+
+    ``z ← z + (t_{i+1} − t_i)·(D(z, τ_i) − z)/(1 − t_i)``; the last step returns
+    ``D(z, τ_{N−1})`` itself, which is exactly where the last Euler step lands.
+
+    Args:
+        denoiser: (z, τ) -> D on the simplex.
+        noise: initial state z0 ~ N(0, I), (B, L, V).
+        schedule: maps τ to t.
+        steps: number of network evaluations N ≥ 1.
+        dtype: dtype of the state and the update (float64 for a high-precision flow).
+        callback: called as ``callback(i, z, D)`` after every network evaluation.
+
+    Returns:
+        The final denoiser output D (B, L, V); decode with ``argmax(-1)``.
+    """
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    B = noise.shape[0]
+    z = noise.to(dtype)
+    taus = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64, device=noise.device)
+    ts = schedule.t(taus)
+    for i in range(steps):
+        tau = taus[i].to(torch.float32).expand(B)
+        D = denoiser(z, tau).to(dtype)  # (B, L, V)
+        if callback is not None:
+            callback(i, z, D)
+        if i == steps - 1:
+            return D
+        t, t_next = ts[i].to(dtype), ts[i + 1].to(dtype)
+        z = z + (t_next - t) * (D - z) / (1.0 - t)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class FLM(nn.Module):
+    """Wraps a one-time backbone ``net(x, τ) -> logits`` as a flow-based language model.
+
+    Args:
+        net: backbone mapping (B, L, V) vectors and τ (B,) to logits (B, L, V).
+        schedule: the time reparameterisation (decoding-error or uniform).
+        loss_type: ``ce`` | ``mse_denoiser`` | ``mse_velocity``.
+    """
+
+    def __init__(self, net: nn.Module, schedule: Schedule, loss_type: str = "ce"):
+        super().__init__()
+        if loss_type not in ("ce", "mse_denoiser", "mse_velocity"):
+            raise ValueError(f"unknown loss {loss_type!r}")
+        self.net = net
+        self.schedule = schedule
+        self.loss_type = loss_type
+
+    @property
+    def vocab_size(self) -> int:
+        return self.net.vocab_size
+
+    def interpolate(self, ids: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """I_t = (1 − t)·x0 + t·onehot(ids); ids (B, L), t (B,), noise (B, L, V)."""
+        x1 = F.one_hot(ids, self.vocab_size).to(noise.dtype)
+        tt = t.to(noise.dtype)[:, None, None]
+        return (1.0 - tt) * noise + tt * x1
+
+    def denoise(self, z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """D(z, τ) on the simplex, float32, (B, L, V)."""
+        out = self.net(z, tau).float()
+        if self.loss_type == "mse_velocity":
+            # The network predicts the velocity v; the implied denoiser is z + (1 − t)·v.
+            # It is not a distribution, but the Euler update only needs D − z.
+            t = self.schedule.t(tau.double()).float()[:, None, None]
+            return z.float() + (1.0 - t) * out
+        return out.softmax(-1)
+
+    def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+        """Training loss on a batch of token ids (B, L). Returns (loss, metrics)."""
+        B = ids.shape[0]
+        tau = stratified_uniform(B, generator, ids.device)
+        t = self.schedule.t(tau.double()).float()
+        noise = torch.randn(*ids.shape, self.vocab_size, generator=generator, device=ids.device)
+        x = self.interpolate(ids, t, noise)  # (B, L, V)
+        out = self.net(x, tau).float()  # (B, L, V)
+        x1 = F.one_hot(ids, self.vocab_size).float()
+        if self.loss_type == "ce":
+            loss = F.cross_entropy(out.flatten(0, 1), ids.flatten())
+        elif self.loss_type == "mse_denoiser":
+            loss = (out.softmax(-1) - x1).pow(2).sum(-1).mean()
+        else:
+            loss = (out - (x1 - noise)).pow(2).sum(-1).mean()
+        return loss, {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def eval_loss(self, ids: torch.Tensor, generator: torch.Generator) -> dict:
+        """Validation metrics with a fixed generator: the loss and, always, the denoising CE."""
+        B = ids.shape[0]
+        tau = stratified_uniform(B, generator, ids.device)
+        t = self.schedule.t(tau.double()).float()
+        noise = torch.randn(*ids.shape, self.vocab_size, generator=generator, device=ids.device)
+        x = self.interpolate(ids, t, noise)
+        D = self.denoise(x, tau).clamp_min(1e-30)
+        ce = -D.gather(-1, ids[..., None]).log().mean()
+        acc = (D.argmax(-1) == ids).float().mean()
+        return {"ce": ce.item(), "acc": acc.item()}
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int,
+        seq_len: int,
+        steps: int,
+        generator: torch.Generator | None = None,
+        float64: bool = False,
+        callback=None,
+    ) -> torch.Tensor:
+        """Draw token ids (num_samples, seq_len) with ``steps`` Euler steps."""
+        device = next(self.parameters()).device
+        noise = torch.randn(num_samples, seq_len, self.vocab_size, generator=generator, device=device)
+        D = euler_sample(self.denoise, noise, self.schedule, steps,
+                         dtype=torch.float64 if float64 else torch.float32, callback=callback)
+        return D.argmax(-1)

@@ -1,0 +1,381 @@
+"""One training loop for every method.
+
+The loop knows nothing about noise processes: it asks the method for
+``loss(ids, generator)`` and ``eval_loss(ids, generator)``. It owns the device,
+precision, optimiser (AdamW + warm-up), gradient clipping, EMA, logging
+(JSONL + progress bar), periodic evaluation, atomic checkpoints and resume.
+
+Resume is exact: the data order is a pure function of (seed, epoch), and the
+step, data position, optimiser, scheduler, EMA and every RNG state are stored in
+each checkpoint, so a resumed run continues the same trajectory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fmlm import checkpoint as ckpt
+from fmlm.config import RunConfig
+from fmlm.errors import ConfigError, FmlmError
+from fmlm.methods import build_method
+
+# Keys that may change between a run and its resumption (budget and bookkeeping only).
+RESUMABLE_KEYS = {
+    "train.max_steps", "train.max_minutes", "train.log_every", "train.eval_every", "train.eval_batches",
+    "train.save_every", "train.keep_last", "train.threads", "train.device", "sample.steps",
+    "sample.num_samples", "sample.seed", "sample.float64", "data.cache_dir",
+}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FMLM_CACHE", Path.home() / ".cache" / "fmlm"))
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        try:
+            return torch.device(name)
+        except RuntimeError:
+            raise ConfigError(f"bad value for train.device: {name!r}") from None
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where the device supports it (``auto``); None means full fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None  # CPU autocast in bf16 is slower than fp32 on most CPUs
+
+
+def load_data(cfg: RunConfig, tokenizer=None):
+    """Build the DataBundle for a config (tokenizer fixed when resuming or evaluating)."""
+    from fmlm.data import build_data
+
+    d = cfg.data
+    phrases = dict(n=d.phrases_n, k=d.phrases_k, phrases_per_seq=d.phrases_per_seq,
+                   vocab_size=d.phrases_vocab or None, seed=cfg.train.seed)
+    return build_data(
+        dataset=d.dataset, tokenizer=d.tokenizer, seq_len=d.seq_len,
+        cache_dir=Path(d.cache_dir) if d.cache_dir else default_cache_dir(),
+        packing=d.packing, val_fraction=d.val_fraction, seed=cfg.train.seed,
+        phrases=phrases if d.dataset == "phrases" else None, tokenizer_obj=tokenizer,
+    )
+
+
+class EMA:
+    """Exponential moving average of parameters (float32 shadow copies)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        for k, v in module.state_dict().items():
+            s = self.shadow[k]
+            if v.dtype.is_floating_point:
+                s.lerp_(v.detach().float(), 1.0 - self.decay)
+            else:
+                s.copy_(v)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for k in self.shadow:
+            self.shadow[k].copy_(state[k])
+
+
+def lr_lambda(cfg: RunConfig):
+    t = cfg.train
+
+    def f(step: int) -> float:
+        warm = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0
+        if t.lr_schedule == "cosine":
+            progress = min(1.0, step / max(1, t.max_steps))
+            return warm * 0.5 * (1 + math.cos(math.pi * progress))
+        return warm
+
+    return f
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_resumable(saved: dict, current: dict) -> None:
+    a, b = _flatten(saved), _flatten(current)
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_KEYS and k != "preset")
+    if diff:
+        k = diff[0]
+        raise ConfigError(
+            f"run directory holds a run with a different config ({k}: {a.get(k)!r} -> {b.get(k)!r}); "
+            "use another --run-dir or --no-resume"
+        )
+
+
+def rng_state(gen: torch.Generator) -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "train_generator": gen.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    gen.set_state(state["train_generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # index into the epoch's permutation
+    tokens: int = 0
+    elapsed: float = 0.0  # training seconds over all sessions of this run
+    bad_steps: int = 0
+    last_val: dict = field(default_factory=dict)
+
+
+class Trainer:
+    """Trains the method of ``cfg`` in ``run_dir``; ``fit()`` resumes when a checkpoint is there."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = True, progress: bool = True,
+                 log=print):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.log = log
+        t = cfg.train
+        if t.threads > 0:
+            torch.set_num_threads(t.threads)
+        self.device = pick_device(t.device)
+        self.amp = autocast_dtype(t.precision, self.device)
+
+        self.resume_from = ckpt.latest_checkpoint(self.run_dir) if resume else None
+        tokenizer = None
+        if self.resume_from is not None:
+            saved = ckpt.read_json(self.resume_from / "config.json")
+            check_resumable({k: v for k, v in saved.items() if k != "model"},
+                            {k: v for k, v in cfg.to_dict().items() if k != "model"})
+            from fmlm.data import load_tokenizer
+            tokenizer = load_tokenizer(self.resume_from / "tokenizer")
+        self.data = load_data(cfg, tokenizer)
+        cfg.model.vocab_size = self.data.tokenizer.vocab_size
+        cfg.model.max_seq_len = cfg.data.seq_len
+        if self.resume_from is not None:
+            check_resumable(saved["model"], cfg.to_dict()["model"])
+
+        torch.manual_seed(t.seed)
+        self.method = build_method(cfg).to(self.device)
+        self.opt = torch.optim.AdamW(self.method.parameters(), lr=t.lr, betas=(t.beta1, t.beta2),
+                                     weight_decay=t.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
+        self.ema = EMA(self.method, t.ema)
+        self.gen = torch.Generator(self.device).manual_seed(t.seed)
+        self.state = TrainState()
+        if self.resume_from is not None:
+            self._load(self.resume_from)
+
+    # ---------------------------------------------------------------- checkpoints
+    def _load(self, path: Path) -> None:
+        ckpt.verify(path, deep=True)
+        ckpt.load_into(self.method, ckpt.load_state(path, "model.safetensors"), "checkpoint weights")
+        self.ema.load_state_dict(ckpt.load_state(path, "ema.safetensors"))
+        try:
+            opt = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=False)
+            self.opt.load_state_dict(opt["optimizer"])
+            self.sched.load_state_dict(opt["scheduler"])
+            set_rng_state(torch.load(path / "rng.pt", weights_only=False), self.gen)
+        except (OSError, RuntimeError, KeyError, ValueError) as e:
+            raise FmlmError(f"cannot resume from {path}: {str(e).splitlines()[0]}") from None
+        self.state = TrainState(**ckpt.read_json(path / "trainer_state.json"))
+        self.log(f"resumed from {path} at step {self.state.step}")
+
+    def save(self) -> Path:
+        path = self.run_dir / "checkpoints" / f"{ckpt.PREFIX}{self.state.step:08d}"
+        ckpt.save_checkpoint(
+            path, self.cfg.to_dict(), self.method.state_dict(), tokenizer=self.data.tokenizer,
+            ema_state=self.ema.state_dict(),
+            optimizer_state={"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()},
+            trainer_state=self.state.__dict__, rng_state=rng_state(self.gen),
+        )
+        ckpt.prune(self.run_dir, self.cfg.train.keep_last)
+        return path
+
+    # ---------------------------------------------------------------- data
+    def next_batch(self) -> torch.Tensor:
+        n, B = len(self.data.train), self.cfg.train.batch_size
+        ids = []
+        while len(ids) < B:
+            if self.state.position >= n:
+                self.state.epoch += 1
+                self.state.position = 0
+            perm = self._perm(self.state.epoch, n)
+            take = min(B - len(ids), n - self.state.position)
+            ids.extend(perm[self.state.position:self.state.position + take].tolist())
+            self.state.position += take
+        return self.data.train.batch(ids).to(self.device)
+
+    def _perm(self, epoch: int, n: int) -> torch.Tensor:
+        if getattr(self, "_perm_epoch", None) != epoch:
+            g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
+            self._perm_cache = torch.randperm(n, generator=g)
+            self._perm_epoch = epoch
+        return self._perm_cache
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, use_ema: bool = True) -> dict:
+        """Validation metrics over fixed batches with fixed noise (comparable across steps)."""
+        model = self.method
+        backup = None
+        if use_ema:
+            backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            model.load_state_dict({k: v.to(backup[k].dtype) for k, v in self.ema.state_dict().items()})
+        model.eval()
+        gen = torch.Generator(self.device).manual_seed(12345)
+        n, B = len(self.data.val), self.cfg.train.batch_size
+        sums: dict[str, float] = {}
+        count = 0
+        for b in range(self.cfg.train.eval_batches):
+            idx = [(b * B + i) % n for i in range(B)]
+            with self._autocast():
+                m = model.eval_loss(self.data.val.batch(idx).to(self.device), gen)
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+        model.train()
+        if backup is not None:
+            model.load_state_dict(backup)
+        return {f"val_{k}": v / count for k, v in sums.items()}
+
+    def _autocast(self):
+        if self.amp is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.amp)
+
+    # ---------------------------------------------------------------- loop
+    def fit(self) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg, t, st = self.cfg, self.cfg.train, self.state
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(self.run_dir / "config.json")
+        log_f = open(self.run_dir / "log.jsonl", "a")
+        n_params = sum(p.numel() for p in self.method.parameters())
+        self.log(f"{cfg.train.method}: {n_params / 1e6:.2f}M parameters, vocab {cfg.model.vocab_size}, "
+                 f"L={cfg.data.seq_len}, {len(self.data.train)} train / {len(self.data.val)} val blocks, "
+                 f"device {self.device}, precision {self.amp or 'fp32'}")
+        budget = t.max_minutes * 60.0 if t.max_minutes > 0 else math.inf
+        self.method.train()
+        bar = tqdm(total=t.max_steps, initial=st.step, disable=not self.progress, dynamic_ncols=True,
+                   unit="step", desc="train")
+        tokens_per_step = t.batch_size * cfg.data.seq_len
+        window_t, window_tok = time.perf_counter(), 0
+        session_start, elapsed0 = time.perf_counter(), st.elapsed
+        last_saved = st.step if self.resume_from is not None else -1
+        interrupted = False
+        try:
+            while st.step < t.max_steps and st.elapsed < budget:
+                ids = self.next_batch()
+                with self._autocast():
+                    loss, metrics = self.method.loss(ids, self.gen)
+                if not torch.isfinite(loss):
+                    self._bad_step("loss")
+                    continue
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(self.method.parameters(),
+                                                       t.grad_clip if t.grad_clip > 0 else math.inf)
+                if not torch.isfinite(gnorm):
+                    self.opt.zero_grad(set_to_none=True)
+                    self._bad_step("gradient")
+                    continue
+                st.bad_steps = 0
+                self.opt.step()
+                self.sched.step()
+                self.ema.update(self.method)
+                st.step += 1
+                st.tokens += tokens_per_step
+                window_tok += tokens_per_step
+                st.elapsed = elapsed0 + time.perf_counter() - session_start
+                bar.update(1)
+                if st.step % t.log_every == 0 or st.step == t.max_steps:
+                    now = time.perf_counter()
+                    rec = {"step": st.step, "loss": float(metrics["loss"]), "lr": self.sched.get_last_lr()[0],
+                           "grad_norm": float(gnorm), "tokens_per_s": window_tok / max(now - window_t, 1e-9),
+                           "tokens": st.tokens, "elapsed_s": round(st.elapsed, 2)}
+                    window_t, window_tok = now, 0
+                    log_f.write(json.dumps(rec) + "\n")
+                    log_f.flush()
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                if st.step % t.eval_every == 0:
+                    st.last_val = self.evaluate()
+                    log_f.write(json.dumps({"step": st.step, **st.last_val}) + "\n")
+                    log_f.flush()
+                    bar.write(f"step {st.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in st.last_val.items()))
+                if st.step % t.save_every == 0:
+                    self.save()
+                    last_saved = st.step
+        except KeyboardInterrupt:
+            interrupted = True
+            bar.write("interrupted: saving a checkpoint")
+        finally:
+            bar.close()
+        if st.step != last_saved or not ckpt.list_checkpoints(self.run_dir):
+            if not interrupted:
+                st.last_val = self.evaluate()
+                log_f.write(json.dumps({"step": st.step, **st.last_val}) + "\n")
+            self.save()
+        log_f.close()
+        summary = {
+            "run_dir": str(self.run_dir), "step": st.step, "tokens": st.tokens,
+            "train_seconds": round(st.elapsed, 2), "tokens_per_s": round(st.tokens / max(st.elapsed, 1e-9), 1),
+            "parameters": n_params, "interrupted": interrupted, **st.last_val,
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def _bad_step(self, what: str) -> None:
+        self.state.bad_steps += 1
+        self.opt.zero_grad(set_to_none=True)
+        if self.state.bad_steps > self.cfg.train.max_bad_steps:
+            raise FmlmError(f"{self.state.bad_steps} non-finite {what} values in a row at step "
+                            f"{self.state.step}; lower train.lr or check the data")
