@@ -42,7 +42,7 @@ class Model:
 
             d = self.config.data
             self._task = PhrasesTask(n=d.phrases_n, k=d.phrases_k, phrases_per_seq=d.phrases_per_seq,
-                                     vocab_size=d.phrases_vocab or None, seed=self.config.train.seed)
+                                     vocab_size=d.phrases_vocab or None, seed=d.seed)
         return self._task
 
     @torch.no_grad()

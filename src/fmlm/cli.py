@@ -203,7 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may come after options (``fmlm train tiny --quiet lr=1e-3``): argparse leaves
+    # those as unknown arguments, so collect them here.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "config") and all("=" in e and not e.startswith("-") for e in extra):
+            args.config = list(args.config) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.version:
         from fmlm import __version__
 

@@ -36,7 +36,7 @@ else:  # pragma: no cover - exercised only on Python 3.10
 MODEL_SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(n_layers=2, d_model=64, n_heads=4, cond_dim=32),
     "mini": dict(n_layers=4, d_model=128, n_heads=4, cond_dim=64),
-    "small-cpu": dict(n_layers=6, d_model=256, n_heads=8, cond_dim=128),
+    "small-cpu": dict(n_layers=4, d_model=256, n_heads=4, cond_dim=128),
     "base-cpu": dict(n_layers=8, d_model=384, n_heads=6, cond_dim=128),
     "dit-small": dict(n_layers=12, d_model=768, n_heads=12, cond_dim=128),
     "dit-medium": dict(n_layers=24, d_model=1024, n_heads=16, cond_dim=128),
@@ -69,6 +69,7 @@ class DataConfig:
     seq_len: int = 128
     packing: str = "wrap"
     val_fraction: float = 0.05
+    seed: int = 0
     phrases_n: int = 8
     phrases_k: int = 4
     phrases_per_seq: int = 1

@@ -73,11 +73,11 @@ def load_data(cfg: RunConfig, tokenizer=None):
 
     d = cfg.data
     phrases = dict(n=d.phrases_n, k=d.phrases_k, phrases_per_seq=d.phrases_per_seq,
-                   vocab_size=d.phrases_vocab or None, seed=cfg.train.seed)
+                   vocab_size=d.phrases_vocab or None, seed=d.seed)
     return build_data(
         dataset=d.dataset, tokenizer=d.tokenizer, seq_len=d.seq_len,
         cache_dir=Path(d.cache_dir) if d.cache_dir else default_cache_dir(),
-        packing=d.packing, val_fraction=d.val_fraction, seed=cfg.train.seed,
+        packing=d.packing, val_fraction=d.val_fraction, seed=d.seed,
         phrases=phrases if d.dataset == "phrases" else None, tokenizer_obj=tokenizer,
     )
 
@@ -306,7 +306,7 @@ class Trainer:
         budget = t.max_minutes * 60.0 if t.max_minutes > 0 else math.inf
         self.method.train()
         bar = tqdm(total=t.max_steps, initial=st.step, disable=not self.progress, dynamic_ncols=True,
-                   unit="step", desc="train")
+                   unit="step", desc="train", mininterval=0.5 if os.isatty(2) else 30.0)
         tokens_per_step = t.batch_size * cfg.data.seq_len
         window_t, window_tok = time.perf_counter(), 0
         session_start, elapsed0 = time.perf_counter(), st.elapsed
