@@ -47,8 +47,12 @@ class Model:
 
     @torch.no_grad()
     def sample_ids(self, num_samples: int = 4, steps: int | None = None, seed: int = 0,
-                   seq_len: int | None = None, float64: bool = False, batch_size: int = 256) -> torch.Tensor:
-        """Token ids (num_samples, seq_len). The same seed gives the same ids."""
+                   seq_len: int | None = None, float64: bool = False, batch_size: int = 256,
+                   gamma: float = 0.0) -> torch.Tensor:
+        """Token ids (num_samples, seq_len). The same seed gives the same ids.
+
+        ``gamma`` > 0 selects the stochastic flow-map sampler (flow-map models only).
+        """
         steps = self.config.sample.steps if steps is None else steps
         seq_len = self.config.data.seq_len if seq_len is None else seq_len
         if steps < 1:
@@ -58,11 +62,18 @@ class Model:
         if seq_len < 1 or seq_len > self.config.model.max_seq_len:
             raise FmlmError(f"sequence length {seq_len} is outside 1..{self.config.model.max_seq_len}, "
                             "the model's maximum")
+        extra = {}
+        if gamma:
+            if not 0.0 <= gamma < 1.0:
+                raise FmlmError(f"gamma must be in [0, 1), got {gamma}")
+            if not hasattr(self.method, "flow_map"):
+                raise FmlmError("gamma (stochastic re-noising) needs a flow-map model")
+            extra["gamma"] = gamma
         gen = torch.Generator(self.device).manual_seed(seed)
         out = []
         for start in range(0, num_samples, batch_size):
             n = min(batch_size, num_samples - start)
-            out.append(self.method.sample(n, seq_len, steps, generator=gen, float64=float64).cpu())
+            out.append(self.method.sample(n, seq_len, steps, generator=gen, float64=float64, **extra).cpu())
         return torch.cat(out)
 
     def decode(self, ids: torch.Tensor) -> list[str]:

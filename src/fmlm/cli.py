@@ -1,4 +1,4 @@
-"""Command-line interface: ``fmlm train | sample | data | config``.
+"""Command-line interface: ``fmlm train | distill | sample | data | config``.
 
 Every user-fixable problem (unknown preset or key, bad value, missing or corrupt
 checkpoint, empty or non-UTF-8 corpus, ...) is reported as one line on stderr
@@ -72,12 +72,71 @@ def cmd_train(args) -> int:
     return 130 if summary["interrupted"] else 0
 
 
+def cmd_distill(args) -> int:
+    """Stage 2: distil an FLM teacher into a flow map (or self-distil from scratch)."""
+    from fmlm import checkpoint as ckpt
+    from fmlm.config import RunConfig, build_config, set_value, validate
+    from fmlm.data import load_tokenizer
+    from fmlm.errors import ConfigError
+    from fmlm.methods.fmlm import OBJECTIVES
+    from fmlm.train import Trainer
+
+    preset, overrides = _split_preset(args.config)
+    tokenizer = None
+    if args.teacher and args.self_distill:
+        raise ConfigError("give either --teacher RUN or --self, not both")
+    if args.teacher:
+        if preset is not None:
+            raise ConfigError(f"with --teacher the config comes from the teacher; got a preset {preset!r}")
+        teacher = ckpt.resolve(args.teacher)
+        ckpt.verify(teacher, deep=False)
+        cfg = RunConfig.from_dict(ckpt.read_json(teacher / "config.json"))
+        if cfg.train.method != "flm":
+            raise ConfigError(f"the teacher must be an FLM checkpoint, got method {cfg.train.method!r}: {teacher}")
+        tokenizer = load_tokenizer(teacher / "tokenizer")
+        base = cfg.preset
+        cfg.distill.teacher = str(teacher.resolve())
+    elif args.self_distill:
+        cfg = build_config(preset)
+        base = cfg.preset
+        cfg.distill.self_distill = True
+    else:
+        raise ConfigError("fmlm distill needs --teacher RUN (an FLM run) or --self")
+    # Distillation defaults (METHOD.md §4): AdamW β2 = 0.95, semigroup, one-step samples.
+    cfg.train.method = "semigroup"
+    cfg.train.beta2 = 0.95
+    cfg.sample.steps = 1
+    for item in overrides:
+        k, v = item.split("=", 1) if "=" in item else (item, None)
+        if v is None:
+            raise ConfigError(f"expected key=value, got {item!r}")
+        set_value(cfg, k.strip(), v)
+    cfg.model.two_time = True
+    if cfg.train.method not in OBJECTIVES:
+        raise ConfigError(f"distillation method must be one of {', '.join(OBJECTIVES)}, got {cfg.train.method!r}")
+    validate(cfg)
+    cfg.preset = f"{base}-{'self-' if args.self_distill else ''}{cfg.train.method}"
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.preset
+    log = (lambda *a, **k: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    trainer = Trainer(cfg, run_dir, resume=not args.no_resume, progress=not args.quiet, log=log, tokenizer=tokenizer)
+    summary = trainer.fit()
+    if not args.no_samples and not summary["interrupted"]:
+        from fmlm.api import load
+
+        model = load(run_dir, device=trainer.device)
+        summary["samples"] = _report_samples(model, [cfg.sample.steps], cfg.sample.num_samples,
+                                             cfg.sample.seed, cfg.sample.float64, show=not args.quiet,
+                                             check=model.task is not None)
+    print(json.dumps(summary, indent=2))
+    return 130 if summary["interrupted"] else 0
+
+
 def _report_samples(model, steps_list, num_samples, seed, float64, show=True, check=False, max_show=4,
-                    seq_len=None) -> list[dict]:
+                    seq_len=None, gamma=0.0) -> list[dict]:
     results = []
     for steps in steps_list:
         t0 = time.perf_counter()
-        ids = model.sample_ids(num_samples, steps, seed, float64=float64, seq_len=seq_len)
+        ids = model.sample_ids(num_samples, steps, seed, float64=float64, seq_len=seq_len, gamma=gamma)
         dt = time.perf_counter() - t0
         texts = model.decode(ids)
         rec = {"steps": steps, "num_samples": num_samples, "seed": seed,
@@ -110,7 +169,8 @@ def cmd_sample(args) -> int:
     steps_list = args.steps or [model.config.sample.steps]
     if args.json or args.check:
         results = _report_samples(model, steps_list, args.num_samples, args.seed, args.float64, show=False,
-                                  check=args.check, max_show=0 if args.json else 4, seq_len=args.seq_len)
+                                  check=args.check, max_show=0 if args.json else 4, seq_len=args.seq_len,
+                                  gamma=args.gamma)
         if args.json:
             print(json.dumps({"checkpoint": str(model.path), "results": results}, indent=2))
         else:
@@ -121,7 +181,8 @@ def cmd_sample(args) -> int:
                 print(line)
         return 0
     for steps in steps_list:
-        for text in model.sample(args.num_samples, steps, args.seed, float64=args.float64, seq_len=args.seq_len):
+        for text in model.sample(args.num_samples, steps, args.seed, float64=args.float64, seq_len=args.seq_len,
+                                 gamma=args.gamma):
             print(text)
             print()
     return 0
@@ -173,6 +234,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar or log lines; print only the summary")
     t.set_defaults(func=cmd_train)
 
+    ds = sub.add_parser("distill", help="distil an FLM into a flow map LM (one-step generation)",
+                        description="Stage 2: distil an FLM teacher into a flow map language model. "
+                                    "key=value overrides follow, e.g. method=semigroup|lagrangian|eulerian, "
+                                    "max_steps=2000, distill.diag_fraction=0.5. With --self, train a flow map "
+                                    "from scratch on a preset's data, without a teacher.")
+    ds.add_argument("config", nargs="*", metavar="[PRESET] key=value")
+    ds.add_argument("--teacher", help="FLM run or checkpoint directory")
+    ds.add_argument("--self", dest="self_distill", action="store_true",
+                    help="self-distillation: no teacher; PRESET gives the data and backbone")
+    ds.add_argument("--run-dir", help="run directory (default: runs/<preset>-<method>)")
+    ds.add_argument("--no-resume", action="store_true")
+    ds.add_argument("--no-samples", action="store_true")
+    ds.add_argument("--quiet", action="store_true")
+    ds.set_defaults(func=cmd_distill)
+
     s = sub.add_parser("sample", help="sample text from a checkpoint",
                        description="Sample from a checkpoint or run directory (its newest checkpoint).")
     s.add_argument("--ckpt", required=True, help="checkpoint or run directory")
@@ -181,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--seq-len", type=_positive, help="sequence length (at most the model's maximum)")
     s.add_argument("--float64", action="store_true", help="integrate the flow in float64")
+    s.add_argument("--gamma", type=float, default=0.0, help="flow-map models: stochastic re-noising in [0, 1)")
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     s.add_argument("--tokenizer", help="replacement tokenizer directory (must match the model's vocabulary)")
     s.add_argument("--device", help="cpu, cuda, mps (default: best available)")

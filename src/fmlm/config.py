@@ -108,6 +108,33 @@ class TrainConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Stage 2 (FMLM). The objective is ``train.method``: semigroup | lagrangian | eulerian.
+
+    ``teacher`` is the FLM checkpoint (empty with ``self_distill``). ``diag_fraction`` of each
+    batch trains the diagonal δ_{t,t} (to the teacher's D_t, or to the data when
+    self-distilling); ``boundary_fraction`` of the off-diagonal pairs are (s, t) = (0, 1).
+    ``target_ema`` > 0 computes the semigroup/JVP targets from an EMA of the student with
+    that decay instead of the student itself. ``projection`` maps Lagrangian/Eulerian targets
+    back onto the simplex (``sparsemax``) or ``none`` (Eulerian only, with ``eulerian_loss=mse``).
+    ``eulerian_loss`` is ``ce`` (KL to the projected target, bounded; the default) or ``mse``
+    (the reference's choice, unstable for large gaps in our runs: its target D_s + c·JVP has
+    c = (1−s)(t−s)/(1−t), which is large away from the diagonal).
+    ``max_gap`` caps the τ-gap d = τ_t − τ_s of off-diagonal pairs (1 = the full range).
+    """
+
+    teacher: str = ""
+    self_distill: bool = False
+    diag_fraction: float = 0.5
+    boundary_fraction: float = 0.03125
+    mid: str = "midpoint"
+    target_ema: float = 0.0
+    projection: str = "sparsemax"
+    eulerian_loss: str = "ce"
+    max_gap: float = 1.0
+
+
+@dataclass
 class SampleConfig:
     """Defaults for ``fmlm sample`` and for the samples printed at the end of training."""
 
@@ -115,6 +142,7 @@ class SampleConfig:
     num_samples: int = 4
     seed: int = 0
     float64: bool = False
+    gamma: float = 0.0
 
 
 @dataclass
@@ -123,6 +151,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     preset: str = "custom"
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,7 +186,7 @@ class RunConfig:
             raise ConfigError(f"cannot read config {path}: {e}") from None
 
 
-SECTIONS = ("model", "data", "train", "sample")
+SECTIONS = ("model", "data", "train", "sample", "distill")
 
 
 def _preset(**sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -362,6 +391,18 @@ def validate(cfg: RunConfig) -> None:
     choice("data.packing", d.packing, PACKINGS)
     choice("train.precision", t.precision, PRECISIONS)
     choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    choice("distill.mid", cfg.distill.mid, ("midpoint", "uniform"))
+    choice("distill.projection", cfg.distill.projection, ("sparsemax", "none"))
+    choice("distill.eulerian_loss", cfg.distill.eulerian_loss, ("mse", "ce"))
+    dc = cfg.distill
+    for name, v in (("distill.diag_fraction", dc.diag_fraction), ("distill.boundary_fraction", dc.boundary_fraction),
+                    ("distill.target_ema", dc.target_ema), ("sample.gamma", s.gamma)):
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(f"{name} must be in [0, 1], got {v}")
+    if not 0.0 < dc.max_gap <= 1.0:
+        raise ConfigError(f"distill.max_gap must be in (0, 1], got {dc.max_gap}")
+    if dc.diag_fraction >= 1.0 and t.method in ("semigroup", "lagrangian", "eulerian"):
+        raise ConfigError("distill.diag_fraction must be < 1 for flow-map distillation")
     positive = {
         "model.n_layers": m.n_layers, "model.d_model": m.d_model, "model.n_heads": m.n_heads,
         "model.cond_dim": m.cond_dim, "data.seq_len": d.seq_len, "train.batch_size": t.batch_size,

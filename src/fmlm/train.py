@@ -177,7 +177,7 @@ class Trainer:
     """Trains the method of ``cfg`` in ``run_dir``; ``fit()`` resumes when a checkpoint is there."""
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = True, progress: bool = True,
-                 log=print):
+                 log=print, tokenizer=None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.progress = progress
@@ -189,7 +189,6 @@ class Trainer:
         self.amp = autocast_dtype(t.precision, self.device)
 
         self.resume_from = ckpt.latest_checkpoint(self.run_dir) if resume else None
-        tokenizer = None
         if self.resume_from is not None:
             saved = ckpt.read_json(self.resume_from / "config.json")
             check_resumable({k: v for k, v in saved.items() if k != "model"},
@@ -203,7 +202,7 @@ class Trainer:
             check_resumable(saved["model"], cfg.to_dict()["model"])
 
         torch.manual_seed(t.seed)
-        self.method = build_method(cfg).to(self.device)
+        self.method = build_method(cfg, training=True).to(self.device)
         self.opt = torch.optim.AdamW(self.method.parameters(), lr=t.lr, betas=(t.beta1, t.beta2),
                                      weight_decay=t.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
@@ -332,6 +331,8 @@ class Trainer:
                 self.opt.step()
                 self.sched.step()
                 self.ema.update(self.method)
+                if hasattr(self.method, "on_step_end"):
+                    self.method.on_step_end()
                 st.step += 1
                 st.tokens += tokens_per_step
                 window_tok += tokens_per_step

@@ -1,7 +1,8 @@
 """Methods wrap a backbone with ``loss(ids)``, ``eval_loss(ids)`` and ``sample(...)``.
 
 The training loop and the CLI only talk to this interface, so a new method is one
-file plus one line in :func:`build_method`.
+file plus one entry in ``_BUILDERS``. A method may also define ``on_step_end()``,
+which the trainer calls after every optimiser step (e.g. to update a target network).
 """
 
 from __future__ import annotations
@@ -12,29 +13,106 @@ from fmlm.errors import ConfigError
 from fmlm.methods.flm import FLM, euler_sample, stratified_uniform
 
 
-def _build_flm(cfg) -> nn.Module:
+def _build_flm(cfg, training: bool = False) -> nn.Module:
     from fmlm.nn.dit import build_dit
     from fmlm.schedule import make_schedule
 
+    if cfg.model.two_time:
+        raise ConfigError("FLM uses a one-time backbone; set model.two_time=false")
     return FLM(build_dit(cfg.model), make_schedule(cfg.train.time, cfg.model.vocab_size), cfg.train.loss)
+
+
+def load_teacher(path: str, cfg) -> FLM:
+    """Load a frozen FLM teacher and check that it fits the student's data and vocabulary."""
+    from fmlm.api import load
+
+    teacher = load(path, device="cpu")
+    tcfg = teacher.config
+    if tcfg.train.method != "flm":
+        raise ConfigError(f"the teacher must be an FLM checkpoint, got method {tcfg.train.method!r}: {path}")
+    if tcfg.model.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(f"teacher vocabulary ({tcfg.model.vocab_size}) differs from the data's "
+                          f"({cfg.model.vocab_size})")
+    if tcfg.model.max_seq_len != cfg.model.max_seq_len:
+        raise ConfigError(f"teacher sequence length ({tcfg.model.max_seq_len}) differs from the student's "
+                          f"({cfg.model.max_seq_len})")
+    if tcfg.train.time != cfg.train.time:
+        raise ConfigError(f"teacher time reparameterisation ({tcfg.train.time}) differs from {cfg.train.time}")
+    return teacher.method
+
+
+def _build_fmlm(cfg, training: bool = False) -> nn.Module:
+    """Flow map LM; when training from a teacher, the student starts as a copy of it."""
+    import dataclasses
+
+    from fmlm.methods.fmlm import FMLM
+    from fmlm.nn.dit import build_dit
+    from fmlm.schedule import make_schedule
+
+    d = cfg.distill
+    net = build_dit(dataclasses.replace(cfg.model, two_time=True))
+    kw = dict(objective=cfg.train.method, diag_fraction=d.diag_fraction, boundary_fraction=d.boundary_fraction,
+              mid=d.mid, target_ema=d.target_ema, projection=d.projection, eulerian_loss=d.eulerian_loss,
+              max_gap=d.max_gap)
+    if training and not d.self_distill:
+        if not d.teacher:
+            raise ConfigError(f"method {cfg.train.method!r} distils an FLM: use `fmlm distill --teacher RUN` "
+                              "or `fmlm distill --self`")
+        return FMLM.from_teacher(load_teacher(d.teacher, cfg), net, **kw)
+    return FMLM(net, make_schedule(cfg.train.time, cfg.model.vocab_size), **kw)
+
+
+def _build_ar(cfg, training: bool = False) -> nn.Module:
+    from fmlm.methods.ar import AR
+    from fmlm.nn.causal import build_causal
+
+    return AR(build_causal(cfg.model))
+
+
+def _build_mdlm(cfg, training: bool = False) -> nn.Module:
+    import dataclasses
+
+    from fmlm.methods.mdlm import MDLM
+    from fmlm.nn.dit import build_dit
+
+    # One extra input/output slot: id V is the mask token; one time input.
+    return MDLM(build_dit(dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size + 1, two_time=False)))
+
+
+def _build_duo(cfg, training: bool = False) -> nn.Module:
+    import dataclasses
+
+    from fmlm.methods.duo import Duo
+    from fmlm.nn.dit import build_dit
+
+    return Duo(build_dit(dataclasses.replace(cfg.model, two_time=False)))
 
 
 # method name -> builder(cfg) -> nn.Module. Builders import lazily so that one
 # method's dependencies never slow down or break another.
 _BUILDERS = {
     "flm": _build_flm,
+    "semigroup": _build_fmlm,
+    "lagrangian": _build_fmlm,
+    "eulerian": _build_fmlm,
+    "ar": _build_ar,
+    "mdlm": _build_mdlm,
+    "duo": _build_duo,
 }
 METHODS = tuple(_BUILDERS)
 
 
-def build_method(cfg) -> nn.Module:
-    """Build the method module for a resolved :class:`fmlm.config.RunConfig`."""
+def build_method(cfg, training: bool = False) -> nn.Module:
+    """Build the method module for a resolved :class:`fmlm.config.RunConfig`.
+
+    ``training=True`` also builds what only training needs (e.g. a distillation teacher).
+    """
     method = cfg.train.method
     if cfg.model.vocab_size < 2 or cfg.model.max_seq_len < 1:
         raise ConfigError("model.vocab_size and model.max_seq_len must be set from the data before building")
     if method not in _BUILDERS:
         raise ConfigError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
-    return _BUILDERS[method](cfg)
+    return _BUILDERS[method](cfg, training)
 
 
 __all__ = ["FLM", "METHODS", "build_method", "euler_sample", "stratified_uniform"]

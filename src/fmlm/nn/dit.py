@@ -40,9 +40,11 @@ class TimeEmbedding(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, C)
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        # float32 at least (also under autocast); float64 when the module is in float64.
+        dtype = torch.float64 if self.mlp[0].weight.dtype == torch.float64 else torch.float32
+        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
         # Times live in [0, 1]; scale by 1000 so the low frequencies still resolve small differences.
-        args = 1000.0 * t.float()[:, None] * freqs[None]
+        args = 1000.0 * t.to(dtype)[:, None] * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
@@ -211,9 +213,10 @@ class DiT(nn.Module):
         B, L, _ = h.shape
         if L > self.max_seq_len:
             raise FmlmError(f"sequence length {L} exceeds the model's maximum {self.max_seq_len}")
-        t = torch.as_tensor(t, device=h.device).float().expand(B) if torch.as_tensor(t).dim() == 0 else t
+        if torch.as_tensor(t).dim() == 0:
+            t = torch.as_tensor(t, device=h.device, dtype=torch.float32).expand(B)
         if t2 is not None and torch.as_tensor(t2).dim() == 0:
-            t2 = torch.as_tensor(t2, device=h.device).float().expand(B)
+            t2 = torch.as_tensor(t2, device=h.device, dtype=torch.float32).expand(B)
         c = self.cond(t, t2)  # (B, C)
         rope = self.rotary(L, h.device, h.dtype)
         for block in self.blocks:

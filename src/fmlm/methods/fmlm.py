@@ -1,0 +1,371 @@
+"""Flow map language model (FMLM): stage 2, few-step and one-step generation.
+
+Maths (METHOD.md §4). The flow map X_{s,t} transports the FLM's probability flow
+from time s to time t. It is parameterised by the two-time denoiser
+
+    δ_{s,t}(x) = softmax(net(x, τ_s, τ_t)),   always on the simplex,
+    X_{s,t}(x) = ((1 − t)/(1 − s))·x + ((t − s)/(1 − s))·δ_{s,t}(x),
+
+so δ_{t,t} = D_t (the FLM denoiser), X_{s,s} = id and X_{s,1} = δ_{s,1}. The
+network is conditioned on the decoding-error times (τ_s, τ_t); all the flow-map
+algebra below is in interpolant time t = t(τ).
+
+Objectives (the teacher signal δ̄ is computed without gradient):
+
+* ``semigroup`` (default): for s < u < t,
+  δ̄ = λ·δ̂_{s,u}(I_s) + (1 − λ)·δ̂_{u,t}(X_{s,u}(I_s)), λ = (1−t)(u−s)/((1−u)(t−s)),
+  a convex combination (on the simplex); loss KL(δ̄ ‖ δ̂_{s,t}(I_s)).
+* ``lagrangian``: δ̄ = D_t(X_{s,t}(I_s)) − ((1−t)(t−s)/(1−s))·∂_t δ̂_{s,t}(I_s), one JVP in
+  τ_t (times dτ/dt), projected back onto the simplex by sparsemax; loss KL.
+* ``eulerian``: δ̄ = D_s(I_s) + ((t−s)/(1−t))·((1−s)·∂_s δ̂ + (D_s − I_s)·∇_x δ̂), one JVP in
+  (τ_s, x) with tangent (dτ/dt at s, (D_s − I_s)/(1 − s)); loss MSE, or KL after projection.
+  The MSE weights each pair by 1/(1 + c²), c = (1−s)(t−s)/(1−t) the JVP coefficient, which
+  diverges as t → 1 (an fmlm choice: the unweighted loss is dominated by pairs near t = 1).
+
+The diagonal term KL(D̂_t(I_t) ‖ δ̂_{t,t}(I_t)) ties δ_{t,t} to the frozen FLM teacher;
+with self-distillation (no teacher) it becomes CE to the one-hot data, and the D's in
+the Lagrangian/Eulerian targets come from the student's own diagonal δ_{t,t}.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmlm.errors import FmlmError
+from fmlm.methods.flm import FLM, stratified_uniform
+from fmlm.schedule import Schedule
+
+OBJECTIVES = ("semigroup", "lagrangian", "eulerian")
+
+
+def sparsemax(z: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Euclidean projection of ``z`` onto the probability simplex along ``dim`` (Martins & Astudillo 2016).
+
+    sparsemax(z) = argmin_{p ∈ Δ} ‖p − z‖², i.e. max(z − θ, 0) with θ chosen so the result sums to 1.
+    For a point already on the simplex it is the identity.
+    """
+    z = z.transpose(dim, -1)
+    zs, _ = torch.sort(z, dim=-1, descending=True)
+    k = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
+    cssv = zs.cumsum(-1) - 1.0
+    support = (zs - cssv / k) > 0  # (…, V): true for the first k(z) entries
+    k_z = support.sum(-1, keepdim=True).clamp_min(1)
+    theta = cssv.gather(-1, k_z - 1) / k_z.to(z.dtype)
+    return (z - theta).clamp_min(0).transpose(dim, -1)
+
+
+def kl_rows(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) over the last dim, with 0·log 0 = 0. p: probs, log_q: log-probs. -> (…)."""
+    return (torch.xlogy(p, p) - p * log_q).sum(-1)
+
+
+def flow_map(x: torch.Tensor, delta: torch.Tensor, t_s: torch.Tensor, t_t: torch.Tensor) -> torch.Tensor:
+    """X_{s,t}(x) = ((1−t)/(1−s))·x + ((t−s)/(1−s))·δ_{s,t}(x); t_s, t_t: (B,) interpolant times."""
+    a = ((1 - t_t) / (1 - t_s)).to(x.dtype)[:, None, None]
+    b = ((t_t - t_s) / (1 - t_s)).to(x.dtype)[:, None, None]
+    return a * x + b * delta.to(x.dtype)
+
+
+class FMLM(nn.Module):
+    """Two-time denoiser δ_{s,t} on a two-time DiT, with its distillation losses and sampler.
+
+    Args:
+        net: two-time backbone ``net(x, τ_s, τ_t) -> logits`` (B, L, V).
+        schedule: the teacher's time reparameterisation.
+        objective: ``semigroup`` | ``lagrangian`` | ``eulerian``.
+        teacher: frozen FLM (stage 1). ``None`` means self-distillation. It is kept out of
+            this module's parameters and state dict: checkpoints hold the student only.
+        diag_fraction: share of each batch spent on the diagonal term.
+        boundary_fraction: share of the off-diagonal pairs set to (s, t) = (0, 1).
+        mid: ``midpoint`` or ``uniform`` intermediate time u (semigroup).
+        target_ema: if > 0, targets come from an EMA copy of the student with this decay
+            (updated by :meth:`on_step_end`), otherwise from the student itself.
+        projection: ``sparsemax`` or ``none`` for Lagrangian/Eulerian targets.
+        eulerian_loss: ``mse`` or ``ce`` (KL to the projected target).
+        max_gap: largest τ-gap of off-diagonal pairs.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        schedule: Schedule,
+        objective: str = "semigroup",
+        teacher: FLM | None = None,
+        diag_fraction: float = 0.5,
+        boundary_fraction: float = 1 / 32,
+        mid: str = "midpoint",
+        target_ema: float = 0.0,
+        projection: str = "sparsemax",
+        eulerian_loss: str = "ce",
+        max_gap: float = 1.0,
+    ):
+        super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}")
+        if not getattr(net, "two_time", False):
+            raise ValueError("FMLM needs a two-time backbone")
+        self.net = net
+        self.schedule = schedule
+        self.objective = objective
+        self.diag_fraction = diag_fraction
+        self.boundary_fraction = boundary_fraction
+        self.mid = mid
+        self.projection = projection
+        self.eulerian_loss = eulerian_loss
+        self.max_gap = max_gap
+        self.target_ema = target_ema
+        # Not registered: the teacher is frozen and not part of the student's checkpoint.
+        object.__setattr__(self, "teacher", teacher)
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+        target = None
+        if target_ema > 0:
+            target = copy.deepcopy(net).requires_grad_(False)
+        object.__setattr__(self, "_target", target)
+
+    def _apply(self, fn, recurse=True):  # keep the unregistered networks on the same device/dtype
+        super()._apply(fn, recurse)
+        for m in (self.teacher, self._target):
+            if m is not None:
+                m._apply(fn, recurse)
+        return self
+
+    @property
+    def vocab_size(self) -> int:
+        return self.net.vocab_size
+
+    @classmethod
+    def from_teacher(cls, teacher: FLM, net: nn.Module, **kw) -> "FMLM":
+        """Initialise the student from the teacher: copy every weight, zero the second time
+        embedding, so that δ_{s,t} = D_s at the start."""
+        missing, unexpected = net.load_state_dict(teacher.net.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("time2.") for k in missing):
+            raise FmlmError("teacher backbone does not match the student's shape")
+        net.zero_second_time()
+        return cls(net, teacher.schedule, teacher=teacher, **kw)
+
+    # ------------------------------------------------------------------ the model
+    def logits(self, x: torch.Tensor, tau_s: torch.Tensor, tau_t: torch.Tensor, net: nn.Module | None = None):
+        out = (self.net if net is None else net)(x, tau_s, tau_t)
+        return out if out.dtype == torch.float64 else out.float()
+
+    def delta(self, x: torch.Tensor, tau_s: torch.Tensor, tau_t: torch.Tensor) -> torch.Tensor:
+        """δ_{s,t}(x) on the simplex, (B, L, V) float32; τ_s ≤ τ_t required."""
+        tau_s, tau_t = torch.as_tensor(tau_s), torch.as_tensor(tau_t)
+        if bool((tau_s > tau_t + 1e-7).any()):
+            raise FmlmError("flow map needs s <= t")
+        return self.logits(x, tau_s, tau_t).softmax(-1)
+
+    def flow_map(self, x: torch.Tensor, tau_s: torch.Tensor, tau_t: torch.Tensor) -> torch.Tensor:
+        """X_{s,t}(x) in R^{L×V}."""
+        d = self.delta(x, tau_s, tau_t)
+        return flow_map(x, d, self.schedule.t(tau_s.double()), self.schedule.t(tau_t.double()))
+
+    def _t(self, tau: torch.Tensor) -> torch.Tensor:
+        return self.schedule.t(tau.double()).float()
+
+    def _denoiser(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """D_τ(x): the teacher's, or the student's own diagonal when self-distilling."""
+        if self.teacher is not None:
+            return self.teacher.denoise(x, tau)
+        return self.logits(x, tau, tau, self._target).softmax(-1)
+
+    # ------------------------------------------------------------------ times
+    def sample_times(self, n: int, generator=None, device=None):
+        """Off-diagonal (τ_s, τ_u, τ_t): d ~ U[0, max_gap], s ~ U·(1 − d), t = s + d."""
+        d = stratified_uniform(n, generator, device) * self.max_gap
+        s = torch.rand(n, generator=generator, device=device) * (1 - d)
+        t = s + d
+        boundary = torch.rand(n, generator=generator, device=device) < self.boundary_fraction
+        s = torch.where(boundary, torch.zeros_like(s), s)
+        t = torch.where(boundary, torch.ones_like(t), t)
+        if self.mid == "midpoint":
+            u = 0.5 * (s + t)
+        else:
+            u = s + torch.rand(n, generator=generator, device=device) * (t - s)
+        return s, u, t
+
+    # ------------------------------------------------------------------ targets
+    @torch.no_grad()
+    def semigroup_target(self, x: torch.Tensor, tau_s, tau_u, tau_t) -> torch.Tensor:
+        """δ̄ = λ·δ̂_{s,u}(x) + (1 − λ)·δ̂_{u,t}(X_{s,u}(x)), on the simplex."""
+        net = self._target
+        ts, tu, tt = self._t(tau_s), self._t(tau_u), self._t(tau_t)
+        d_su = self.logits(x, tau_s, tau_u, net).softmax(-1)
+        x_u = flow_map(x, d_su, ts, tu)
+        d_ut = self.logits(x_u, tau_u, tau_t, net).softmax(-1)
+        gap = (tt - ts).clamp_min(1e-12)
+        lam = ((1 - tt) * (tu - ts) / ((1 - tu).clamp_min(1e-12) * gap))
+        # s = t (gap 0) makes λ 0/0; the target is then δ_{s,s} either way.
+        lam = torch.where(tt - ts > 1e-12, lam, torch.zeros_like(lam)).clamp(0, 1)[:, None, None]
+        return lam * d_su + (1 - lam) * d_ut
+
+    def _jvp(self, fn: Callable, primals: tuple, tangents: tuple):
+        # Fused SDPA kernels (flash, memory-efficient) have no forward-mode derivative;
+        # the math kernel is composite, so forward AD goes through it.
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            return torch.func.jvp(fn, primals, tangents)
+
+    def lagrangian_target(self, x: torch.Tensor, tau_s, tau_t) -> torch.Tensor:
+        """δ̄ = D_t(X_{s,t}(x)) − ((1−t)(t−s)/(1−s))·∂_t δ̂_{s,t}(x), projected onto the simplex."""
+        net = self.net if self._target is None else self._target
+        ts, tt = self._t(tau_s), self._t(tau_t)
+
+        def f(tau_t_):
+            return self.logits(x, tau_s, tau_t_, net).softmax(-1)
+
+        delta, d_dtau = self._jvp(f, (tau_t,), (torch.ones_like(tau_t),))
+        with torch.no_grad():
+            dt = d_dtau * self.schedule.dtau_dt(tt.double()).float()[:, None, None]  # ∂_t δ̂
+            x_t = flow_map(x, delta, ts, tt)
+            coef = ((1 - tt) * (tt - ts) / (1 - ts))[:, None, None]
+            target = self._denoiser(x_t, tau_t) - coef * dt
+            return sparsemax(target) if self.projection == "sparsemax" else target
+
+    def eulerian_target(self, x: torch.Tensor, tau_s, tau_t) -> torch.Tensor:
+        """δ̄ = D_s(x) + ((t−s)/(1−t))·((1−s)·∂_s δ̂ + (D_s − x)·∇_x δ̂)."""
+        net = self.net if self._target is None else self._target
+        ts, tt = self._t(tau_s), self._t(tau_t)
+        with torch.no_grad():
+            D_s = self._denoiser(x, tau_s)
+        tangent_x = (D_s - x) / (1 - ts)[:, None, None]
+        tangent_tau = self.schedule.dtau_dt(ts.double()).float()  # d τ_s / d s
+
+        def f(x_, tau_s_):
+            return self.logits(x_, tau_s_, tau_t, net).softmax(-1)
+
+        _, jv = self._jvp(f, (x, tau_s), (tangent_x, tangent_tau))  # ∂_s δ̂ + ((D_s − x)/(1−s))·∇_x δ̂
+        with torch.no_grad():
+            # (t − s)/(1 − t) blows up at t = 1; cap 1 − t so the boundary pair stays finite.
+            coef = ((1 - ts) * (tt - ts) / (1 - tt).clamp_min(1e-3))[:, None, None]
+            target = D_s + coef * jv
+            if self.projection == "sparsemax" and self.eulerian_loss == "ce":
+                target = sparsemax(target)
+            return target
+
+    # ------------------------------------------------------------------ losses
+    def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+        """Diagonal + off-diagonal distillation loss on token ids (B, L)."""
+        B, L = ids.shape
+        V = self.vocab_size
+        n_diag = min(B - 1, max(1, round(B * self.diag_fraction))) if self.diag_fraction > 0 else 0
+        n_off = B - n_diag
+        noise = torch.randn(B, L, V, generator=generator, device=ids.device)
+        x1 = F.one_hot(ids, V).float()
+        total = ids.new_zeros((), dtype=torch.float32)
+        metrics: dict[str, torch.Tensor] = {}
+
+        if n_diag:
+            tau = stratified_uniform(n_diag, generator, ids.device)
+            t = self._t(tau)[:, None, None]
+            x = (1 - t) * noise[:n_diag] + t * x1[:n_diag]
+            log_q = self.logits(x, tau, tau).log_softmax(-1)
+            if self.teacher is None:
+                diag = F.nll_loss(log_q.flatten(0, 1), ids[:n_diag].flatten(), reduction="sum")
+            else:
+                with torch.no_grad():
+                    p = self.teacher.denoise(x, tau)
+                diag = kl_rows(p, log_q).sum()
+            total = total + diag
+            metrics["loss_diag"] = diag.detach() / (n_diag * L)
+
+        if n_off:
+            tau_s, tau_u, tau_t = self.sample_times(n_off, generator, ids.device)
+            ts = self._t(tau_s)[:, None, None]
+            x = (1 - ts) * noise[n_diag:] + ts * x1[n_diag:]  # I_s
+            if self.objective == "semigroup":
+                target = self.semigroup_target(x, tau_s, tau_u, tau_t)
+            elif self.objective == "lagrangian":
+                target = self.lagrangian_target(x, tau_s, tau_t)
+            else:
+                target = self.eulerian_target(x, tau_s, tau_t)
+            logits = self.logits(x, tau_s, tau_t)
+            if self.objective == "eulerian" and self.eulerian_loss == "mse":
+                # The target's JVP coefficient c = (1−s)(t−s)/(1−t) diverges as t → 1; weighting each
+                # pair by 1/(1 + c²) keeps the regression bounded (weight 1 near the diagonal).
+                ts_, tt_ = self._t(tau_s), self._t(tau_t)
+                c = (1 - ts_) * (tt_ - ts_) / (1 - tt_).clamp_min(1e-3)
+                w = (1.0 / (1.0 + c**2))[:, None, None]
+                off = (w * (logits.softmax(-1) - target).pow(2)).sum()
+            else:
+                off = kl_rows(target, logits.log_softmax(-1)).sum()
+            total = total + off
+            metrics["loss_off"] = off.detach() / (n_off * L)
+
+        loss = total / (B * L)
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
+    def on_step_end(self) -> None:
+        """Called by the trainer after each optimiser step: update the EMA target network."""
+        if self._target is None:
+            return
+        with torch.no_grad():
+            for p_t, p in zip(self._target.parameters(), self.net.parameters()):
+                p_t.lerp_(p.detach(), 1 - self.target_ema)
+
+    @torch.no_grad()
+    def eval_loss(self, ids: torch.Tensor, generator: torch.Generator) -> dict:
+        """Validation: the denoising CE of the diagonal δ_{t,t} (comparable to FLM's CE), and the
+        one-step distillation gap KL(teacher 2-step ‖ δ_{0,1}) is left to the benchmarks."""
+        B = ids.shape[0]
+        tau = stratified_uniform(B, generator, ids.device)
+        t = self._t(tau)[:, None, None]
+        noise = torch.randn(*ids.shape, self.vocab_size, generator=generator, device=ids.device)
+        x = (1 - t) * noise + t * F.one_hot(ids, self.vocab_size).float()
+        log_q = self.logits(x, tau, tau).log_softmax(-1)
+        ce = -log_q.gather(-1, ids[..., None]).mean()
+        acc = (log_q.argmax(-1) == ids).float().mean()
+        return {"ce": ce.item(), "acc": acc.item()}
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int,
+        seq_len: int,
+        steps: int,
+        generator: torch.Generator | None = None,
+        float64: bool = False,
+        gamma: float = 0.0,
+        callback=None,
+    ) -> torch.Tensor:
+        """N flow-map steps on a uniform τ grid; the last returns δ_{s,1}, decoded by argmax.
+
+        With ``gamma`` > 0 each intermediate step jumps further, to t̃ with
+        1 − t̃ = (1 − t)·sqrt(1 − γ²), and adds fresh noise of std γ(1 − t), so the state's
+        noise level matches time t again (stochastic variant, METHOD.md §4).
+        """
+        if steps < 1:
+            raise ValueError("steps must be >= 1")
+        device = next(self.parameters()).device
+        dtype = torch.float64 if float64 else torch.float32
+        z = torch.randn(num_samples, seq_len, self.vocab_size, generator=generator, device=device).to(dtype)
+        taus = torch.linspace(0, 1, steps + 1, dtype=torch.float64, device=device)
+        ts = self.schedule.t(taus)
+        B = num_samples
+        for i in range(steps):
+            s, t = ts[i], ts[i + 1]
+            tau_s = taus[i].float().expand(B)
+            if i == steps - 1:
+                d = self.delta(z.float(), tau_s, taus[i + 1].float().expand(B))
+                if callback is not None:
+                    callback(i, z, d)
+                return d.argmax(-1)
+            t_jump = 1 - (1 - t) * (1 - gamma**2) ** 0.5 if gamma > 0 else t
+            tau_jump = self.schedule.tau(torch.as_tensor(t_jump, dtype=torch.float64, device=device))
+            d = self.delta(z.float(), tau_s, tau_jump.float().expand(B)).to(dtype)
+            if callback is not None:
+                callback(i, z, d)
+            z = flow_map(z, d, s.expand(B), torch.as_tensor(t_jump, device=device).expand(B))
+            if gamma > 0:
+                eps = torch.randn(z.shape, generator=generator, device=device).to(dtype)
+                z = z + gamma * (1 - t) * eps
+        raise AssertionError("unreachable")  # pragma: no cover
