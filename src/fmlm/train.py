@@ -360,13 +360,14 @@ class Trainer:
                     st.last_val = self.evaluate()
                     log_f.write(json.dumps({"step": st.step, **st.last_val}) + "\n")
                     log_f.flush()
-                    bar.write(f"step {st.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in st.last_val.items()))
+                    if self.progress:
+                        bar.write(f"step {st.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in st.last_val.items()))
                 if st.step % t.save_every == 0:
                     self.save()
                     last_saved = st.step
         except KeyboardInterrupt:
             interrupted = True
-            bar.write("interrupted: saving a checkpoint")
+            self.log("interrupted: saving a checkpoint")
         finally:
             bar.close()
         if st.step != last_saved or not ckpt.list_checkpoints(self.run_dir):
