@@ -225,7 +225,7 @@ class PhrasesTask:
             coverage = 1.0
         else:
             p = counts[counts > 0] / total
-            coverage = min(1.0, float(-(p * np.log(p)).sum() / math.log(self.n)))
+            coverage = min(1.0, max(0.0, float(-(p * np.log(p)).sum() / math.log(self.n))))  # no -0.0
         return {
             "valid_rate": float(valid.all(axis=1).mean()) if num else 0.0,
             "block_valid_rate": float(valid.mean()) if valid.size else 0.0,
