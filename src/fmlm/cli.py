@@ -53,13 +53,19 @@ def _split_preset(items: list[str]) -> tuple[str | None, list[str]]:
 
 def cmd_train(args) -> int:
     from fmlm.config import build_config
-    from fmlm.train import Trainer
 
     preset, overrides = _split_preset(args.config)
-    cfg = build_config(preset, overrides)
+    return _fit_and_report(build_config(preset, overrides), args)
+
+
+def _fit_and_report(cfg, args, tokenizer=None) -> int:
+    """Train (or resume) in the run directory, then print the summary and a few samples."""
+    from fmlm.train import Trainer
+
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.preset
     log = (lambda *a, **k: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    trainer = Trainer(cfg, run_dir, resume=not args.no_resume, progress=not args.quiet, log=log)
+    trainer = Trainer(cfg, run_dir, resume=not args.no_resume, progress=not args.quiet, log=log,
+                      tokenizer=tokenizer)
     summary = trainer.fit()
     if not args.no_samples and not summary["interrupted"]:
         from fmlm.api import load
@@ -79,7 +85,6 @@ def cmd_distill(args) -> int:
     from fmlm.data import load_tokenizer
     from fmlm.errors import ConfigError
     from fmlm.methods.fmlm import OBJECTIVES
-    from fmlm.train import Trainer
 
     preset, overrides = _split_preset(args.config)
     tokenizer = None
@@ -116,19 +121,7 @@ def cmd_distill(args) -> int:
         raise ConfigError(f"distillation method must be one of {', '.join(OBJECTIVES)}, got {cfg.train.method!r}")
     validate(cfg)
     cfg.preset = f"{base}-{'self-' if args.self_distill else ''}{cfg.train.method}"
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.preset
-    log = (lambda *a, **k: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    trainer = Trainer(cfg, run_dir, resume=not args.no_resume, progress=not args.quiet, log=log, tokenizer=tokenizer)
-    summary = trainer.fit()
-    if not args.no_samples and not summary["interrupted"]:
-        from fmlm.api import load
-
-        model = load(run_dir, device=trainer.device)
-        summary["samples"] = _report_samples(model, [cfg.sample.steps], cfg.sample.num_samples,
-                                             cfg.sample.seed, cfg.sample.float64, show=not args.quiet,
-                                             check=model.task is not None)
-    print(json.dumps(summary, indent=2))
-    return 130 if summary["interrupted"] else 0
+    return _fit_and_report(cfg, args, tokenizer=tokenizer)
 
 
 def _report_samples(model, steps_list, num_samples, seed, float64, show=True, check=False, max_show=4,
