@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmlm.methods.mdlm import gumbel_argmax
+from fmlm.methods.sampling import gumbel_argmax
 from fmlm.nn.causal import CausalTransformer
 
 

@@ -80,7 +80,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmlm.methods.flm import stratified_uniform
-from fmlm.methods.mdlm import gumbel_argmax
+from fmlm.methods.sampling import gumbel_argmax
 
 
 def uniform_nelbo_terms(log_xhat: torch.Tensor, x: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor,

@@ -59,24 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmlm.methods.flm import stratified_uniform
-
-
-def gumbel_argmax(logits: torch.Tensor, generator: torch.Generator | None = None,
-                  float64: bool = False) -> torch.Tensor:
-    """Categorical sample ``argmax(logits + G)``, G i.i.d. standard Gumbel, over the last dim.
-
-    Args:
-        logits: (..., K) unnormalised log-probabilities (−∞ allowed).
-        generator: source of the uniforms U; G = −log(−log U).
-        float64: draw U and add the noise in float64.
-
-    Returns:
-        Indices (...,) int64, distributed as softmax(logits).
-    """
-    dtype = torch.float64 if float64 else torch.float32
-    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=dtype)
-    g = -torch.log(-torch.log(u.clamp_min(torch.finfo(dtype).tiny)))
-    return (logits.to(dtype) + g).argmax(-1)
+from fmlm.methods.sampling import gumbel_argmax
 
 
 class MDLM(nn.Module):
