@@ -15,7 +15,8 @@ from fmlm.data import PhrasesTask
 from fmlm.methods import build_method
 from fmlm.methods.ar import AR, filter_logits
 from fmlm.methods.duo import Duo, uniform_nelbo_terms
-from fmlm.methods.mdlm import MDLM, gumbel_argmax
+from fmlm.methods.mdlm import MDLM
+from fmlm.methods.sampling import gumbel_argmax
 from fmlm.nn.causal import CausalTransformer
 from fmlm.nn.dit import DiT
 
