@@ -179,3 +179,9 @@ def test_phrases_end_to_end_learns(tmp_path, capsys):
     assert res[32]["valid_rate"] > 0.9, res
     assert res[32]["coverage"] > 0.9, res
     assert res[1]["valid_rate"] < res[32]["valid_rate"]
+
+
+def test_sampler_options_are_checked_per_method(tiny_run, capsys):
+    run, _ = tiny_run
+    code, _, err = run_cli(capsys, "sample", "--ckpt", str(run), "--top-k", "3")
+    assert_one_line_error(code, err, "does not apply to method 'flm'")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -48,10 +49,12 @@ class Model:
     @torch.no_grad()
     def sample_ids(self, num_samples: int = 4, steps: int | None = None, seed: int = 0,
                    seq_len: int | None = None, float64: bool = False, batch_size: int = 256,
-                   gamma: float = 0.0) -> torch.Tensor:
+                   **options) -> torch.Tensor:
         """Token ids (num_samples, seq_len). The same seed gives the same ids.
 
-        ``gamma`` > 0 selects the stochastic flow-map sampler (flow-map models only).
+        ``options`` go to the method's sampler when it has them, e.g. ``gamma`` (flow-map
+        re-noising) or ``temperature``, ``top_k``, ``top_p`` (AR). ``None`` values are
+        dropped; an option the method does not take is an error.
         """
         steps = self.config.sample.steps if steps is None else steps
         seq_len = self.config.data.seq_len if seq_len is None else seq_len
@@ -62,18 +65,21 @@ class Model:
         if seq_len < 1 or seq_len > self.config.model.max_seq_len:
             raise FmlmError(f"sequence length {seq_len} is outside 1..{self.config.model.max_seq_len}, "
                             "the model's maximum")
-        extra = {}
-        if gamma:
-            if not 0.0 <= gamma < 1.0:
-                raise FmlmError(f"gamma must be in [0, 1), got {gamma}")
-            if not hasattr(self.method, "flow_map"):
-                raise FmlmError("gamma (stochastic re-noising) needs a flow-map model")
-            extra["gamma"] = gamma
+        extra = {k: v for k, v in options.items() if v is not None}
+        accepted = inspect.signature(self.method.sample).parameters
+        for k in extra:
+            if k not in accepted:
+                raise FmlmError(f"sampling option {k!r} does not apply to method {self.config.train.method!r}")
+        if not 0.0 <= extra.get("gamma", 0.0) < 1.0:
+            raise FmlmError(f"gamma must be in [0, 1), got {extra['gamma']}")
         gen = torch.Generator(self.device).manual_seed(seed)
         out = []
         for start in range(0, num_samples, batch_size):
             n = min(batch_size, num_samples - start)
-            out.append(self.method.sample(n, seq_len, steps, generator=gen, float64=float64, **extra).cpu())
+            try:
+                out.append(self.method.sample(n, seq_len, steps, generator=gen, float64=float64, **extra).cpu())
+            except ValueError as e:  # samplers validate their options with ValueError
+                raise FmlmError(str(e)) from None
         return torch.cat(out)
 
     def decode(self, ids: torch.Tensor) -> list[str]:

@@ -125,11 +125,11 @@ def cmd_distill(args) -> int:
 
 
 def _report_samples(model, steps_list, num_samples, seed, float64, show=True, check=False, max_show=4,
-                    seq_len=None, gamma=0.0) -> list[dict]:
+                    seq_len=None, **options) -> list[dict]:
     results = []
     for steps in steps_list:
         t0 = time.perf_counter()
-        ids = model.sample_ids(num_samples, steps, seed, float64=float64, seq_len=seq_len, gamma=gamma)
+        ids = model.sample_ids(num_samples, steps, seed, float64=float64, seq_len=seq_len, **options)
         dt = time.perf_counter() - t0
         texts = model.decode(ids)
         rec = {"steps": steps, "num_samples": num_samples, "seed": seed,
@@ -150,6 +150,11 @@ def _report_samples(model, steps_list, num_samples, seed, float64, show=True, ch
     return results
 
 
+def _sampling_options(args) -> dict:
+    """Method-specific sampler options given on the command line (unset ones are None)."""
+    return {"gamma": args.gamma, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+
+
 def cmd_sample(args) -> int:
     import torch
 
@@ -168,7 +173,7 @@ def cmd_sample(args) -> int:
     if args.json or args.check:
         results = _report_samples(model, steps_list, args.num_samples, args.seed, args.float64, show=False,
                                   check=args.check, max_show=0 if args.json else 4, seq_len=args.seq_len,
-                                  gamma=args.gamma)
+                                  **_sampling_options(args))
         if args.json:
             print(json.dumps({"checkpoint": str(model.path), "results": results}, indent=2))
         else:
@@ -180,7 +185,7 @@ def cmd_sample(args) -> int:
         return 0
     for steps in steps_list:
         for text in model.sample(args.num_samples, steps, args.seed, float64=args.float64, seq_len=args.seq_len,
-                                 gamma=args.gamma):
+                                 **_sampling_options(args)):
             print(text)
             print()
     return 0
@@ -255,7 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--seq-len", type=_positive, help="sequence length (at most the model's maximum)")
     s.add_argument("--float64", action="store_true", help="integrate the flow in float64")
-    s.add_argument("--gamma", type=float, default=0.0, help="flow-map models: stochastic re-noising in [0, 1)")
+    s.add_argument("--gamma", type=float, help="flow-map models: stochastic re-noising in [0, 1)")
+    s.add_argument("--temperature", type=float, help="AR: sampling temperature (default 1)")
+    s.add_argument("--top-k", type=int, help="AR: keep the k most likely tokens (default: all)")
+    s.add_argument("--top-p", type=float, help="AR: nucleus mass (default 1)")
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     s.add_argument("--tokenizer", help="replacement tokenizer directory (must match the model's vocabulary)")
     s.add_argument("--device", help="cpu, cuda, mps (default: best available)")
