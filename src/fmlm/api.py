@@ -65,7 +65,8 @@ class Model:
         if seq_len < 1 or seq_len > self.config.model.max_seq_len:
             raise FmlmError(f"sequence length {seq_len} is outside 1..{self.config.model.max_seq_len}, "
                             "the model's maximum")
-        extra = {k: v for k, v in options.items() if v is not None}
+        # None means "not given"; gamma = 0 is the deterministic sampler every method has.
+        extra = {k: v for k, v in options.items() if v is not None and not (k == "gamma" and v == 0)}
         accepted = inspect.signature(self.method.sample).parameters
         for k in extra:
             if k not in accepted:

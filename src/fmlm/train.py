@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -361,7 +362,8 @@ class Trainer:
                     log_f.write(json.dumps({"step": st.step, **st.last_val}) + "\n")
                     log_f.flush()
                     if self.progress:
-                        bar.write(f"step {st.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in st.last_val.items()))
+                        bar.write(f"step {st.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in st.last_val.items()),
+                                  file=sys.stderr)  # stdout is kept for the JSON summary
                 if st.step % t.save_every == 0:
                     self.save()
                     last_saved = st.step
