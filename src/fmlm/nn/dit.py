@@ -77,10 +77,9 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 class DiTBlock(nn.Module):
     """Pre-norm transformer block with adaLN-zero conditioning."""
 
-    def __init__(self, d_model: int, n_heads: int, cond_dim: int, mlp_ratio: float, dropout: float, causal: bool = False):
+    def __init__(self, d_model: int, n_heads: int, cond_dim: int, mlp_ratio: float, dropout: float):
         super().__init__()
         self.n_heads = n_heads
-        self.causal = causal
         self.norm1 = nn.LayerNorm(d_model, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
@@ -98,7 +97,7 @@ class DiTBlock(nn.Module):
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal)  # (B,H,L,hd)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B,H,L,hd)
         return self.proj(out.transpose(1, 2).reshape(B, L, D))
 
     def forward(self, h: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -132,7 +131,6 @@ class DiT(nn.Module):
         dropout: float = 0.0,
         two_time: bool = False,
         logit_cap: float = 30.0,
-        causal: bool = False,
     ):
         super().__init__()
         if d_model % n_heads or (d_model // n_heads) % 2:
@@ -147,7 +145,7 @@ class DiT(nn.Module):
         self.time2 = TimeEmbedding(cond_dim) if two_time else None
         self.rotary = Rotary(d_model // n_heads)
         self.blocks = nn.ModuleList(
-            DiTBlock(d_model, n_heads, cond_dim, mlp_ratio, dropout, causal=causal) for _ in range(n_layers)
+            DiTBlock(d_model, n_heads, cond_dim, mlp_ratio, dropout) for _ in range(n_layers)
         )
         self.norm_out = nn.LayerNorm(d_model, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Linear(cond_dim, 2 * d_model)
@@ -231,7 +229,7 @@ class DiT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def build_dit(model_cfg, causal: bool = False) -> DiT:
+def build_dit(model_cfg) -> DiT:
     """Build a DiT from a :class:`fmlm.config.ModelConfig`."""
     return DiT(
         vocab_size=model_cfg.vocab_size,
@@ -244,5 +242,4 @@ def build_dit(model_cfg, causal: bool = False) -> DiT:
         dropout=model_cfg.dropout,
         two_time=model_cfg.two_time,
         logit_cap=model_cfg.logit_cap,
-        causal=causal,
     )
