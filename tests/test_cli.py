@@ -185,3 +185,16 @@ def test_sampler_options_are_checked_per_method(tiny_run, capsys):
     run, _ = tiny_run
     code, _, err = run_cli(capsys, "sample", "--ckpt", str(run), "--top-k", "3")
     assert_one_line_error(code, err, "does not apply to method 'flm'")
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path, tiny_run):
+    _, cache = tiny_run
+    common = [*TINY, f"data.cache_dir={cache}", "--quiet", "--no-samples", "--run-dir", str(tmp_path / "r")]
+    assert main(["train", *common, "max_steps=20", "save_every=10"]) == 0
+    newest = sorted((tmp_path / "r" / "checkpoints").iterdir())[-1]
+    data = bytearray((newest / "model.safetensors").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (newest / "model.safetensors").write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="checksum"):
+        assert main(["train", *common, "max_steps=20", "save_every=10"]) == 0
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["step"] == 20

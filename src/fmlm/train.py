@@ -195,7 +195,8 @@ class Trainer:
         self.device = pick_device(t.device)
         self.amp = autocast_dtype(t.precision, self.device)
 
-        self.resume_from = ckpt.latest_checkpoint(self.run_dir) if resume else None
+        # deep=True: a checkpoint with a flipped byte is skipped (with a warning) like a partial one.
+        self.resume_from = ckpt.latest_checkpoint(self.run_dir, deep=True) if resume else None
         if self.resume_from is not None:
             saved = ckpt.read_json(self.resume_from / "config.json")
             check_resumable({k: v for k, v in saved.items() if k != "model"},
