@@ -135,28 +135,23 @@ def p_correct_exact(t: np.ndarray, K: int) -> np.ndarray:
 
     ``t`` is clipped to [0, 1]; ``p_correct_exact(0) = 1/K``, ``(1) = 1``.
     """
-    K = _check_vocab(K)
-    t = np.clip(np.asarray(t, dtype=np.float64), 0.0, 1.0)
-    flat = t.ravel()
-    out = np.ones_like(flat)
-    inner = flat < 1.0
-    if inner.any():
-        ti = flat[inner]
-        pc, _, _ = _moments(ti / (1.0 - ti), K)
-        out[inner] = pc
-    return out.reshape(t.shape)
+    return _moment_exact(t, _check_vocab(K), which=0, at_one=1.0)
 
 
 def _p_error_exact(t: np.ndarray, K: int) -> np.ndarray:
     """1 - P_correct with full relative precision near t = 1."""
+    return _moment_exact(t, K, which=1, at_one=0.0)
+
+
+def _moment_exact(t: np.ndarray, K: int, which: int, at_one: float) -> np.ndarray:
+    """Element ``which`` of :func:`_moments` at m = t/(1 − t), with ``at_one`` at t = 1."""
     t = np.clip(np.asarray(t, dtype=np.float64), 0.0, 1.0)
     flat = t.ravel()
-    out = np.zeros_like(flat)
+    out = np.full_like(flat, at_one)
     inner = flat < 1.0
     if inner.any():
         ti = flat[inner]
-        _, pe, _ = _moments(ti / (1.0 - ti), K)
-        out[inner] = pe
+        out[inner] = _moments(ti / (1.0 - ti), K)[which]
     return out.reshape(t.shape)
 
 

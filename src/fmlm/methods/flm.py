@@ -36,6 +36,13 @@ def stratified_uniform(batch: int, generator: torch.Generator | None = None, dev
     return (u + torch.arange(batch, device=device) / batch) % 1.0
 
 
+def denoising_metrics(log_d: torch.Tensor, ids: torch.Tensor) -> dict:
+    """Token-level CE −log D[x1] and argmax accuracy of a denoiser's log-probabilities (B, L, V)."""
+    ce = -log_d.gather(-1, ids[..., None]).mean()
+    acc = (log_d.argmax(-1) == ids).float().mean()
+    return {"ce": ce.item(), "acc": acc.item()}
+
+
 @torch.no_grad()
 def euler_sample(
     denoiser: Denoiser,
@@ -141,10 +148,7 @@ class FLM(nn.Module):
         t = self.schedule.t(tau.double()).float()
         noise = torch.randn(*ids.shape, self.vocab_size, generator=generator, device=ids.device)
         x = self.interpolate(ids, t, noise)
-        D = self.denoise(x, tau).clamp_min(1e-30)
-        ce = -D.gather(-1, ids[..., None]).log().mean()
-        acc = (D.argmax(-1) == ids).float().mean()
-        return {"ce": ce.item(), "acc": acc.item()}
+        return denoising_metrics(self.denoise(x, tau).clamp_min(1e-30).log(), ids)
 
     @torch.no_grad()
     def sample(

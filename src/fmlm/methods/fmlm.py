@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmlm.errors import FmlmError
-from fmlm.methods.flm import FLM, stratified_uniform
+from fmlm.methods.flm import FLM, denoising_metrics, stratified_uniform
 from fmlm.schedule import Schedule
 
 OBJECTIVES = ("semigroup", "lagrangian", "eulerian")
@@ -320,10 +320,7 @@ class FMLM(nn.Module):
         t = self._t(tau)[:, None, None]
         noise = torch.randn(*ids.shape, self.vocab_size, generator=generator, device=ids.device)
         x = (1 - t) * noise + t * F.one_hot(ids, self.vocab_size).float()
-        log_q = self.logits(x, tau, tau).log_softmax(-1)
-        ce = -log_q.gather(-1, ids[..., None]).mean()
-        acc = (log_q.argmax(-1) == ids).float().mean()
-        return {"ce": ce.item(), "acc": acc.item()}
+        return denoising_metrics(self.logits(x, tau, tau).log_softmax(-1), ids)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
