@@ -40,6 +40,31 @@ def test_student_starts_equal_to_teacher():
     assert not any(n.startswith("teacher") for n in student.state_dict())  # checkpoint: student only
 
 
+def test_ema_target_is_saved_and_restored_but_not_trained():
+    _, student = teacher_and_student(target_ema=0.5)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    loss, _ = student.loss(torch.randint(V, (4, L)), torch.Generator().manual_seed(0))
+    loss.backward()
+    opt.step()
+    student.on_step_end()
+    n_net = sum(p.numel() for p in student.net.parameters())
+    assert sum(p.numel() for p in student.parameters()) == n_net  # the target is not optimised
+    state = student.state_dict()
+    tkeys = [k for k in state if k.startswith("target.")]
+    assert len(tkeys) == len(student._target.state_dict())
+    w = "blocks.0.attn_qkv.weight" if "target.blocks.0.attn_qkv.weight" in state else tkeys[0][len("target."):]
+    # after one update the target sits strictly between its start and the student
+    assert not torch.equal(state["target." + w], state["net." + w])
+    _, fresh = teacher_and_student(target_ema=0.5)
+    fresh.load_state_dict(state)
+    for k, v in student._target.state_dict().items():
+        torch.testing.assert_close(fresh._target.state_dict()[k], v)
+    # a checkpoint without target keys (e.g. written by an older version) starts the target at the student
+    _, fresh2 = teacher_and_student(target_ema=0.5)
+    fresh2.load_state_dict({k: v for k, v in state.items() if not k.startswith("target.")})
+    torch.testing.assert_close(fresh2._target.state_dict()[w], student.net.state_dict()[w])
+
+
 def test_flow_map_identities_and_simplex():
     _, m = teacher_and_student()
     perturbed(m.net)

@@ -71,6 +71,22 @@ def flow_map(x: torch.Tensor, delta: torch.Tensor, t_s: torch.Tensor, t_t: torch
     return a * x + b * delta.to(x.dtype)
 
 
+def _save_target(module, state_dict, prefix, local_metadata):
+    for k, v in module._target.state_dict().items():
+        state_dict[f"{prefix}target.{k}"] = v.detach()
+
+
+def _load_target(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    head = f"{prefix}target."
+    own = {k[len(head):]: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(head)]}
+    if not own:
+        # Older checkpoints (or a student saved without a target): start the target from the student.
+        own = {k[len(f"{prefix}net."):]: v for k, v in state_dict.items() if k.startswith(f"{prefix}net.")}
+    missing, unexpected = module._target.load_state_dict(own, strict=False)
+    missing_keys.extend(f"{head}{k}" for k in missing)
+    unexpected_keys.extend(f"{head}{k}" for k in unexpected)
+
+
 class FMLM(nn.Module):
     """Two-time denoiser δ_{s,t} on a two-time DiT, with its distillation losses and sampler.
 
@@ -127,6 +143,11 @@ class FMLM(nn.Module):
         if target_ema > 0:
             target = copy.deepcopy(net).requires_grad_(False)
         object.__setattr__(self, "_target", target)
+        if target is not None:
+            # The EMA target is state: save it with the student (keys ``target.*``) so that a
+            # resumed run continues with the same targets, but keep it out of parameters().
+            self.register_state_dict_post_hook(_save_target)
+            self.register_load_state_dict_pre_hook(_load_target)
 
     def _apply(self, fn, recurse=True):  # keep the unregistered networks on the same device/dtype
         super()._apply(fn, recurse)
