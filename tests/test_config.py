@@ -47,8 +47,35 @@ def test_toml_file_with_base_preset(tmp_path):
         ("tiny", ["model.size=huge"], "unknown model size"),
         ("tiny", ["lr"], "expected key=value"),
         ("tiny", ["d_model=30"], "multiple of"),
+        ("tiny", ["greedy_of=mode"], "bad value for diffusion.greedy_of"),
+        ("tiny", ["diffusion.t_min=0"], "diffusion.t_min must be in"),
+        ("tiny", ["curriculum_steps=-1"], "curriculum_steps must be >= 0"),
     ],
 )
 def test_bad_config_is_a_config_error(preset, overrides, match):
     with pytest.raises(ConfigError, match=match):
         build_config(preset, overrides)
+
+
+def test_diffusion_section_reaches_the_baselines():
+    from fmlm.methods import build_method
+
+    cfg = build_config("tiny", ["method=duo", "curriculum_steps=7", "greedy_of=xhat", "greedy_tail=false",
+                                "t_min=0.01"])
+    cfg.model.vocab_size, cfg.model.max_seq_len = 9, 8
+    duo = build_method(cfg)
+    assert (duo.curriculum_steps, duo.greedy_of, duo.greedy_tail, duo.t_min) == (7, "xhat", False, 0.01)
+    cfg = build_config("tiny", ["method=mdlm", "mdlm_time_conditioning=true"])
+    cfg.model.vocab_size, cfg.model.max_seq_len = 9, 8
+    assert build_method(cfg).time_conditioning
+
+
+def test_resume_accepts_a_config_saved_before_a_section_existed():
+    from fmlm.train import check_resumable
+
+    cur = build_config("tiny", []).to_dict()
+    old = {k: v for k, v in cur.items() if k != "diffusion"}
+    check_resumable(old, cur)  # the missing section counts as its defaults
+    changed = build_config("tiny", ["curriculum_steps=5"]).to_dict()
+    with pytest.raises(ConfigError, match="diffusion.curriculum_steps"):
+        check_resumable(old, changed)

@@ -135,6 +135,25 @@ class DistillConfig:
 
 
 @dataclass
+class DiffusionConfig:
+    """The discrete-diffusion baselines (``train.method=mdlm|duo``).
+
+    ``t_min`` is the smallest training/validation time of both (keeps the NELBO weights
+    finite). ``mdlm_time_conditioning`` feeds t to the MDLM backbone (off by default: with
+    the absorbing state the mask count already tells the time). Duo: ``curriculum_steps`` > 0
+    turns on the Gaussian-relaxation curriculum for that many initial steps (Duo §4.1);
+    ``greedy_tail`` makes the last sampling step take the mode instead of a draw, of the last
+    step's posterior (``greedy_of=posterior``) or of x̂ (``xhat``, the reference's choice).
+    """
+
+    t_min: float = 1e-3
+    mdlm_time_conditioning: bool = False
+    curriculum_steps: int = 0
+    greedy_tail: bool = True
+    greedy_of: str = "posterior"
+
+
+@dataclass
 class SampleConfig:
     """Defaults for ``fmlm sample`` and for the samples printed at the end of training."""
 
@@ -152,6 +171,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     preset: str = "custom"
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,7 +206,7 @@ class RunConfig:
             raise ConfigError(f"cannot read config {path}: {e}") from None
 
 
-SECTIONS = ("model", "data", "train", "sample", "distill")
+SECTIONS = ("model", "data", "train", "sample", "distill", "diffusion")
 
 
 def _preset(**sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -394,6 +414,11 @@ def validate(cfg: RunConfig) -> None:
     choice("distill.mid", cfg.distill.mid, ("midpoint", "uniform"))
     choice("distill.projection", cfg.distill.projection, ("sparsemax", "none"))
     choice("distill.eulerian_loss", cfg.distill.eulerian_loss, ("mse", "ce"))
+    choice("diffusion.greedy_of", cfg.diffusion.greedy_of, ("posterior", "xhat"))
+    if not 0.0 < cfg.diffusion.t_min < 1.0:
+        raise ConfigError(f"diffusion.t_min must be in (0, 1), got {cfg.diffusion.t_min}")
+    if cfg.diffusion.curriculum_steps < 0:
+        raise ConfigError(f"diffusion.curriculum_steps must be >= 0, got {cfg.diffusion.curriculum_steps}")
     dc = cfg.distill
     for name, v in (("distill.diag_fraction", dc.diag_fraction), ("distill.boundary_fraction", dc.boundary_fraction),
                     ("distill.target_ema", dc.target_ema), ("sample.gamma", s.gamma)):

@@ -138,7 +138,10 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def check_resumable(saved: dict, current: dict) -> None:
-    a, b = _flatten(saved), _flatten(current)
+    # A key the saved config lacks (written by an older version) counts as its default.
+    defaults = _flatten(RunConfig().to_dict())
+    a = {**{k: v for k, v in defaults.items() if k in _flatten(current)}, **_flatten(saved)}
+    b = _flatten(current)
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_KEYS and k != "preset")
     if diff:
         k = diff[0]

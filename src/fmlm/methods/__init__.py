@@ -76,7 +76,8 @@ def _build_mdlm(cfg, training: bool = False) -> nn.Module:
     from fmlm.nn.dit import build_dit
 
     # One extra input/output slot: id V is the mask token; one time input.
-    return MDLM(build_dit(dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size + 1, two_time=False)))
+    return MDLM(build_dit(dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size + 1, two_time=False)),
+                t_min=cfg.diffusion.t_min, time_conditioning=cfg.diffusion.mdlm_time_conditioning)
 
 
 def _build_duo(cfg, training: bool = False) -> nn.Module:
@@ -85,7 +86,9 @@ def _build_duo(cfg, training: bool = False) -> nn.Module:
     from fmlm.methods.duo import Duo
     from fmlm.nn.dit import build_dit
 
-    return Duo(build_dit(dataclasses.replace(cfg.model, two_time=False)))
+    dc = cfg.diffusion
+    return Duo(build_dit(dataclasses.replace(cfg.model, two_time=False)), t_min=dc.t_min, greedy_tail=dc.greedy_tail,
+               greedy_of=dc.greedy_of, curriculum_steps=dc.curriculum_steps)
 
 
 # method name -> builder(cfg) -> nn.Module. Builders import lazily so that one
