@@ -123,6 +123,26 @@ def test_target_equals_exact_flow_map_for_a_single_data_point(objective):
     torch.testing.assert_close(target, exact, atol=1e-5, rtol=0)
 
 
+def test_relaxed_eulerian_target_is_a_damped_step_towards_the_direct_one():
+    """δ̄_relaxed − δ̂ = (δ̄_direct − δ̂)/(1 + c): same fixed point, bounded as t → 1."""
+    _, m = teacher_and_student("eulerian", projection="none", eulerian_loss="mse")
+    perturbed(m.net)
+    m.double()
+    x = torch.randn(3, L, V, dtype=torch.float64)
+    tau_s = torch.tensor([0.1, 0.3, 0.0], dtype=torch.float64)
+    tau_t = torch.tensor([0.5, 0.8, 0.9], dtype=torch.float64)
+    ts, tt = m.schedule.t(tau_s), m.schedule.t(tau_t)
+    c = ((1 - ts) * (tt - ts) / (1 - tt))[:, None, None]
+    delta = m.delta(x, tau_s, tau_t)
+    direct = m.eulerian_target(x, tau_s, tau_t, form="direct")
+    relaxed = m.eulerian_target(x, tau_s, tau_t, form="relaxed")
+    torch.testing.assert_close(relaxed - delta, (direct - delta) / (1 + c))
+    torch.testing.assert_close(relaxed.sum(-1), torch.ones(3, L, dtype=torch.float64))
+    # at t = 1 the relaxed target is finite; the direct one needs its 1e-3 cap
+    one = torch.ones(3, dtype=torch.float64)
+    assert torch.isfinite(m.eulerian_target(x, tau_s, one, form="relaxed")).all()
+
+
 def test_jvps_match_finite_differences():
     # float64 so that central differences are accurate (the time embedding has frequencies up to 1000).
     _, m = teacher_and_student("lagrangian")

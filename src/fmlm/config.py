@@ -120,6 +120,8 @@ class DistillConfig:
     ``eulerian_loss`` is ``ce`` (KL to the projected target, bounded; the default) or ``mse``
     (the reference's choice, unstable for large gaps in our runs: its target D_s + c·JVP has
     c = (1−s)(t−s)/(1−t), which is large away from the diagonal).
+    ``eulerian_form`` is ``relaxed`` (a bounded damped target with the same fixed point, the
+    default) or ``direct`` (D_s + c·J as written in METHOD.md; see fmlm.methods.fmlm).
     ``max_gap`` caps the τ-gap d = τ_t − τ_s of off-diagonal pairs (1 = the full range).
     """
 
@@ -131,6 +133,7 @@ class DistillConfig:
     target_ema: float = 0.0
     projection: str = "sparsemax"
     eulerian_loss: str = "ce"
+    eulerian_form: str = "relaxed"
     max_gap: float = 1.0
 
 
@@ -414,6 +417,7 @@ def validate(cfg: RunConfig) -> None:
     choice("distill.mid", cfg.distill.mid, ("midpoint", "uniform"))
     choice("distill.projection", cfg.distill.projection, ("sparsemax", "none"))
     choice("distill.eulerian_loss", cfg.distill.eulerian_loss, ("mse", "ce"))
+    choice("distill.eulerian_form", cfg.distill.eulerian_form, ("relaxed", "direct"))
     choice("diffusion.greedy_of", cfg.diffusion.greedy_of, ("posterior", "xhat"))
     if not 0.0 < cfg.diffusion.t_min < 1.0:
         raise ConfigError(f"diffusion.t_min must be in (0, 1), got {cfg.diffusion.t_min}")

@@ -53,7 +53,7 @@ def _build_fmlm(cfg, training: bool = False) -> nn.Module:
     net = build_dit(dataclasses.replace(cfg.model, two_time=True))
     kw = dict(objective=cfg.train.method, diag_fraction=d.diag_fraction, boundary_fraction=d.boundary_fraction,
               mid=d.mid, target_ema=d.target_ema, projection=d.projection, eulerian_loss=d.eulerian_loss,
-              max_gap=d.max_gap)
+              max_gap=d.max_gap, eulerian_form=d.eulerian_form)
     if training and not d.self_distill:
         if not d.teacher:
             raise ConfigError(f"method {cfg.train.method!r} distils an FLM: use `fmlm distill --teacher RUN` "

@@ -19,8 +19,10 @@ Objectives (the teacher signal δ̄ is computed without gradient):
   τ_t (times dτ/dt), projected back onto the simplex by sparsemax; loss KL.
 * ``eulerian``: δ̄ = D_s(I_s) + ((t−s)/(1−t))·((1−s)·∂_s δ̂ + (D_s − I_s)·∇_x δ̂), one JVP in
   (τ_s, x) with tangent (dτ/dt at s, (D_s − I_s)/(1 − s)); loss MSE, or KL after projection.
-  The MSE weights each pair by 1/(1 + c²), c = (1−s)(t−s)/(1−t) the JVP coefficient, which
-  diverges as t → 1 (an fmlm choice: the unweighted loss is dominated by pairs near t = 1).
+  The coefficient c = (1−s)(t−s)/(1−t) diverges as t → 1, so by default (``eulerian_form=
+  relaxed``, an fmlm choice) the target is one damped step of size 1/(1 + c) from δ̂ towards
+  it, which is bounded and has the same fixed point; ``direct`` keeps the formula above
+  (its MSE weights each pair by 1/(1 + c²)).
 
 The diagonal term KL(D̂_t(I_t) ‖ δ̂_{t,t}(I_t)) ties δ_{t,t} to the frozen FLM teacher;
 with self-distillation (no teacher) it becomes CE to the one-hot data, and the D's in
@@ -104,6 +106,8 @@ class FMLM(nn.Module):
         projection: ``sparsemax`` or ``none`` for Lagrangian/Eulerian targets.
         eulerian_loss: ``mse`` or ``ce`` (KL to the projected target).
         max_gap: largest τ-gap of off-diagonal pairs.
+        eulerian_form: ``relaxed`` (bounded damped target, default) or ``direct`` (METHOD.md's
+            D_s + c·J); see :meth:`eulerian_target`.
     """
 
     def __init__(
@@ -119,6 +123,7 @@ class FMLM(nn.Module):
         projection: str = "sparsemax",
         eulerian_loss: str = "ce",
         max_gap: float = 1.0,
+        eulerian_form: str = "relaxed",
     ):
         super().__init__()
         if objective not in OBJECTIVES:
@@ -134,6 +139,9 @@ class FMLM(nn.Module):
         self.projection = projection
         self.eulerian_loss = eulerian_loss
         self.max_gap = max_gap
+        if eulerian_form not in ("relaxed", "direct"):
+            raise ValueError(f"unknown eulerian_form {eulerian_form!r}")
+        self.eulerian_form = eulerian_form
         self.target_ema = target_ema
         # Not registered: the teacher is frozen and not part of the student's checkpoint.
         object.__setattr__(self, "teacher", teacher)
@@ -250,8 +258,21 @@ class FMLM(nn.Module):
             target = self._denoiser(x_t, tau_t) - coef * dt
             return sparsemax(target) if self.projection == "sparsemax" else target
 
-    def eulerian_target(self, x: torch.Tensor, tau_s, tau_t) -> torch.Tensor:
-        """δ̄ = D_s(x) + ((t−s)/(1−t))·((1−s)·∂_s δ̂ + (D_s − x)·∇_x δ̂)."""
+    def eulerian_target(self, x: torch.Tensor, tau_s, tau_t, form: str | None = None) -> torch.Tensor:
+        """Eulerian target from one JVP J = ∂_s δ̂ + ((D_s − x)/(1−s))·∇_x δ̂ (see the module docstring).
+
+        The Eulerian equation says δ = D_s + c·J with c = (1−s)(t−s)/(1−t). ``direct`` uses that
+        as the target; c diverges as t → 1, so the pair (0, 1) gets an unbounded target (here
+        1 − t is capped at 1e-3). ``relaxed`` (the default) takes one damped fixed-point step
+        towards it from the current δ̂, with step 1/(1 + c):
+
+            δ̄ = δ̂ + (D_s + c·J − δ̂)/(1 + c) = ((1−t)·D_s + (1−s)(t−s)·(δ̂ + J)) / ((1−t) + (1−s)(t−s)),
+
+        which has the same fixed point (δ̄ = δ̂ exactly when the equation holds), stays bounded
+        and sums to one, and at t = 1 is δ̂ + J: it trains δ_{s,1} to be constant along the
+        flow, which is what the equation says there.
+        """
+        form = self.eulerian_form if form is None else form
         net = self.net if self._target is None else self._target
         ts, tt = self._t(tau_s), self._t(tau_t)
         with torch.no_grad():
@@ -262,11 +283,15 @@ class FMLM(nn.Module):
         def f(x_, tau_s_):
             return self.logits(x_, tau_s_, tau_t, net).softmax(-1)
 
-        _, jv = self._jvp(f, (x, tau_s), (tangent_x, tangent_tau))  # ∂_s δ̂ + ((D_s − x)/(1−s))·∇_x δ̂
+        delta, jv = self._jvp(f, (x, tau_s), (tangent_x, tangent_tau))  # δ̂ and J
         with torch.no_grad():
-            # (t − s)/(1 − t) blows up at t = 1; cap 1 − t so the boundary pair stays finite.
-            coef = ((1 - ts) * (tt - ts) / (1 - tt).clamp_min(1e-3))[:, None, None]
-            target = D_s + coef * jv
+            if form == "relaxed":
+                a = (1 - tt)[:, None, None]
+                b = ((1 - ts) * (tt - ts))[:, None, None]
+                target = (a * D_s + b * (delta + jv)) / (a + b).clamp_min(1e-12)
+            else:
+                coef = ((1 - ts) * (tt - ts) / (1 - tt).clamp_min(1e-3))[:, None, None]
+                target = D_s + coef * jv
             if self.projection == "sparsemax" and self.eulerian_loss == "ce":
                 target = sparsemax(target)
             return target
@@ -308,7 +333,9 @@ class FMLM(nn.Module):
             else:
                 target = self.eulerian_target(x, tau_s, tau_t)
             logits = self.logits(x, tau_s, tau_t)
-            if self.objective == "eulerian" and self.eulerian_loss == "mse":
+            if self.objective == "eulerian" and self.eulerian_loss == "mse" and self.eulerian_form == "relaxed":
+                off = (logits.softmax(-1) - target).pow(2).sum()
+            elif self.objective == "eulerian" and self.eulerian_loss == "mse":
                 # The target's JVP coefficient c = (1−s)(t−s)/(1−t) diverges as t → 1; weighting each
                 # pair by 1/(1 + c²) keeps the regression bounded (weight 1 near the diagonal).
                 ts_, tt_ = self._t(tau_s), self._t(tau_t)
