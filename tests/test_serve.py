@@ -218,3 +218,15 @@ def test_full_queue_answers_503_over_http(models):
         gate.set()
         server.should_exit = True
         t.join(10)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["serve", "--ckpt", "=x"], "--ckpt expects NAME=PATH or PATH"),
+    (["serve", "--ckpt", "flm=/nonexistent/run"], "checkpoint not found"),
+])
+def test_cli_serve_bad_checkpoint_is_one_line(argv, match, capsys):
+    from fmlm.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
