@@ -1,4 +1,4 @@
-"""Command-line interface: ``fmlm train | distill | sample | data | config``.
+"""Command-line interface: ``fmlm train | distill | sample | serve | plot | data | config``.
 
 Every user-fixable problem (unknown preset or key, bad value, missing or corrupt
 checkpoint, empty or non-UTF-8 corpus, ...) is reported as one line on stderr
@@ -220,6 +220,23 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from fmlm.serve import ServeLimits, serve
+
+    limits = ServeLimits(max_steps=args.max_steps, max_samples=args.max_samples, max_queue=args.max_queue)
+    serve(args.ckpt, host=args.host, port=args.port, threads=args.threads, limits=limits, device=args.device)
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from fmlm.plot import run
+
+    result = run(args.what, Path(args.out), args.vocab, seed=args.seed, flm_steps=args.flm_steps,
+                 fmlm_steps=args.fmlm_steps, progress=not args.quiet)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fmlm", description="Flow-based and flow map language models.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
@@ -271,6 +288,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--check", action="store_true", help="synthetic tasks: print valid rate and coverage")
     s.add_argument("--json", action="store_true", help="print JSON (texts, timings, metrics)")
     s.set_defaults(func=cmd_sample)
+
+    sv = sub.add_parser("serve", help="HTTP API and a live web page of the denoising",
+                        description="Serve one or more checkpoints: JSON and streaming (SSE) generation, "
+                                    "/health, and a web page at / that shows the tokens resolving, e.g. "
+                                    "--ckpt flm=runs/shakespeare --ckpt fmlm=runs/shakespeare-semigroup.")
+    sv.add_argument("--ckpt", action="append", required=True, metavar="[NAME=]PATH",
+                    help="checkpoint or run directory; repeat to serve several models side by side")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--threads", type=_positive, default=1, help="CPU threads of the model worker")
+    sv.add_argument("--device", help="cpu, cuda, mps (default: cpu)")
+    sv.add_argument("--max-steps", type=_positive, default=1024, help="largest steps a request may ask for")
+    sv.add_argument("--max-samples", type=_positive, default=16, help="largest num_samples of one request")
+    sv.add_argument("--max-queue", type=_positive, default=8, help="requests that may wait; more get 503")
+    sv.set_defaults(func=cmd_serve)
+
+    pl = sub.add_parser("plot", help="explanatory plots: the time schedule, a V=3 toy on the simplex",
+                        description="schedule: P_e(t) and tau(t) for --vocab sizes. simplex: trains a tiny FLM "
+                                    "and a flow map on the V=3 task simplex3 (seconds) and draws the learned "
+                                    "denoiser / velocity field, sample paths and flow vs flow map on the "
+                                    "2-simplex. PNG and SVG in --out.")
+    pl.add_argument("what", choices=("schedule", "simplex", "all"), nargs="?", default="all")
+    pl.add_argument("--out", default="plots", help="output folder (default: plots)")
+    pl.add_argument("--vocab", type=_steps_list, default=[3, 65, 30522, 50257],
+                    help="vocabulary sizes for the schedule plot (comma-separated)")
+    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--flm-steps", type=_positive, default=1000, help="training steps of the toy FLM")
+    pl.add_argument("--fmlm-steps", type=_positive, default=1500, help="distillation steps of the toy flow map")
+    pl.add_argument("--quiet", action="store_true", help="no progress bars")
+    pl.set_defaults(func=cmd_plot)
 
     d = sub.add_parser("data", help="prepare and inspect a dataset (tokenise, pack, cache)",
                        description="Tokenise, pack and cache the data of a preset; print statistics.")
