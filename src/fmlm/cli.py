@@ -288,8 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guide-weight", type=float, metavar="W", help="autoguidance weight w (default 1)")
     g.add_argument("--reward", metavar="RUN", help="reward guidance: a classifier run (fmlm train method=classifier)")
     g.add_argument("--reward-target", metavar="CLASS", help="target class: index or name")
-    g.add_argument("--reward-scale", type=float, help="reward step size, in noise std units (default 1)")
-    g.add_argument("--reward-iters", type=int, help="reward gradient steps per sampler step (default 1)")
+    g.add_argument("--reward-scale", type=float, help="reward step size, in noise std units (default 0.1)")
+    g.add_argument("--reward-iters", type=int, help="reward gradient steps per sampler step (default 10)")
+    g.add_argument("--reward-temperature", type=float,
+                   help="softening T of the look-ahead the reward scores (default 8)")
     s.add_argument("--json", action="store_true", help="print JSON (texts, timings, metrics)")
     s.set_defaults(func=cmd_sample)
 

@@ -55,6 +55,7 @@ def euler_sample(
     known: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     steer: Steering | None = None,
+    lookahead: Denoiser | None = None,
 ) -> torch.Tensor:
     """Integrate the FLM probability-flow ODE with Euler steps on a uniform τ grid.
 
@@ -74,6 +75,7 @@ def euler_sample(
         callback: called as ``callback(i, z, D)`` after every network evaluation.
         known, mask: (B, L) ids and bool mask of known positions (see :func:`fmlm.guidance.known_tensors`).
         steer: reward guidance, applied before each network evaluation.
+        lookahead: the (z, τ) -> simplex map whose output the reward scores (default: denoiser).
 
     Returns:
         The final denoiser output D (B, L, V); decode with ``argmax(-1)``.
@@ -88,7 +90,8 @@ def euler_sample(
         tau = taus[i].to(torch.float32).expand(B)
         z = replace_known(z, known, mask, noise, ts[i])
         if steer is not None:
-            z = replace_known(steer(z, lambda x: denoiser(x, tau), float(ts[i])), known, mask, noise, ts[i])
+            look = denoiser if lookahead is None else lookahead
+            z = replace_known(steer(z, lambda x: look(x, tau), float(ts[i])), known, mask, noise, ts[i])
         D = clamp_known(denoiser(z, tau).to(dtype), known, mask)  # (B, L, V)
         if callback is not None:
             callback(i, z, D)
@@ -127,11 +130,12 @@ class FLM(nn.Module):
         return (1.0 - tt) * noise + tt * x1
 
     def denoise(self, z: torch.Tensor, tau: torch.Tensor, weak: "FLM | None" = None,
-                weight: float = 0.0) -> torch.Tensor:
+                weight: float = 0.0, temperature: float = 1.0) -> torch.Tensor:
         """D(z, τ) on the simplex, float32, (B, L, V).
 
         With a ``weak`` FLM: autoguidance, softmax(log D + w·(log D − log D_weak)) (both
-        networks see the same z and τ; w = 0 gives D bit for bit).
+        networks see the same z and τ; w = 0 gives D bit for bit). ``temperature`` T ≠ 1
+        softens the result to softmax(logits / T) (the reward look-ahead).
         """
         out = self.net(z, tau).float()
         if self.loss_type == "mse_velocity":
@@ -140,7 +144,8 @@ class FLM(nn.Module):
             t = self.schedule.t(tau.double()).float()[:, None, None]
             return z.float() + (1.0 - t) * out
         weak_out = None if weak is None else weak.net(z, tau).float()
-        return guided_logits(out, weak_out, weight).softmax(-1)
+        out = guided_logits(out, weak_out, weight)
+        return (out if temperature == 1.0 else out / temperature).softmax(-1)
 
     def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
         """Training loss on a batch of token ids (B, L). Returns (loss, metrics)."""
@@ -183,8 +188,9 @@ class FLM(nn.Module):
         guide_weak: "FLM | None" = None,
         guide_weight: float = 0.0,
         reward=None,
-        reward_scale: float = 1.0,
-        reward_iters: int = 1,
+        reward_scale: float = 0.1,
+        reward_iters: int = 10,
+        reward_temperature: float = 8.0,
     ) -> torch.Tensor:
         """Draw token ids (num_samples, seq_len) with ``steps`` Euler steps.
 
@@ -193,7 +199,9 @@ class FLM(nn.Module):
                 is None); kept exactly in the output (:func:`fmlm.guidance.known_tensors`).
             guide_weak, guide_weight: autoguidance by a weaker FLM with weight w.
             reward: differentiable reward of soft sequences (B, L, V) -> (B,), steered by its
-                gradient through D_t(z) with ``reward_scale`` and ``reward_iters`` per step.
+                gradient through the look-ahead D_t(z), softened to softmax(logits / T) with
+                T = ``reward_temperature``, with ``reward_iters`` steps of ``reward_scale`` per
+                sampler step (:class:`fmlm.guidance.Steering`).
         """
         device = next(self.parameters()).device
         known, mask = known_tensors(known, mask, num_samples, seq_len, self.vocab_size, device)
@@ -201,14 +209,20 @@ class FLM(nn.Module):
             if self.loss_type == "mse_velocity":
                 raise ValueError("autoguidance needs a denoiser on the simplex (not loss=mse_velocity)")
             check_weak(self, guide_weak)
-        steer = None if reward is None else Steering(reward, reward_scale, reward_iters,
-                                                      update=None if mask is None else ~mask)
+        steer = None
+        if reward is not None:
+            if self.loss_type == "mse_velocity" or reward_temperature <= 0:
+                raise ValueError("reward guidance needs a denoiser on the simplex and reward_temperature > 0")
+            steer = Steering(reward, reward_scale, reward_iters, update=None if mask is None else ~mask)
         noise = torch.randn(num_samples, seq_len, self.vocab_size, generator=generator, device=device)
 
-        def denoiser(z, tau):
-            return self.denoise(z, tau, guide_weak, guide_weight)
+        def denoiser(z, tau, temperature=1.0):
+            return self.denoise(z, tau, guide_weak, guide_weight, temperature)
+
+        def lookahead(z, tau):
+            return denoiser(z, tau, reward_temperature)
 
         D = euler_sample(denoiser if guide_weak is not None else self.denoise, noise, self.schedule, steps,
                          dtype=torch.float64 if float64 else torch.float32, callback=callback,
-                         known=known, mask=mask, steer=steer)
+                         known=known, mask=mask, steer=steer, lookahead=lookahead)
         return D.argmax(-1)

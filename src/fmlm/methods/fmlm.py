@@ -325,11 +325,15 @@ class FMLM(nn.Module):
 
     # ------------------------------------------------------------------ sampling
     def guided_delta(self, x: torch.Tensor, tau_s: torch.Tensor, tau_t: torch.Tensor,
-                     weak: "FMLM | None" = None, weight: float = 0.0) -> torch.Tensor:
-        """δ_{s,t}(x), or with a ``weak`` flow map softmax(log δ + w·(log δ − log δ_weak)) (w = 0: δ exactly)."""
+                     weak: "FMLM | None" = None, weight: float = 0.0, temperature: float = 1.0) -> torch.Tensor:
+        """δ_{s,t}(x), or with a ``weak`` flow map softmax(log δ + w·(log δ − log δ_weak)) (w = 0: δ exactly).
+
+        ``temperature`` T ≠ 1 softens it to softmax(logits / T) (the reward look-ahead).
+        """
         logits = self.logits(x, tau_s, tau_t)
         weak_logits = None if weak is None else weak.logits(x, tau_s, tau_t)
-        return guided_logits(logits, weak_logits, weight).softmax(-1)
+        logits = guided_logits(logits, weak_logits, weight)
+        return (logits if temperature == 1.0 else logits / temperature).softmax(-1)
 
     @torch.no_grad()
     def sample(
@@ -348,8 +352,9 @@ class FMLM(nn.Module):
         guide_weak: "FMLM | None" = None,
         guide_weight: float = 0.0,
         reward=None,
-        reward_scale: float = 1.0,
-        reward_iters: int = 1,
+        reward_scale: float = 0.1,
+        reward_iters: int = 10,
+        reward_temperature: float = 8.0,
     ) -> torch.Tensor:
         """N flow-map steps on a uniform τ grid; the last returns δ_{s,1}, decoded by argmax.
 
@@ -366,8 +371,10 @@ class FMLM(nn.Module):
                 token has look-ahead probability ≥ 0.99 (:func:`fmlm.guidance.invert_known`).
                 The output keeps them exactly.
             guide_weak, guide_weight: autoguidance of δ by a weaker flow map with weight w.
-            reward, reward_scale, reward_iters: reward guidance through the look-ahead
-                δ_{s,1}(z_s): z_s moves along the gradient of reward (B, L, V) -> (B,).
+            reward, reward_scale, reward_iters, reward_temperature: reward guidance through the
+                look-ahead δ_{s,1}(z_s), softened to softmax(logits / T): before every step z_s
+                takes ``reward_iters`` normalised gradient steps of reward (B, L, V) -> (B,)
+                (:class:`fmlm.guidance.Steering`).
         """
         if steps < 1:
             raise ValueError("steps must be >= 1")
@@ -387,6 +394,8 @@ class FMLM(nn.Module):
 
         steer = None if reward is None else Steering(reward, reward_scale, reward_iters,
                                                       update=None if mask is None else ~mask)
+        if reward_temperature <= 0:
+            raise ValueError(f"reward_temperature must be > 0, got {reward_temperature}")
         noise = z
         if known is not None and invert_iters > 0:
             # Invert the known positions' noise through the one-step look-ahead (t = 0).
@@ -397,7 +406,9 @@ class FMLM(nn.Module):
             tau_s = taus[i].float().expand(B)
             z = replace_known(z, known, mask, noise, s)
             if steer is not None:
-                z = replace_known(steer(z, lambda x: delta(x, tau_s, one), float(s)), known, mask, noise, s)
+                z = replace_known(steer(z, lambda x: self.guided_delta(x, tau_s, one, guide_weak, guide_weight,
+                                                                       reward_temperature), float(s)),
+                                  known, mask, noise, s)
             if i == steps - 1:
                 d = clamp_known(delta(z.float(), tau_s, taus[i + 1].float().expand(B)), known, mask)
                 if callback is not None:
