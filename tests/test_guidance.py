@@ -294,3 +294,46 @@ def test_cli_too_long_prefix_and_mismatched_weak_model(runs, capsys, tmp_path):
     capsys.readouterr()
     assert main(["sample", "--ckpt", str(runs / "flm"), "-n", "2", "--guide-weak", str(tmp_path / "other")]) == 2
     assert "different vocabulary" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_api_per_row_known_tokens_across_batches(runs):
+    from fmlm.api import load
+
+    m = load(str(runs / "fm"))
+    L_ = m.config.data.seq_len
+    known = torch.randint(m.config.model.vocab_size, (6, L_), generator=gen())
+    mask = torch.zeros(6, L_, dtype=torch.bool)
+    mask[:, 0] = True
+    ids = m.sample_ids(6, 1, seed=0, batch_size=4, known=known, mask=mask)
+    assert torch.equal(ids[:, 0], known[:, 0])
+    clf = load(str(runs / "clf"))
+    assert len(clf.class_names()) == clf.method.num_classes
+    with pytest.raises(FmlmError, match="does not generate"):
+        clf.sample_ids(2, 1)
+    with pytest.raises(FmlmError, match="only one of"):
+        m.sample_ids(2, 1, prefix=[0], infill="[MASK]")
+
+
+def test_ngram_scorer_is_normalised_and_entropy():
+    import math
+
+    from fmlm.guidance_bench import CharNgram, sample_entropy
+
+    data = torch.randint(5, (400,), generator=gen()).numpy()
+    lm = CharNgram(data, 5, order=3)
+    prefix = [1, 2, 3, 4]
+    total = sum(math.exp(-(lm.nll(prefix + [c]) * 5 - lm.nll(prefix) * 4)) for c in range(5))
+    assert abs(total - 1) < 1e-9
+    assert sample_entropy(torch.tensor([[1, 1, 1, 1], [1, 2, 3, 4]])) == pytest.approx(math.log(4) / 2)
+
+
+@pytest.mark.slow
+def test_guidance_bench_writes_json_markdown_and_plot(runs, tmp_path):
+    from fmlm.guidance_bench import main as bench
+
+    assert bench(["reward", "--models", str(runs / "fm"), "--classifier", str(runs / "clf"), "--steps", "1",
+                  "--scales", "0.1", "--iters", "2", "-n", "4", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "reward.json").read_text())
+    assert [r["reward_scale"] for r in res["rows"]] == [0.0, 0.1]
+    assert (tmp_path / "reward.md").is_file() and (tmp_path / "reward.png").is_file()

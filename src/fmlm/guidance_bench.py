@@ -139,6 +139,16 @@ def _scorer(model: Model, order: int):
     return CharNgram(train, model.config.model.vocab_size, order)
 
 
+def _text_record(rec: dict, model: Model, ids: torch.Tensor, t0: float, scorer, ngram: int) -> dict:
+    """Add the real-text metrics (entropy, time, n-gram gen-PPL, one example) to ``rec`` and log it."""
+    rec.update(entropy=sample_entropy(ids), seconds_per_sample=(time.perf_counter() - t0) / len(ids))
+    if scorer is not None:
+        rec[f"ngram{ngram}_ppl"] = scorer.ppl(ids)
+    rec["example"] = model.decode(ids[:1])[0]
+    print(json.dumps(rec), file=sys.stderr)
+    return rec
+
+
 def bench_autoguide(models: list[str], weaks: list[str], steps: list[int], weights: list[float], n: int,
                     seed: int, ngram: int) -> dict:
     rows = []
@@ -149,13 +159,8 @@ def bench_autoguide(models: list[str], weaks: list[str], steps: list[int], weigh
         for w in tqdm(weights, desc=Path(path).name, leave=False):
             t0 = time.perf_counter()
             ids = m.sample_ids(n, s, seed, guide_weak=weak, guide_weight=w)
-            rec = {"model": path, "weak": weak_path, "steps": s, "w": w, "num_samples": n,
-                   "entropy": sample_entropy(ids), "seconds_per_sample": (time.perf_counter() - t0) / n}
-            if scorer is not None:
-                rec[f"ngram{ngram}_ppl"] = scorer.ppl(ids)
-            rec["example"] = m.decode(ids[:1])[0]
-            rows.append(rec)
-            print(json.dumps(rec), file=sys.stderr)
+            rows.append(_text_record({"model": path, "weak": weak_path, "steps": s, "w": w, "num_samples": n},
+                                     m, ids, t0, scorer, ngram))
     return {"task": "autoguide", "rows": rows}
 
 
@@ -171,15 +176,10 @@ def bench_attribute(models: list[str], classifier: str, target: str, steps: list
             t0 = time.perf_counter()
             opts = {} if scale == 0 else dict(classifier=clf, target=target, reward_scale=scale, reward_iters=iters)
             ids = m.sample_ids(n, s, seed, **opts)
-            rec = {"model": path, "steps": s, "reward_scale": scale, "reward_iters": iters if scale else 0,
-                   "num_samples": n,
-                   "attribute_rate": float((clf.labels(ids) == clf.class_index(target)).float().mean()),
-                   "entropy": sample_entropy(ids), "seconds_per_sample": (time.perf_counter() - t0) / n}
-            if scorer is not None:
-                rec[f"ngram{ngram}_ppl"] = scorer.ppl(ids)
-            rec["example"] = m.decode(ids[:1])[0]
-            rows.append(rec)
-            print(json.dumps(rec), file=sys.stderr)
+            rate = float((clf.labels(ids) == clf.class_index(target)).float().mean())
+            rows.append(_text_record({"model": path, "steps": s, "reward_scale": scale,
+                                      "reward_iters": iters if scale else 0, "num_samples": n,
+                                      "attribute_rate": rate}, m, ids, t0, scorer, ngram))
     return {"task": "attribute", "classifier": classifier, "target": target, "rows": rows}
 
 
@@ -194,7 +194,11 @@ def _markdown(result: dict) -> str:
 
 
 def _plot(result: dict, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed (pip install 'fmlm[plot]'): no plot written", file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
