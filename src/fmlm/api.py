@@ -41,9 +41,7 @@ class Model:
         if self._task is None and self.config.data.dataset == "phrases":
             from fmlm.data import PhrasesTask
 
-            d = self.config.data
-            self._task = PhrasesTask(n=d.phrases_n, k=d.phrases_k, phrases_per_seq=d.phrases_per_seq,
-                                     vocab_size=d.phrases_vocab or None, seed=d.seed)
+            self._task = PhrasesTask.from_config(self.config.data)
         return self._task
 
     @torch.no_grad()
@@ -55,9 +53,24 @@ class Model:
         ``options`` go to the method's sampler when it has them, e.g. ``gamma`` (flow-map
         re-noising) or ``temperature``, ``top_k``, ``top_p`` (AR). ``None`` values are
         dropped; an option the method does not take is an error.
+
+        Conditioning and guidance (:mod:`fmlm.guidance`):
+
+        * ``prefix``: text or token ids the samples start with; ``infill``: a template such
+          as ``"The [MASK:5] of York"``; or ``known`` ids with a boolean ``mask`` of the
+          positions they fix, (L,) or (num_samples, L). Known tokens are kept exactly.
+        * ``guide_weak`` (a :class:`Model` or a run directory) and ``guide_weight`` w:
+          autoguidance, log D + w·(log D − log D_weak) (FLM and FMLM).
+        * ``classifier`` (a classifier :class:`Model` or run directory) and ``target``
+          (class index or name), or ``reward`` (a function of soft sequences (B, L, V) ->
+          (B,)): reward guidance through the look-ahead, with ``reward_scale`` and
+          ``reward_iters``.
         """
+        if not hasattr(self.method, "sample"):
+            raise FmlmError(f"a {self.config.train.method} model does not generate text")
         steps = self.config.sample.steps if steps is None else steps
         seq_len = self.config.data.seq_len if seq_len is None else seq_len
+        options = self._guidance_options(options, seq_len)
         if steps < 1:
             raise FmlmError(f"steps must be >= 1, got {steps}")
         if num_samples < 1:
@@ -78,10 +91,80 @@ class Model:
         for start in range(0, num_samples, batch_size):
             n = min(batch_size, num_samples - start)
             try:
-                out.append(self.method.sample(n, seq_len, steps, generator=gen, float64=float64, **extra).cpu())
+                kw = {k: _rows(v, start, n, num_samples) if k in ("known", "mask") else v for k, v in extra.items()}
+                out.append(self.method.sample(n, seq_len, steps, generator=gen, float64=float64, **kw).cpu())
             except ValueError as e:  # samplers validate their options with ValueError
                 raise FmlmError(str(e)) from None
         return torch.cat(out)
+
+    def _guidance_options(self, options: dict, seq_len: int) -> dict:
+        """Turn the user-level conditioning/guidance options into the samplers' arguments."""
+        from fmlm import guidance
+
+        options = dict(options)
+        prefix, infill = options.pop("prefix", None), options.pop("infill", None)
+        if sum(x is not None for x in (prefix, infill, options.get("known"))) > 1:
+            raise FmlmError("give only one of prefix, infill and known")
+        if prefix is not None:
+            options["known"] = (guidance.prefix_ids(prefix, self.tokenizer, seq_len)
+                                if isinstance(prefix, str) else prefix)
+        if infill is not None:
+            options["known"], options["mask"] = guidance.parse_infill(infill, self.tokenizer, seq_len)
+        weak = options.get("guide_weak")
+        if weak is not None:
+            weak = weak if isinstance(weak, Model) else load(weak, device=self.device)
+            self._check_companion(weak, "weak model")
+            options["guide_weak"] = weak.method
+        elif options.get("guide_weight") is not None:
+            raise FmlmError("a guidance weight needs a weak model (guide_weak)")
+        clf, target = options.pop("classifier", None), options.pop("target", None)
+        if clf is not None:
+            if options.get("reward") is not None:
+                raise FmlmError("give either a classifier or a reward function, not both")
+            clf = clf if isinstance(clf, Model) else load(clf, device=self.device)
+            if clf.config.train.method != "classifier":
+                raise FmlmError(f"{clf.path} is a {clf.config.train.method} run, not a classifier")
+            self._check_companion(clf, "classifier")
+            options["reward"] = guidance.classifier_reward(clf.method, clf.class_index(target))
+        elif target is not None:
+            raise FmlmError("a reward target needs a classifier")
+        return options
+
+    def _check_companion(self, other: "Model", what: str) -> None:
+        """A weak model or classifier must share this model's tokenizer and sequence length."""
+        if other.config.model.vocab_size != self.config.model.vocab_size or \
+                other.tokenizer.fingerprint != self.tokenizer.fingerprint:
+            raise FmlmError(f"the {what} {other.path} has a different vocabulary "
+                            f"({other.config.model.vocab_size} tokens) from {self.path} ({self.config.model.vocab_size})")
+        if other.config.model.max_seq_len != self.config.model.max_seq_len:
+            raise FmlmError(f"the {what} {other.path} has sequence length {other.config.model.max_seq_len}, "
+                            f"not {self.config.model.max_seq_len}")
+
+    def class_names(self) -> list[str]:
+        """A classifier's class names (phrase texts, or with/without the keyword)."""
+        from fmlm.methods.classifier import make_labeller
+
+        return make_labeller(self.config, self.tokenizer)[1]
+
+    def class_index(self, target) -> int:
+        """A classifier's class from an index (int or digits) or a class name."""
+        names = self.class_names()
+        if target is None:
+            raise FmlmError(f"reward guidance needs a target class (0..{len(names) - 1} or one of {names})")
+        if isinstance(target, int) or str(target).strip().isdigit():
+            i = int(target)
+            if not 0 <= i < len(names):
+                raise FmlmError(f"target class {i} is outside 0..{len(names) - 1}")
+            return i
+        if target not in names:
+            raise FmlmError(f"unknown target class {target!r} (choose from {names})")
+        return names.index(target)
+
+    def labels(self, ids: torch.Tensor) -> torch.Tensor:
+        """A classifier's derived labels of token ids (the attribute of generated samples)."""
+        from fmlm.methods.classifier import make_labeller
+
+        return make_labeller(self.config, self.tokenizer)[0](ids)
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         return [self.tokenizer.decode(row.tolist()) for row in ids]
@@ -89,6 +172,12 @@ class Model:
     def sample(self, num_samples: int = 4, steps: int | None = None, seed: int = 0, **kw) -> list[str]:
         """Sample ``num_samples`` texts with ``steps`` network evaluations."""
         return self.decode(self.sample_ids(num_samples, steps, seed, **kw))
+
+
+def _rows(x, start: int, n: int, total: int):
+    """Rows start..start+n of a per-sample (total, L) conditioning tensor; shared ones unchanged."""
+    t = torch.as_tensor(x)
+    return t[start:start + n] if t.dim() == 2 and t.shape[0] == total and total > 1 else x
 
 
 def load(path: str | Path, device: str | torch.device | None = None, ema: bool = True,

@@ -67,7 +67,7 @@ def _fit_and_report(cfg, args, tokenizer=None) -> int:
     trainer = Trainer(cfg, run_dir, resume=not args.no_resume, progress=not args.quiet, log=log,
                       tokenizer=tokenizer)
     summary = trainer.fit()
-    if not args.no_samples and not summary["interrupted"]:
+    if not args.no_samples and not summary["interrupted"] and hasattr(trainer.method, "sample"):
         from fmlm.api import load
 
         model = load(run_dir, device=trainer.device)
@@ -137,11 +137,16 @@ def _report_samples(model, steps_list, num_samples, seed, float64, show=True, ch
         if check and model.task is not None:
             m = model.task.check(ids)
             rec.update(valid_rate=m["valid_rate"], coverage=m["coverage"])
+        if check and options.get("classifier") is not None:  # reward guidance: share of the target class
+            clf = options["classifier"]
+            rec["target_rate"] = (clf.labels(ids) == clf.class_index(options.get("target"))).float().mean().item()
         rec["texts"] = texts[:max_show] if max_show else texts
         if show:
             head = f"--- {steps} steps, {rec['seconds_per_sample'] * 1e3:.2f} ms/sample"
             if "valid_rate" in rec:
                 head += f", valid {rec['valid_rate']:.3f}, coverage {rec['coverage']:.3f}"
+            if "target_rate" in rec:
+                head += f", target {rec['target_rate']:.3f}"
             print(head, file=sys.stderr)
             for t in rec["texts"]:
                 print(t, file=sys.stderr)
@@ -152,7 +157,8 @@ def _report_samples(model, steps_list, num_samples, seed, float64, show=True, ch
 
 def _sampling_options(args) -> dict:
     """Method-specific sampler options given on the command line (unset ones are None)."""
-    return {"gamma": args.gamma, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    return {"gamma": args.gamma, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+            **getattr(args, "guidance", {})}
 
 
 def cmd_sample(args) -> int:
@@ -169,6 +175,9 @@ def cmd_sample(args) -> int:
 
         tokenizer = load_tokenizer(args.tokenizer)
     model = load(args.ckpt, device=args.device, ema=not args.no_ema, tokenizer=tokenizer)
+    from fmlm.guidance import cli_options
+
+    args.guidance = cli_options(args, model)
     steps_list = args.steps or [model.config.sample.steps]
     if args.json or args.check:
         results = _report_samples(model, steps_list, args.num_samples, args.seed, args.float64, show=False,
@@ -181,6 +190,8 @@ def cmd_sample(args) -> int:
                 line = f"steps {r['steps']:>5}: {r['seconds_per_sample'] * 1e3:8.2f} ms/sample"
                 if "valid_rate" in r:
                     line += f"  valid {r['valid_rate']:.3f}  coverage {r['coverage']:.3f}"
+                if "target_rate" in r:
+                    line += f"  target {r['target_rate']:.3f}"
                 print(line)
         return 0
     for steps in steps_list:
@@ -285,7 +296,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", help="replacement tokenizer directory (must match the model's vocabulary)")
     s.add_argument("--device", help="cpu, cuda, mps (default: best available)")
     s.add_argument("--threads", type=_positive, help="CPU threads (default: PyTorch's choice)")
-    s.add_argument("--check", action="store_true", help="synthetic tasks: print valid rate and coverage")
+    s.add_argument("--check", action="store_true",
+                   help="synthetic tasks: print valid rate and coverage (and the target rate with --reward)")
+    g = s.add_argument_group("conditioning and guidance (FLM, FMLM; prefix/infill also MDLM, Duo, AR)")
+    g.add_argument("--prefix", help="text the samples start with (tokenised with the model's tokenizer)")
+    g.add_argument("--infill", help='template with gaps, e.g. "The [MASK:5] of York" ([MASK] = one token)')
+    g.add_argument("--guide-weak", metavar="RUN", help="autoguidance: a weaker model of the same data")
+    g.add_argument("--guide-weight", type=float, metavar="W", help="autoguidance weight w (default 1)")
+    g.add_argument("--reward", metavar="RUN", help="reward guidance: a classifier run (fmlm train method=classifier)")
+    g.add_argument("--reward-target", metavar="CLASS", help="target class: index or name")
+    g.add_argument("--reward-scale", type=float, help="reward step size, in noise std units (default 0.1)")
+    g.add_argument("--reward-iters", type=int, help="reward gradient steps per sampler step (default 10)")
+    g.add_argument("--reward-temperature", type=float,
+                   help="softening T of the look-ahead the reward scores (default 8)")
     s.add_argument("--json", action="store_true", help="print JSON (texts, timings, metrics)")
     s.set_defaults(func=cmd_sample)
 

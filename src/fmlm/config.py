@@ -168,6 +168,22 @@ class SampleConfig:
 
 
 @dataclass
+class ClassifierConfig:
+    """The reward classifier (``method=classifier``), whose labels are derived from the text.
+
+    ``label``: ``phrase`` (phrases task: the family of the first phrase, ``phrases_n``
+    classes) or ``keyword`` (2 classes: whether the decoded block contains ``keyword``).
+    ``soft_fraction`` of each batch is trained on soft inputs λ·onehot + (1 − λ)·q with
+    λ ~ U[0, 1] and q a random point of the simplex per position, so the classifier can
+    score the soft look-ahead sequences that reward guidance feeds it.
+    """
+
+    label: str = "phrase"
+    keyword: str = ""
+    soft_fraction: float = 0.5
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -175,6 +191,7 @@ class RunConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     preset: str = "custom"
 
     def to_dict(self) -> dict[str, Any]:
@@ -209,7 +226,7 @@ class RunConfig:
             raise ConfigError(f"cannot read config {path}: {e}") from None
 
 
-SECTIONS = ("model", "data", "train", "sample", "distill", "diffusion")
+SECTIONS = ("model", "data", "train", "sample", "distill", "diffusion", "classifier")
 
 
 def _preset(**sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -423,9 +440,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"diffusion.t_min must be in (0, 1), got {cfg.diffusion.t_min}")
     if cfg.diffusion.curriculum_steps < 0:
         raise ConfigError(f"diffusion.curriculum_steps must be >= 0, got {cfg.diffusion.curriculum_steps}")
+    choice("classifier.label", cfg.classifier.label, ("phrase", "keyword"))
     dc = cfg.distill
     for name, v in (("distill.diag_fraction", dc.diag_fraction), ("distill.boundary_fraction", dc.boundary_fraction),
-                    ("distill.target_ema", dc.target_ema), ("sample.gamma", s.gamma)):
+                    ("distill.target_ema", dc.target_ema), ("sample.gamma", s.gamma),
+                    ("classifier.soft_fraction", cfg.classifier.soft_fraction)):
         if not 0.0 <= v <= 1.0:
             raise ConfigError(f"{name} must be in [0, 1], got {v}")
     if not 0.0 < dc.max_gap <= 1.0:

@@ -202,6 +202,8 @@ class Trainer:
         self.resume_from = ckpt.latest_checkpoint(self.run_dir, deep=True) if resume else None
         if self.resume_from is not None:
             saved = ckpt.read_json(self.resume_from / "config.json")
+            # A config section added after the run was saved has its defaults there.
+            saved = {**RunConfig().to_dict(), **saved}
             check_resumable({k: v for k, v in saved.items() if k != "model"},
                             {k: v for k, v in cfg.to_dict().items() if k != "model"})
             from fmlm.data import load_tokenizer
@@ -214,6 +216,8 @@ class Trainer:
 
         torch.manual_seed(t.seed)
         self.method = build_method(cfg, training=True).to(self.device)
+        if hasattr(self.method, "bind_tokenizer"):  # e.g. a classifier whose labels come from the text
+            self.method.bind_tokenizer(self.data.tokenizer)
         self.opt = torch.optim.AdamW(self.method.parameters(), lr=t.lr, betas=(t.beta1, t.beta2),
                                      weight_decay=t.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))

@@ -183,6 +183,30 @@ class PhrasesTask:
         generator = torch.Generator().manual_seed(int(seed))
         return self.sample(num, generator).numpy()
 
+    @classmethod
+    def from_config(cls, data_cfg: Any) -> PhrasesTask:
+        """The task of a :class:`fmlm.config.DataConfig` (``phrases_n``, ``phrases_k``, ...)."""
+        d = data_cfg
+        return cls(n=d.phrases_n, k=d.phrases_k, phrases_per_seq=d.phrases_per_seq,
+                   vocab_size=d.phrases_vocab or None, seed=d.seed)
+
+    # --------------------------------------------------------------- labels
+    def labels(self, samples: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Phrase family (index in ``phrases``) of each sample's first phrase, −1 when invalid.
+
+        The derived label of the task's sequences, for training a classifier
+        (``fmlm train phrases method=classifier``) and for measuring how often guided
+        samples start with a chosen phrase. ``samples``: (num, L) ids, L ≥ k.
+        """
+        x = torch.as_tensor(samples, dtype=torch.long)
+        if x.dim() == 1:
+            x = x[None]
+        if x.dim() != 2 or x.shape[1] < self.k:
+            raise ValueError(f"samples must be (num, L) with L >= {self.k}, got shape {tuple(x.shape)}")
+        first = x[:, : self.k]  # (num, k)
+        match = (first[:, None, :] == self._table[None]).all(-1)  # (num, n): at most one true per row
+        return torch.where(match.any(-1), match.long().argmax(-1), torch.full_like(first[:, 0], -1))
+
     # --------------------------------------------------------------- checking
     def check(self, samples: torch.Tensor | np.ndarray) -> dict[str, Any]:
         """Exact quality of generated sequences.

@@ -91,6 +91,18 @@ def _build_duo(cfg, training: bool = False) -> nn.Module:
                greedy_of=dc.greedy_of, curriculum_steps=dc.curriculum_steps)
 
 
+def _build_classifier(cfg, training: bool = False) -> nn.Module:
+    """Reward classifier over soft sequences; its labels are derived from the text (label=, keyword=)."""
+    import dataclasses
+    import functools
+
+    from fmlm.methods.classifier import Classifier, make_labeller, num_classes
+    from fmlm.nn.dit import build_dit
+
+    return Classifier(build_dit(dataclasses.replace(cfg.model, two_time=False)), num_classes(cfg),
+                      cfg.classifier.soft_fraction, functools.partial(make_labeller, cfg))
+
+
 # method name -> builder(cfg) -> nn.Module. Builders import lazily so that one
 # method's dependencies never slow down or break another.
 _BUILDERS = {
@@ -101,6 +113,7 @@ _BUILDERS = {
     "ar": _build_ar,
     "mdlm": _build_mdlm,
     "duo": _build_duo,
+    "classifier": _build_classifier,
 }
 METHODS = tuple(_BUILDERS)
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmlm.guidance import known_tensors
 from fmlm.methods.sampling import gumbel_argmax
 from fmlm.nn.causal import CausalTransformer
 
@@ -121,6 +122,8 @@ class AR(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         use_cache: bool = True,
+        known=None,
+        mask=None,
     ) -> torch.Tensor:
         """Draw token ids (num_samples, seq_len), one position per network pass.
 
@@ -137,6 +140,10 @@ class AR(nn.Module):
             temperature, top_k, top_p: override the constructor's defaults.
             use_cache: decode with the KV cache (one position per pass) instead of
                 re-running the whole prefix each pass (the reference for tests).
+            known, mask: a prefix to continue (known ids, with ``mask`` None or marking a
+                leading block of positions, the same for every row): those positions are
+                forced instead of drawn. An AR model cannot fill in a gap, so any other mask
+                is an error.
         """
         if steps < 1:
             raise ValueError("steps must be >= 1")
@@ -146,6 +153,13 @@ class AR(nn.Module):
         _check_sampling(T, k, p)
         device = next(self.parameters()).device
         B = num_samples
+        known, kmask = known_tensors(known, mask, B, seq_len, self.vocab_size, device)
+        n_prefix = 0
+        if known is not None:
+            n_prefix = int(kmask[0].sum())
+            if not bool(kmask[:, :n_prefix].all()) or bool(kmask[:, n_prefix:].any()):
+                raise ValueError("an autoregressive model can only be conditioned on a prefix "
+                                 "(the same leading positions in every row)")
         tokens = torch.full((B, 1), self.net.bos_id, dtype=torch.long, device=device)  # (B, 1 + l)
         cache = self.net.new_cache(B, device) if use_cache else None
         for l in range(seq_len):
@@ -154,6 +168,8 @@ class AR(nn.Module):
             else:
                 logits = self.net(tokens)[:, -1]  # (B, V): the whole prefix again
             nxt = self._draw(logits, generator, float64, T, k, p)  # (B,)
+            if l < n_prefix:
+                nxt = known[:, l]
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             if callback is not None:
                 callback(l, tokens[:, 1:], logits)

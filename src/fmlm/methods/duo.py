@@ -79,6 +79,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmlm.guidance import known_tensors
 from fmlm.methods.flm import stratified_uniform
 from fmlm.methods.sampling import gumbel_argmax
 
@@ -249,6 +250,8 @@ class Duo(nn.Module):
         float64: bool = False,
         callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
         greedy_tail: bool | None = None,
+        known=None,
+        mask=None,
     ) -> torch.Tensor:
         """Ancestral sampling from uniform noise with ``steps`` network passes on a uniform t grid.
 
@@ -259,6 +262,8 @@ class Duo(nn.Module):
             float64: posterior and Gumbel-max draws in float64.
             callback: called as ``callback(i, z_t, x̂)`` at every step, z_t (B, L), x̂ (B, L, V).
             greedy_tail: override the constructor's choice for the last step.
+            known, mask: known token ids and their positions (a prefix when ``mask`` is None):
+                clamped in the state before every step and in the output.
         """
         if steps < 1:
             raise ValueError("steps must be >= 1")
@@ -267,15 +272,21 @@ class Duo(nn.Module):
         B, V = num_samples, self.vocab_size
         dtype = torch.float64 if float64 else torch.float32
         z = torch.randint(V, (B, seq_len), generator=generator, device=device)  # z_1 ~ uniform
+        known, kmask = known_tensors(known, mask, B, seq_len, V, device)
+
+        def clamp(ids: torch.Tensor) -> torch.Tensor:
+            return ids if known is None else torch.where(kmask, known, ids)
+
         ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
         for i in range(steps):
             t, s = ts[i].item(), ts[i + 1].item()
             a_t, a_s = 1.0 - t, 1.0 - s
+            z = clamp(z)
             log_xhat = self.log_xhat(z, torch.full((B,), t, device=device)).to(dtype)  # (B, L, V)
             if callback is not None:
                 callback(i, z, log_xhat.exp())
             if i == steps - 1 and greedy and self.greedy_of == "xhat":
-                return log_xhat.argmax(-1)
+                return clamp(log_xhat.argmax(-1))
             # log of (*): [α_{t|s}·δ_{j,z} + (1 − α_{t|s})/V] · [α_s·x̂_j + (1 − α_s)/V], unnormalised.
             a_ts = a_t / a_s
             from_z = torch.full_like(log_xhat, math.log((1.0 - a_ts) / V) if a_ts < 1 else -math.inf)
@@ -283,6 +294,6 @@ class Duo(nn.Module):
             to_x = torch.logaddexp(math.log(a_s) + log_xhat,
                                    torch.full_like(log_xhat, math.log((1.0 - a_s) / V) if a_s < 1 else -math.inf))
             if i == steps - 1 and greedy:
-                return (from_z + to_x).argmax(-1)  # the mode of the last step's distribution
+                return clamp((from_z + to_x).argmax(-1))  # the mode of the last step's distribution
             z = gumbel_argmax(from_z + to_x, generator, float64)  # (B, L)
-        return z
+        return clamp(z)

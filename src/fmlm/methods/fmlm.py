@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmlm.errors import FmlmError
+from fmlm.guidance import Steering, check_weak, clamp_known, guided_logits, invert_known, known_tensors, replace_known
 from fmlm.methods.flm import FLM, denoising_metrics, stratified_uniform
 from fmlm.schedule import Schedule
 
@@ -371,6 +372,17 @@ class FMLM(nn.Module):
         return denoising_metrics(self.logits(x, tau, tau).log_softmax(-1), ids)
 
     # ------------------------------------------------------------------ sampling
+    def guided_delta(self, x: torch.Tensor, tau_s: torch.Tensor, tau_t: torch.Tensor,
+                     weak: "FMLM | None" = None, weight: float = 0.0, temperature: float = 1.0) -> torch.Tensor:
+        """δ_{s,t}(x), or with a ``weak`` flow map softmax(log δ + w·(log δ − log δ_weak)) (w = 0: δ exactly).
+
+        ``temperature`` T ≠ 1 softens it to softmax(logits / T) (the reward look-ahead).
+        """
+        logits = self.logits(x, tau_s, tau_t)
+        weak_logits = None if weak is None else weak.logits(x, tau_s, tau_t)
+        logits = guided_logits(logits, weak_logits, weight)
+        return (logits if temperature == 1.0 else logits / temperature).softmax(-1)
+
     @torch.no_grad()
     def sample(
         self,
@@ -381,32 +393,78 @@ class FMLM(nn.Module):
         float64: bool = False,
         gamma: float = 0.0,
         callback=None,
+        known=None,
+        mask=None,
+        invert_iters: int = 50,
+        invert_scale: float = 0.1,
+        guide_weak: "FMLM | None" = None,
+        guide_weight: float = 0.0,
+        reward=None,
+        reward_scale: float = 0.1,
+        reward_iters: int = 10,
+        reward_temperature: float = 8.0,
     ) -> torch.Tensor:
         """N flow-map steps on a uniform τ grid; the last returns δ_{s,1}, decoded by argmax.
 
         With ``gamma`` > 0 each intermediate step jumps further, to t̃ with
         1 − t̃ = (1 − t)·sqrt(1 − γ²), and adds fresh noise of std γ(1 − t), so the state's
         noise level matches time t again (stochastic variant, METHOD.md §4).
+
+        Conditioning and guidance (:mod:`fmlm.guidance`):
+            known, mask: known token ids and their positions (a prefix when ``mask`` is None).
+                Before every step the known positions are set to their interpolant with the
+                initial noise; at the first step (t = 0, where that carries no information)
+                their noise is first inverted by at most ``invert_iters`` gradient steps of size
+                ``invert_scale`` on Σ_known log δ_{0,1}(z)[known], per sample until every known
+                token has look-ahead probability ≥ 0.99 (:func:`fmlm.guidance.invert_known`).
+                The output keeps them exactly.
+            guide_weak, guide_weight: autoguidance of δ by a weaker flow map with weight w.
+            reward, reward_scale, reward_iters, reward_temperature: reward guidance through the
+                look-ahead δ_{s,1}(z_s), softened to softmax(logits / T): before every step z_s
+                takes ``reward_iters`` normalised gradient steps of reward (B, L, V) -> (B,)
+                (:class:`fmlm.guidance.Steering`).
         """
         if steps < 1:
             raise ValueError("steps must be >= 1")
         device = next(self.parameters()).device
         dtype = torch.float64 if float64 else torch.float32
+        known, mask = known_tensors(known, mask, num_samples, seq_len, self.vocab_size, device)
+        if guide_weak is not None:
+            check_weak(self, guide_weak)
         z = torch.randn(num_samples, seq_len, self.vocab_size, generator=generator, device=device).to(dtype)
         taus = torch.linspace(0, 1, steps + 1, dtype=torch.float64, device=device)
         ts = self.schedule.t(taus)
         B = num_samples
+        one = torch.ones(B, device=device)
+
+        def delta(x, tau_s, tau_t):
+            return self.guided_delta(x, tau_s, tau_t, guide_weak, guide_weight)
+
+        steer = None if reward is None else Steering(reward, reward_scale, reward_iters,
+                                                      update=None if mask is None else ~mask)
+        if reward_temperature <= 0:
+            raise ValueError(f"reward_temperature must be > 0, got {reward_temperature}")
+        noise = z
+        if known is not None and invert_iters > 0:
+            # Invert the known positions' noise through the one-step look-ahead (t = 0).
+            tau0 = taus[0].float().expand(B)
+            noise = z = invert_known(z, lambda x: delta(x, tau0, one), known, mask, invert_scale, invert_iters)
         for i in range(steps):
             s, t = ts[i], ts[i + 1]
             tau_s = taus[i].float().expand(B)
+            z = replace_known(z, known, mask, noise, s)
+            if steer is not None:
+                z = replace_known(steer(z, lambda x: self.guided_delta(x, tau_s, one, guide_weak, guide_weight,
+                                                                       reward_temperature), float(s)),
+                                  known, mask, noise, s)
             if i == steps - 1:
-                d = self.delta(z.float(), tau_s, taus[i + 1].float().expand(B))
+                d = clamp_known(delta(z.float(), tau_s, taus[i + 1].float().expand(B)), known, mask)
                 if callback is not None:
                     callback(i, z, d)
                 return d.argmax(-1)
             t_jump = 1 - (1 - t) * (1 - gamma**2) ** 0.5 if gamma > 0 else t
             tau_jump = self.schedule.tau(torch.as_tensor(t_jump, dtype=torch.float64, device=device))
-            d = self.delta(z.float(), tau_s, tau_jump.float().expand(B)).to(dtype)
+            d = delta(z.float(), tau_s, tau_jump.float().expand(B)).to(dtype)
             if callback is not None:
                 callback(i, z, d)
             z = flow_map(z, d, s.expand(B), torch.as_tensor(t_jump, device=device).expand(B))

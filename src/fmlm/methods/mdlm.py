@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmlm.guidance import known_tensors
 from fmlm.methods.flm import stratified_uniform
 from fmlm.methods.sampling import gumbel_argmax
 
@@ -171,6 +172,8 @@ class MDLM(nn.Module):
         generator: torch.Generator | None = None,
         float64: bool = False,
         callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+        known=None,
+        mask=None,
     ) -> torch.Tensor:
         """Ancestral sampling from all-mask with ``steps`` steps on a uniform t grid.
 
@@ -181,6 +184,9 @@ class MDLM(nn.Module):
             float64: Gumbel-max draws in float64.
             callback: called as ``callback(i, z, x_θ)`` at every step i with the state
                 z_t (B, L) before the update and the denoiser's probabilities (B, L, V + 1).
+            known, mask: known token ids and their positions (a prefix when ``mask`` is None,
+                see :func:`fmlm.guidance.known_tensors`): they start unmasked (MDLM's usual
+                clamping), so SUBS carries them over to the output unchanged.
 
         Returns:
             Token ids (B, L), none of them the mask.
@@ -191,6 +197,9 @@ class MDLM(nn.Module):
         B, V, m = num_samples, self.vocab_size, self.mask_id
         dtype = torch.float64 if float64 else torch.float32
         z = torch.full((B, seq_len), m, dtype=torch.long, device=device)  # (B, L): all masked
+        known, kmask = known_tensors(known, mask, B, seq_len, V, device)
+        if known is not None:
+            z = torch.where(kmask, known, z)
         ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
         logp = torch.empty(B, seq_len, V + 1, device=device, dtype=dtype)
         stale = torch.ones(B, dtype=torch.bool, device=device)  # rows whose cached x_θ is out of date

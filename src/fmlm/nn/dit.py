@@ -207,6 +207,19 @@ class DiT(nn.Module):
             t2: second time (B,) for a two-time backbone.
             embedded: optional precomputed ``x @ E`` of shape (B, L, D).
         """
+        logits = self.out(self.features(x, t, t2, embedded))  # (B, L, V)
+        if self.logit_cap > 0:
+            logits = self.logit_cap * torch.tanh(logits / self.logit_cap)
+        return logits
+
+    def features(
+        self,
+        x: torch.Tensor | None,
+        t: torch.Tensor,
+        t2: torch.Tensor | None = None,
+        embedded: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final hidden states (B, L, D), normalised and modulated, before the output layer."""
         h = self.embed_input(x) if embedded is None else embedded  # (B, L, D)
         B, L, _ = h.shape
         if L > self.max_seq_len:
@@ -220,10 +233,7 @@ class DiT(nn.Module):
         for block in self.blocks:
             h = block(h, c, rope)
         shift, scale = self.ada_out(c).chunk(2, dim=-1)
-        logits = self.out(modulate(self.norm_out(h), shift, scale))  # (B, L, V)
-        if self.logit_cap > 0:
-            logits = self.logit_cap * torch.tanh(logits / self.logit_cap)
-        return logits
+        return modulate(self.norm_out(h), shift, scale)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
