@@ -67,6 +67,8 @@ def _fit_and_report(cfg, args, tokenizer=None) -> int:
     trainer = Trainer(cfg, run_dir, resume=not args.no_resume, progress=not args.quiet, log=log,
                       tokenizer=tokenizer)
     summary = trainer.fit()
+    if summary["rank"] != 0:  # torchrun: rank 0 reports
+        return 130 if summary["interrupted"] else 0
     if not args.no_samples and not summary["interrupted"]:
         from fmlm.api import load
 

@@ -14,6 +14,7 @@ velocity x1 − x0, the failing baseline of the paper).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -26,12 +27,37 @@ from fmlm.schedule import Schedule
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+# (index k, count K, generator shared by the K parts) while one part of a global batch is computed.
+_STRATA: tuple[int, int, torch.Generator] | None = None
+
+
+@contextmanager
+def global_strata(index: int, count: int, shared: torch.Generator):
+    """Stratify times over a global batch split into ``count`` equal parts (ranks x accumulation).
+
+    Inside the context, :func:`stratified_uniform` in part ``index`` returns its share of one
+    grid over the whole global batch: the offset comes from ``shared`` (seeded identically in
+    every part, so all parts agree on it) and part k takes the points k, k + K, k + 2K, ...
+    """
+    global _STRATA
+    prev, _STRATA = _STRATA, (index, count, shared)
+    try:
+        yield
+    finally:
+        _STRATA = prev
+
+
 def stratified_uniform(batch: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """τ ~ U[0, 1) drawn as one uniform offset plus an evenly spaced grid (antithetic / stratified).
 
     Every τ is marginally uniform, and the batch covers [0, 1) evenly, which lowers
-    the variance of the batch-mean loss.
+    the variance of the batch-mean loss. Under :func:`global_strata` the grid spans the
+    global batch instead of this part of it.
     """
+    if _STRATA is not None:
+        k, K, shared = _STRATA
+        u = torch.rand((), generator=shared, device=device)
+        return (u + (k + K * torch.arange(batch, device=device)) / (K * batch)) % 1.0
     u = torch.rand((), generator=generator, device=device)
     return (u + torch.arange(batch, device=device) / batch) % 1.0
 

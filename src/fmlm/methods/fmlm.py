@@ -309,7 +309,10 @@ class FMLM(nn.Module):
             return
         with torch.no_grad():
             for p_t, p in zip(self._target.parameters(), self.net.parameters()):
-                p_t.lerp_(p.detach(), 1 - self.target_ema)
+                p = p.detach()
+                if hasattr(p, "full_tensor"):  # FSDP2 shard (DTensor): the target copy is whole
+                    p = p.full_tensor()
+                p_t.lerp_(p, 1 - self.target_ema)
 
     @torch.no_grad()
     def eval_loss(self, ids: torch.Tensor, generator: torch.Generator) -> dict:
