@@ -222,6 +222,12 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from fmlm.bench import throughput
+
+    return throughput.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fmlm", description="Flow-based and flow map language models.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
@@ -279,6 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("config", nargs="*", metavar="PRESET|FILE.toml|key=value")
     d.add_argument("--show", type=int, default=1, help="print this many decoded training blocks")
     d.set_defaults(func=cmd_data)
+
+    b = sub.add_parser("bench", help="benchmarks: `fmlm bench train` (tokens/s and peak memory)")
+    bsub = b.add_subparsers(dest="target", parser_class=_Parser, required=True)
+    bt = bsub.add_parser("train", help="training throughput and peak memory of FLM, FMLM and MDLM")
+    from fmlm.bench.throughput import add_arguments as _bench_train_arguments
+
+    _bench_train_arguments(bt)
+    bt.set_defaults(func=cmd_bench)
 
     c = sub.add_parser("config", help="print the resolved config of a preset with overrides")
     c.add_argument("config", nargs="*", metavar="PRESET|FILE.toml|key=value")

@@ -411,6 +411,8 @@ class Trainer:
                 (loss / self.accum).backward()
             for key, v in metrics.items():
                 sums[key] = sums.get(key, 0.0) + torch.as_tensor(v, dtype=torch.float32).detach()
+            # The loss that was back-propagated decides whether the step is finite.
+            sums[" objective"] = sums.get(" objective", 0.0) + loss.detach().float()
         metrics = dist_.mean_metrics(self.env, sums, self.accum)
         t = self.cfg.train
         gnorm = torch.nn.utils.clip_grad_norm_(self.method.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
@@ -461,7 +463,7 @@ class Trainer:
             while st.step < t.max_steps and st.elapsed < budget:
                 self.opt.zero_grad(set_to_none=True)
                 metrics, gnorm = self._forward_backward()
-                if not torch.isfinite(metrics["loss"]):
+                if not torch.isfinite(metrics.pop(" objective")):
                     self._bad_step("loss")
                     continue
                 if not math.isfinite(gnorm):
