@@ -121,3 +121,11 @@ def test_too_many_non_finite_steps_stop_with_a_clear_message(tmp_path):
     tr.method.loss = lambda ids, gen: (lambda lm: (lm[0] * float("inf"), lm[1]))(real(ids, gen))
     with pytest.raises(FmlmError, match="4 non-finite loss values in a row at step 0"):
         tr.fit()
+
+
+def test_compile_switch_compiles_the_backbone(tmp_path):
+    """train.compile=true wraps the backbone's forward in torch.compile (state-dict keys unchanged)."""
+    plain, compiled = _trainer(tmp_path), _trainer(tmp_path / "c", "train.compile=true")
+    assert getattr(plain.method.net, "_compiled_call_impl", None) is None
+    assert compiled.method.net._compiled_call_impl is not None
+    assert plain.method.state_dict().keys() == compiled.method.state_dict().keys()
