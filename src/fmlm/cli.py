@@ -67,6 +67,8 @@ def _fit_and_report(cfg, args, tokenizer=None) -> int:
     trainer = Trainer(cfg, run_dir, resume=not args.no_resume, progress=not args.quiet, log=log,
                       tokenizer=tokenizer)
     summary = trainer.fit()
+    if summary["rank"] != 0:  # torchrun: rank 0 reports
+        return 130 if summary["interrupted"] else 0
     if not args.no_samples and not summary["interrupted"] and hasattr(trainer.method, "sample"):
         from fmlm.api import load
 
@@ -248,6 +250,12 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from fmlm.bench import throughput
+
+    return throughput.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fmlm", description="Flow-based and flow map language models.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
@@ -347,6 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("config", nargs="*", metavar="PRESET|FILE.toml|key=value")
     d.add_argument("--show", type=int, default=1, help="print this many decoded training blocks")
     d.set_defaults(func=cmd_data)
+
+    b = sub.add_parser("bench", help="benchmarks: `fmlm bench train` (tokens/s and peak memory)")
+    bsub = b.add_subparsers(dest="target", parser_class=_Parser, required=True)
+    bt = bsub.add_parser("train", help="training throughput and peak memory of FLM, FMLM and MDLM")
+    from fmlm.bench.throughput import add_arguments as _bench_train_arguments
+
+    _bench_train_arguments(bt)
+    bt.set_defaults(func=cmd_bench)
 
     c = sub.add_parser("config", help="print the resolved config of a preset with overrides")
     c.add_argument("config", nargs="*", metavar="PRESET|FILE.toml|key=value")

@@ -79,7 +79,16 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation and bookkeeping. ``max_minutes`` > 0 stops on wall time as well as steps."""
+    """Optimisation and bookkeeping. ``max_minutes`` > 0 stops on wall time as well as steps.
+
+    ``batch_size`` is the global batch of one optimiser step. ``micro_batch_size`` is the
+    per-device batch of one forward/backward (0: batch_size / world size); gradient
+    accumulation makes up the rest. ``distributed`` is ``ddp`` or ``fsdp`` (FSDP2) under
+    torchrun. ``compile`` wraps the backbone in ``torch.compile``. ``noise`` is how FLM-type
+    methods draw the Gaussian part of the interpolant: ``embedded`` (directly in the
+    d-dimensional embedding space, never materialising (B, L, V) noise) or ``vocab`` (the
+    reference: V-dimensional noise through the input layer).
+    """
 
     method: str = "flm"
     loss: str = "ce"
@@ -105,6 +114,10 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0
     max_bad_steps: int = 20
+    micro_batch_size: int = 0
+    distributed: str = "ddp"
+    compile: bool = False
+    noise: str = "embedded"
 
 
 @dataclass
@@ -431,6 +444,10 @@ def validate(cfg: RunConfig) -> None:
     choice("data.packing", d.packing, PACKINGS)
     choice("train.precision", t.precision, PRECISIONS)
     choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    choice("train.distributed", t.distributed, ("ddp", "fsdp"))
+    choice("train.noise", t.noise, ("embedded", "vocab"))
+    if t.micro_batch_size < 0:
+        raise ConfigError(f"train.micro_batch_size must be >= 0, got {t.micro_batch_size}")
     choice("distill.mid", cfg.distill.mid, ("midpoint", "uniform"))
     choice("distill.projection", cfg.distill.projection, ("sparsemax", "none"))
     choice("distill.eulerian_loss", cfg.distill.eulerian_loss, ("mse", "ce"))

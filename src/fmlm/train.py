@@ -8,6 +8,16 @@ precision, optimiser (AdamW + warm-up), gradient clipping, EMA, logging
 Resume is exact: the data order is a pure function of (seed, epoch), and the
 step, data position, optimiser, scheduler, EMA and every RNG state are stored in
 each checkpoint, so a resumed run continues the same trajectory.
+
+Under ``torchrun`` (see :mod:`fmlm.distributed`) the same loop runs on every rank:
+``train.batch_size`` is the global batch, split into equal parts of
+``micro_batch_size`` over ranks and accumulation steps; part k = j·W + r (micro-step j,
+rank r) takes the k-th slice of the global batch's indices, and its noise comes from a
+generator seeded by (step seed, k), with times stratified over the whole global batch.
+So a run depends on the global and micro batch sizes, not on how the parts are spread
+over devices: W ranks with accumulation a match one process with accumulation W·a.
+Logging, evaluation and checkpoints happen on rank 0 (all ranks under FSDP, whose state
+is sharded); the others wait in barriers.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import os
 import random
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,15 +37,20 @@ import numpy as np
 import torch
 
 from fmlm import checkpoint as ckpt
+from fmlm import distributed as dist_
 from fmlm.config import RunConfig
 from fmlm.errors import ConfigError, FmlmError
 from fmlm.methods import build_method
+from fmlm.methods.flm import global_strata
 
 # Keys that may change between a run and its resumption (budget and bookkeeping only).
 RESUMABLE_KEYS = {
     "train.max_steps", "train.max_minutes", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.save_every", "train.keep_last", "train.threads", "train.device", "sample.steps",
     "sample.num_samples", "sample.seed", "sample.float64", "data.cache_dir",
+    # How the global batch is computed (devices, accumulation, sharding, compilation, noise path):
+    # a run may resume on another number of devices.
+    "train.micro_batch_size", "train.distributed", "train.compile", "train.noise",
 }
 
 
@@ -151,7 +167,7 @@ def check_resumable(saved: dict, current: dict) -> None:
         )
 
 
-def rng_state(gen: torch.Generator) -> dict:
+def rng_state(gen: torch.Generator, env: dist_.DistEnv | None = None) -> dict:
     state = {
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state(),
@@ -160,16 +176,26 @@ def rng_state(gen: torch.Generator) -> dict:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if env is not None and env.enabled:  # every rank's global RNGs (e.g. dropout masks differ per rank)
+        own = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            own["cuda"] = torch.cuda.get_rng_state()
+        state["ranks"] = dist_.gather_objects(env, own)
     return state
 
 
-def set_rng_state(state: dict, gen: torch.Generator) -> None:
+def set_rng_state(state: dict, gen: torch.Generator, env: dist_.DistEnv | None = None) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     gen.set_state(state["train_generator"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    ranks = state.get("ranks")
+    if ranks and env is not None and env.enabled and env.rank < len(ranks):
+        torch.set_rng_state(ranks[env.rank]["torch"])
+        if "cuda" in ranks[env.rank] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(ranks[env.rank]["cuda"])
 
 
 @dataclass
@@ -190,16 +216,25 @@ class Trainer:
                  log=print, tokenizer=None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.progress = progress
-        self.log = log
         t = cfg.train
         if t.threads > 0:
             torch.set_num_threads(t.threads)
-        self.device = pick_device(t.device)
+        self.env, device_name = dist_.setup(t.device)
+        main = self.env.is_main
+        self.progress = progress and main
+        self.log = log if main else (lambda *a, **k: None)
+        self.device = pick_device(device_name)
         self.amp = autocast_dtype(t.precision, self.device)
+        self.micro_batch, self.accum = dist_.grad_accumulation(t.batch_size, t.micro_batch_size,
+                                                               self.env.world_size)
 
         # deep=True: a checkpoint with a flipped byte is skipped (with a warning) like a partial one.
-        self.resume_from = ckpt.latest_checkpoint(self.run_dir, deep=True) if resume else None
+        # Rank 0 chooses, so every rank resumes from the same checkpoint.
+        found = None
+        if resume and main:
+            found = ckpt.latest_checkpoint(self.run_dir, deep=True)
+        found = dist_.broadcast_object(self.env, None if found is None else str(found))
+        self.resume_from = None if found is None else Path(found)
         if self.resume_from is not None:
             saved = ckpt.read_json(self.resume_from / "config.json")
             # A config section added after the run was saved has its defaults there.
@@ -208,55 +243,85 @@ class Trainer:
                             {k: v for k, v in cfg.to_dict().items() if k != "model"})
             from fmlm.data import load_tokenizer
             tokenizer = load_tokenizer(self.resume_from / "tokenizer")
-        self.data = load_data(cfg, tokenizer)
+        # Rank 0 prepares (downloads, tokenises, caches) the data first; the others then read the cache.
+        if main:
+            self.data = load_data(cfg, tokenizer)
+        dist_.barrier(self.env)
+        if not main:
+            self.data = load_data(cfg, tokenizer)
         cfg.model.vocab_size = self.data.tokenizer.vocab_size
         cfg.model.max_seq_len = cfg.data.seq_len
         if self.resume_from is not None:
             check_resumable(saved["model"], cfg.to_dict()["model"])
 
-        torch.manual_seed(t.seed)
+        torch.manual_seed(t.seed)  # same initial weights on every rank
         self.method = build_method(cfg, training=True).to(self.device)
         if hasattr(self.method, "bind_tokenizer"):  # e.g. a classifier whose labels come from the text
             self.method.bind_tokenizer(self.data.tokenizer)
+        if hasattr(self.method, "noise"):
+            self.method.noise = t.noise
+        if t.compile:
+            self.method.net.compile()
+        self.model = dist_.wrap(self.method, self.env, t.distributed, self.device)
         self.opt = torch.optim.AdamW(self.method.parameters(), lr=t.lr, betas=(t.beta1, t.beta2),
                                      weight_decay=t.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.ema = EMA(self.method, t.ema)
         self.gen = torch.Generator(self.device).manual_seed(t.seed)
+        if self.env.enabled:  # different dropout masks per rank; the training noise comes from self.gen
+            torch.manual_seed(t.seed + 7919 * self.env.rank)
         self.state = TrainState()
         if self.resume_from is not None:
             self._load(self.resume_from)
 
+    @property
+    def sharded(self) -> bool:
+        return self.env.enabled and self.cfg.train.distributed == "fsdp"
+
     # ---------------------------------------------------------------- checkpoints
     def _load(self, path: Path) -> None:
         ckpt.verify(path, deep=True)
-        ckpt.load_into(self.method, ckpt.load_state(path, "model.safetensors"), "checkpoint weights")
-        self.ema.load_state_dict(ckpt.load_state(path, "ema.safetensors"))
+        weights = ckpt.load_state(path, "model.safetensors")
+        ema = ckpt.load_state(path, "ema.safetensors")
         try:
             opt = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=False)
-            self.opt.load_state_dict(opt["optimizer"])
+            if self.sharded:
+                dist_.load_full_state(self.method, weights, self.opt, opt["optimizer"])
+                for k, v in ema.items():
+                    self.ema.shadow[k] = dist_.shard_like(v.float(), self.ema.shadow[k])
+            else:
+                ckpt.load_into(self.method, weights, "checkpoint weights")
+                self.ema.load_state_dict(ema)
+                self.opt.load_state_dict(opt["optimizer"])
             self.sched.load_state_dict(opt["scheduler"])
-            set_rng_state(torch.load(path / "rng.pt", weights_only=False), self.gen)
+            set_rng_state(torch.load(path / "rng.pt", weights_only=False), self.gen, self.env)
         except (OSError, RuntimeError, KeyError, ValueError) as e:
             raise FmlmError(f"cannot resume from {path}: {str(e).splitlines()[0]}") from None
         self.state = TrainState(**ckpt.read_json(path / "trainer_state.json"))
         self.log(f"resumed from {path} at step {self.state.step}")
 
     def save(self) -> Path:
+        """Write a checkpoint (rank 0; under FSDP every rank helps gather the state)."""
         path = self.run_dir / "checkpoints" / f"{ckpt.PREFIX}{self.state.step:08d}"
-        ckpt.save_checkpoint(
-            path, self.cfg.to_dict(), self.method.state_dict(), tokenizer=self.data.tokenizer,
-            ema_state=self.ema.state_dict(),
-            optimizer_state={"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()},
-            trainer_state=self.state.__dict__, rng_state=rng_state(self.gen),
-        )
-        ckpt.prune(self.run_dir, self.cfg.train.keep_last)
+        model_state, optim_state = dist_.full_state(self.method, self.opt)
+        ema_state = {k: dist_.full_tensor(v) for k, v in self.ema.state_dict().items()}
+        rng = rng_state(self.gen, self.env)
+        if self.env.is_main:
+            ckpt.save_checkpoint(
+                path, self.cfg.to_dict(), model_state, tokenizer=self.data.tokenizer,
+                ema_state=ema_state,
+                optimizer_state={"optimizer": optim_state, "scheduler": self.sched.state_dict()},
+                trainer_state=self.state.__dict__, rng_state=rng,
+            )
+            ckpt.prune(self.run_dir, self.cfg.train.keep_last)
+        dist_.barrier(self.env)
         return path
 
     # ---------------------------------------------------------------- data
-    def next_batch(self) -> torch.Tensor:
+    def next_indices(self) -> list[int]:
+        """Indices of the next global batch: a pure function of (seed, epoch, position)."""
         n, B = len(self.data.train), self.cfg.train.batch_size
-        ids = []
+        ids: list[int] = []
         while len(ids) < B:
             if self.state.position >= n:
                 self.state.epoch += 1
@@ -265,7 +330,23 @@ class Trainer:
             take = min(B - len(ids), n - self.state.position)
             ids.extend(perm[self.state.position:self.state.position + take].tolist())
             self.state.position += take
-        return self.data.train.batch(ids).to(self.device)
+        return ids
+
+    def next_batch(self) -> torch.Tensor:
+        """The next global batch (B, L) on this device (single-process use)."""
+        return self.data.train.batch(self.next_indices()).to(self.device)
+
+    def parts(self) -> list[tuple[int, torch.Tensor]]:
+        """This rank's parts (k, ids) of the next global batch: part k = j·W + rank, j < accumulation.
+
+        Parts of different ranks are disjoint, and together they are the global batch.
+        """
+        idx, m, W = self.next_indices(), self.micro_batch, self.env.world_size
+        out = []
+        for j in range(self.accum):
+            k = j * W + self.env.rank
+            out.append((k, self.data.train.batch(idx[k * m:(k + 1) * m]).to(self.device)))
+        return out
 
     def _perm(self, epoch: int, n: int) -> torch.Tensor:
         if getattr(self, "_perm_epoch", None) != epoch:
@@ -291,7 +372,10 @@ class Trainer:
         for b in range(self.cfg.train.eval_batches):
             idx = [(b * B + i) % n for i in range(B)]
             with self._autocast():
-                m = model.eval_loss(self.data.val.batch(idx).to(self.device), gen)
+                batch = self.data.val.batch(idx).to(self.device)
+                # Under FSDP through the wrapper (all ranks; it gathers the shards); under DDP rank 0
+                # calls the bare module, since DDP's forward may broadcast buffers (a collective).
+                m = self.model(batch, gen, evaluate=True) if self.sharded else model.eval_loss(batch, gen)
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
@@ -300,23 +384,73 @@ class Trainer:
             model.load_state_dict(backup)
         return {f"val_{k}": v / count for k, v in sums.items()}
 
+    def _evaluate_ranks(self) -> dict:
+        """Rank 0 evaluates while the others wait (all ranks take part under FSDP)."""
+        val = self.evaluate() if (self.env.is_main or self.sharded) else {}
+        dist_.barrier(self.env)
+        return val
+
     def _autocast(self):
         if self.amp is None:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.amp)
 
+    # ---------------------------------------------------------------- one optimiser step
+    def _forward_backward(self) -> tuple[dict, float]:
+        """Loss and gradients of one global batch over this rank's parts; returns (metrics, grad norm)."""
+        parts = self.parts()
+        K = self.accum * self.env.world_size
+        if K > 1:  # one seed per step (same on every rank) -> one generator per part
+            step_seed = int(torch.randint(0, 2**62, (), generator=self.gen, device=self.device))
+        sums: dict[str, torch.Tensor] = {}
+        for j, (k, ids) in enumerate(parts):
+            with dist_.no_sync(self.model, sync=j == len(parts) - 1):
+                if K == 1:
+                    gen, strata = self.gen, nullcontext()
+                else:
+                    gen = torch.Generator(self.device).manual_seed((step_seed + 1_000_003 * (k + 1)) % 2**63)
+                    shared = torch.Generator(self.device).manual_seed(step_seed)
+                    strata = global_strata(k, K, shared)
+                with strata, self._autocast():
+                    loss, metrics = self.model(ids, gen)
+                # Non-finite losses still go through backward: their NaN gradients reach every rank
+                # through the all-reduce, so all ranks skip the step together.
+                (loss / self.accum).backward()
+            for key, v in metrics.items():
+                sums[key] = sums.get(key, 0.0) + torch.as_tensor(v, dtype=torch.float32).detach()
+            # The loss that was back-propagated decides whether the step is finite.
+            sums[" objective"] = sums.get(" objective", 0.0) + loss.detach().float()
+        metrics = dist_.mean_metrics(self.env, sums, self.accum)
+        t = self.cfg.train
+        gnorm = torch.nn.utils.clip_grad_norm_(self.method.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+        return metrics, float(dist_.full_tensor(gnorm))
+
     # ---------------------------------------------------------------- loop
     def fit(self) -> dict:
+        try:
+            return self._fit()
+        finally:
+            dist_.cleanup(self.env)
+
+    def _fit(self) -> dict:
         from tqdm.auto import tqdm
 
         cfg, t, st = self.cfg, self.cfg.train, self.state
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(self.run_dir / "config.json")
-        log_f = open(self.run_dir / "log.jsonl", "a")
+        main = self.env.is_main
+        log_f = None
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.run_dir / "config.json")
+            _truncate_log(self.run_dir / "log.jsonl", st.step)
+            log_f = open(self.run_dir / "log.jsonl", "a")
         n_params = sum(p.numel() for p in self.method.parameters())
+        where = f"device {self.device}"
+        if self.env.enabled:
+            where = (f"{self.env.world_size} ranks ({t.distributed}, {self.env.backend}), micro-batch "
+                     f"{self.micro_batch} x {self.accum} accumulation, device {self.device}")
         self.log(f"{cfg.train.method}: {n_params / 1e6:.2f}M parameters, vocab {cfg.model.vocab_size}, "
                  f"L={cfg.data.seq_len}, {len(self.data.train)} train / {len(self.data.val)} val blocks, "
-                 f"device {self.device}, precision {self.amp or 'fp32'}")
+                 f"{where}, precision {self.amp or 'fp32'}")
         budget = t.max_minutes * 60.0 if t.max_minutes > 0 else math.inf
         self.method.train()
         bar = tqdm(total=t.max_steps, initial=st.step, disable=not self.progress, dynamic_ncols=True,
@@ -326,20 +460,20 @@ class Trainer:
         session_start, elapsed0 = time.perf_counter(), st.elapsed
         last_saved = st.step if self.resume_from is not None else -1
         interrupted = False
+
+        def write(rec: dict) -> None:
+            if log_f is not None:
+                log_f.write(json.dumps(rec) + "\n")
+                log_f.flush()
+
         try:
             while st.step < t.max_steps and st.elapsed < budget:
-                ids = self.next_batch()
-                with self._autocast():
-                    loss, metrics = self.method.loss(ids, self.gen)
-                if not torch.isfinite(loss):
+                self.opt.zero_grad(set_to_none=True)
+                metrics, gnorm = self._forward_backward()
+                if not torch.isfinite(metrics.pop(" objective")):
                     self._bad_step("loss")
                     continue
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(self.method.parameters(),
-                                                       t.grad_clip if t.grad_clip > 0 else math.inf)
-                if not torch.isfinite(gnorm):
-                    self.opt.zero_grad(set_to_none=True)
+                if not math.isfinite(gnorm):
                     self._bad_step("gradient")
                     continue
                 st.bad_steps = 0
@@ -351,24 +485,24 @@ class Trainer:
                 st.step += 1
                 st.tokens += tokens_per_step
                 window_tok += tokens_per_step
-                st.elapsed = elapsed0 + time.perf_counter() - session_start
+                # Rank 0's clock decides the time budget for everyone.
+                elapsed = elapsed0 + time.perf_counter() - session_start
+                st.elapsed = float(dist_.broadcast_object(self.env, elapsed)) if budget < math.inf else elapsed
                 bar.update(1)
                 if st.step % t.log_every == 0 or st.step == t.max_steps:
                     now = time.perf_counter()
                     rec = {"step": st.step, **{k: float(v) for k, v in metrics.items()}, "lr": self.sched.get_last_lr()[0],
-                           "grad_norm": float(gnorm), "tokens_per_s": window_tok / max(now - window_t, 1e-9),
+                           "grad_norm": gnorm, "tokens_per_s": window_tok / max(now - window_t, 1e-9),
                            "tokens": st.tokens, "elapsed_s": round(st.elapsed, 2)}
                     window_t, window_tok = now, 0
-                    log_f.write(json.dumps(rec) + "\n")
-                    log_f.flush()
+                    write(rec)
                     post = dict(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
                     if budget < math.inf:  # the step bar's ETA ignores the time budget; show what is left
                         post["time_left"] = time.strftime("%H:%M:%S", time.gmtime(max(0.0, budget - st.elapsed)))
                     bar.set_postfix(post)
                 if st.step % t.eval_every == 0:
-                    st.last_val = self.evaluate()
-                    log_f.write(json.dumps({"step": st.step, **st.last_val}) + "\n")
-                    log_f.flush()
+                    st.last_val = self._evaluate_ranks()
+                    write({"step": st.step, **st.last_val})
                     if self.progress:
                         bar.write(f"step {st.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in st.last_val.items()),
                                   file=sys.stderr)  # stdout is kept for the JSON summary
@@ -380,18 +514,22 @@ class Trainer:
             self.log("interrupted: saving a checkpoint")
         finally:
             bar.close()
-        if st.step != last_saved or not ckpt.list_checkpoints(self.run_dir):
+        has_ckpt = bool(ckpt.list_checkpoints(self.run_dir)) if main else True
+        if dist_.broadcast_object(self.env, st.step != last_saved or not has_ckpt):
             if not interrupted:
-                st.last_val = self.evaluate()
-                log_f.write(json.dumps({"step": st.step, **st.last_val}) + "\n")
+                st.last_val = self._evaluate_ranks()
+                write({"step": st.step, **st.last_val})
             self.save()
-        log_f.close()
+        if log_f is not None:
+            log_f.close()
         summary = {
             "run_dir": str(self.run_dir), "step": st.step, "tokens": st.tokens,
             "train_seconds": round(st.elapsed, 2), "tokens_per_s": round(st.tokens / max(st.elapsed, 1e-9), 1),
-            "parameters": n_params, "interrupted": interrupted, **st.last_val,
+            "parameters": n_params, "interrupted": interrupted, "world_size": self.env.world_size,
+            "rank": self.env.rank, **st.last_val,
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
     def _bad_step(self, what: str) -> None:
@@ -400,3 +538,21 @@ class Trainer:
         if self.state.bad_steps > self.cfg.train.max_bad_steps:
             raise FmlmError(f"{self.state.bad_steps} non-finite {what} values in a row at step "
                             f"{self.state.step}; lower train.lr or check the data")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log records past ``step`` (written after the checkpoint a killed run resumes from),
+    so the log of a resumed run reads like that of an uninterrupted one."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut short by the kill
+            continue
+        if rec.get("step", 0) <= step:
+            keep.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(l + "\n" for l in keep))
+    os.replace(tmp, path)

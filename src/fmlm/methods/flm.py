@@ -14,6 +14,7 @@ velocity x1 − x0, the failing baseline of the paper).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -22,18 +23,44 @@ from torch import nn
 
 from fmlm.guidance import (Steering, chain, check_weak, clamp_known, guided_logits, known_loglik, known_tensors,
                            replace_known)
+from fmlm.methods.embedded import EmbeddedState, embedded_noise, run_net
 from fmlm.schedule import Schedule
 
 # A denoiser maps (state z (B, L, V), network time τ (B,)) to D on the simplex (B, L, V).
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+# (index k, count K, generator shared by the K parts) while one part of a global batch is computed.
+_STRATA: tuple[int, int, torch.Generator] | None = None
+
+
+@contextmanager
+def global_strata(index: int, count: int, shared: torch.Generator):
+    """Stratify times over a global batch split into ``count`` equal parts (ranks x accumulation).
+
+    Inside the context, :func:`stratified_uniform` in part ``index`` returns its share of one
+    grid over the whole global batch: the offset comes from ``shared`` (seeded identically in
+    every part, so all parts agree on it) and part k takes the points k, k + K, k + 2K, ...
+    """
+    global _STRATA
+    prev, _STRATA = _STRATA, (index, count, shared)
+    try:
+        yield
+    finally:
+        _STRATA = prev
+
+
 def stratified_uniform(batch: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """τ ~ U[0, 1) drawn as one uniform offset plus an evenly spaced grid (antithetic / stratified).
 
     Every τ is marginally uniform, and the batch covers [0, 1) evenly, which lowers
-    the variance of the batch-mean loss.
+    the variance of the batch-mean loss. Under :func:`global_strata` the grid spans the
+    global batch instead of this part of it.
     """
+    if _STRATA is not None:
+        k, K, shared = _STRATA
+        u = torch.rand((), generator=shared, device=device)
+        return (u + (k + K * torch.arange(batch, device=device)) / (K * batch)) % 1.0
     u = torch.rand((), generator=generator, device=device)
     return (u + torch.arange(batch, device=device) / batch) % 1.0
 
@@ -110,10 +137,16 @@ class FLM(nn.Module):
         net: backbone mapping (B, L, V) vectors and τ (B,) to logits (B, L, V).
         schedule: the time reparameterisation (decoding-error or uniform).
         loss_type: ``ce`` | ``mse_denoiser`` | ``mse_velocity``.
+        noise: ``embedded`` draws x0 @ E in the embedding space (:mod:`fmlm.methods.embedded`);
+            ``vocab`` draws x0 in R^{L×V} (the reference). ``mse_velocity`` needs x0 itself and
+            always uses ``vocab``.
     """
 
-    def __init__(self, net: nn.Module, schedule: Schedule, loss_type: str = "ce"):
+    def __init__(self, net: nn.Module, schedule: Schedule, loss_type: str = "ce", noise: str = "vocab"):
         super().__init__()
+        if noise not in ("vocab", "embedded"):
+            raise ValueError(f"unknown noise path {noise!r}")
+        self.noise = noise  # set by the trainer from train.noise
         if loss_type not in ("ce", "mse_denoiser", "mse_velocity"):
             raise ValueError(f"unknown loss {loss_type!r}")
         self.net = net
@@ -130,15 +163,24 @@ class FLM(nn.Module):
         tt = t.to(noise.dtype)[:, None, None]
         return (1.0 - tt) * noise + tt * x1
 
+    @property
+    def uses_embedded_noise(self) -> bool:
+        return self.noise == "embedded" and self.loss_type != "mse_velocity"
+
+    def embedded_interpolant(self, ids: torch.Tensor, t: torch.Tensor, generator=None) -> torch.Tensor:
+        """I_t @ E = (1 − t)·(x0 @ E) + t·E[ids] (B, L, d), with x0 @ E drawn in d-space."""
+        (y,) = embedded_noise([self.net.embed], ids.shape, generator)
+        return EmbeddedState.interpolant({id(self.net.embed): y}, ids, t).embed(self.net.embed)
+
     def denoise(self, z: torch.Tensor, tau: torch.Tensor, weak: "FLM | None" = None,
                 weight: float = 0.0, temperature: float = 1.0) -> torch.Tensor:
-        """D(z, τ) on the simplex, float32, (B, L, V).
+        """D(z, τ) on the simplex, float32, (B, L, V); z may be an :class:`EmbeddedState`.
 
         With a ``weak`` FLM: autoguidance, softmax(log D + w·(log D − log D_weak)) (both
         networks see the same z and τ; w = 0 gives D bit for bit). ``temperature`` T ≠ 1
         softens the result to softmax(logits / T) (the reward look-ahead).
         """
-        out = self.net(z, tau).float()
+        out = run_net(self.net, z, tau).float()
         if self.loss_type == "mse_velocity":
             # The network predicts the velocity v; the implied denoiser is z + (1 − t)·v.
             # It is not a distribution, but the Euler update only needs D − z.
@@ -153,6 +195,14 @@ class FLM(nn.Module):
         B = ids.shape[0]
         tau = stratified_uniform(B, generator, ids.device)
         t = self.schedule.t(tau.double()).float()
+        if self.uses_embedded_noise:
+            out = self.net(None, tau, embedded=self.embedded_interpolant(ids, t, generator)).float()
+            if self.loss_type == "ce":
+                loss = F.cross_entropy(out.flatten(0, 1), ids.flatten())
+            else:  # mse_denoiser: Σ_v (p_v − 1[v = x1])² = Σ p² − 2 p[x1] + 1, without a one-hot
+                p = out.softmax(-1)
+                loss = (p.pow(2).sum(-1) - 2 * p.gather(-1, ids[..., None]).squeeze(-1) + 1).mean()
+            return loss, {"loss": loss.detach()}
         noise = torch.randn(*ids.shape, self.vocab_size, generator=generator, device=ids.device)
         x = self.interpolate(ids, t, noise)  # (B, L, V)
         out = self.net(x, tau).float()  # (B, L, V)
@@ -171,6 +221,9 @@ class FLM(nn.Module):
         B = ids.shape[0]
         tau = stratified_uniform(B, generator, ids.device)
         t = self.schedule.t(tau.double()).float()
+        if self.uses_embedded_noise:
+            out = self.net(None, tau, embedded=self.embedded_interpolant(ids, t, generator)).float()
+            return denoising_metrics(out.log_softmax(-1), ids)
         noise = torch.randn(*ids.shape, self.vocab_size, generator=generator, device=ids.device)
         x = self.interpolate(ids, t, noise)
         return denoising_metrics(self.denoise(x, tau).clamp_min(1e-30).log(), ids)

@@ -40,6 +40,7 @@ from torch import nn
 
 from fmlm.errors import FmlmError
 from fmlm.guidance import Steering, check_weak, clamp_known, guided_logits, invert_known, known_tensors, replace_known
+from fmlm.methods.embedded import EmbeddedState, embedded_noise, run_net
 from fmlm.methods.flm import FLM, denoising_metrics, stratified_uniform
 from fmlm.schedule import Schedule
 
@@ -67,8 +68,15 @@ def kl_rows(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (torch.xlogy(p, p) - p * log_q).sum(-1)
 
 
-def flow_map(x: torch.Tensor, delta: torch.Tensor, t_s: torch.Tensor, t_t: torch.Tensor) -> torch.Tensor:
-    """X_{s,t}(x) = ((1−t)/(1−s))·x + ((t−s)/(1−s))·δ_{s,t}(x); t_s, t_t: (B,) interpolant times."""
+def flow_map(x, delta: torch.Tensor, t_s: torch.Tensor, t_t: torch.Tensor):
+    """X_{s,t}(x) = ((1−t)/(1−s))·x + ((t−s)/(1−s))·δ_{s,t}(x); t_s, t_t: (B,) interpolant times.
+
+    ``x`` may be an :class:`EmbeddedState`: the map is affine in x, so the result is one too.
+    """
+    if isinstance(x, EmbeddedState):
+        a = ((1 - t_t) / (1 - t_s)).float()[:, None, None]
+        b = ((t_t - t_s) / (1 - t_s)).float()[:, None, None]
+        return x.affine(a, b, delta)
     a = ((1 - t_t) / (1 - t_s)).to(x.dtype)[:, None, None]
     b = ((t_t - t_s) / (1 - t_s)).to(x.dtype)[:, None, None]
     return a * x + b * delta.to(x.dtype)
@@ -109,6 +117,8 @@ class FMLM(nn.Module):
         max_gap: largest τ-gap of off-diagonal pairs.
         eulerian_form: ``relaxed`` (bounded damped target, default) or ``direct`` (METHOD.md's
             D_s + c·J); see :meth:`eulerian_target`.
+        noise: ``embedded`` (draw the noise of I_s jointly in the embedding spaces of every network
+            that reads it, see :mod:`fmlm.methods.embedded`) or ``vocab`` (V-space, the reference).
     """
 
     def __init__(
@@ -125,8 +135,12 @@ class FMLM(nn.Module):
         eulerian_loss: str = "ce",
         max_gap: float = 1.0,
         eulerian_form: str = "relaxed",
+        noise: str = "vocab",
     ):
         super().__init__()
+        if noise not in ("vocab", "embedded"):
+            raise ValueError(f"unknown noise path {noise!r}")
+        self.noise = noise  # set by the trainer from train.noise
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}")
         if not getattr(net, "two_time", False):
@@ -181,7 +195,7 @@ class FMLM(nn.Module):
 
     # ------------------------------------------------------------------ the model
     def logits(self, x: torch.Tensor, tau_s: torch.Tensor, tau_t: torch.Tensor, net: nn.Module | None = None):
-        out = (self.net if net is None else net)(x, tau_s, tau_t)
+        out = run_net(self.net if net is None else net, x, tau_s, tau_t)
         return out if out.dtype == torch.float64 else out.float()
 
     def delta(self, x: torch.Tensor, tau_s: torch.Tensor, tau_t: torch.Tensor) -> torch.Tensor:
@@ -278,13 +292,25 @@ class FMLM(nn.Module):
         ts, tt = self._t(tau_s), self._t(tau_t)
         with torch.no_grad():
             D_s = self._denoiser(x, tau_s)
-        tangent_x = (D_s - x) / (1 - ts)[:, None, None]
         tangent_tau = self.schedule.dtau_dt(ts.double()).float()  # d τ_s / d s
+        net_ = self.net if net is None else net
+        if isinstance(x, EmbeddedState):
+            # The input layer is linear: the x-tangent (D_s − x)/(1 − s) enters as (D_s @ E − x @ E)/(1 − s).
+            with torch.no_grad():
+                h = x.embed(net_.embed)
+                tangent_x = (D_s @ net_.embed.float() - h) / (1 - ts)[:, None, None]
 
-        def f(x_, tau_s_):
-            return self.logits(x_, tau_s_, tau_t, net).softmax(-1)
+            def f(h_, tau_s_):
+                return net_(None, tau_s_, tau_t, embedded=h_).float().softmax(-1)
 
-        delta, jv = self._jvp(f, (x, tau_s), (tangent_x, tangent_tau))  # δ̂ and J
+            delta, jv = self._jvp(f, (h, tau_s), (tangent_x, tangent_tau))
+        else:
+            tangent_x = (D_s - x) / (1 - ts)[:, None, None]
+
+            def f(x_, tau_s_):
+                return self.logits(x_, tau_s_, tau_t, net).softmax(-1)
+
+            delta, jv = self._jvp(f, (x, tau_s), (tangent_x, tangent_tau))  # δ̂ and J
         with torch.no_grad():
             if form == "relaxed":
                 a = (1 - tt)[:, None, None]
@@ -304,15 +330,13 @@ class FMLM(nn.Module):
         V = self.vocab_size
         n_diag = min(B - 1, max(1, round(B * self.diag_fraction))) if self.diag_fraction > 0 else 0
         n_off = B - n_diag
-        noise = torch.randn(B, L, V, generator=generator, device=ids.device)
-        x1 = F.one_hot(ids, V).float()
+        states = self._states(ids, generator)
         total = ids.new_zeros((), dtype=torch.float32)
         metrics: dict[str, torch.Tensor] = {}
 
         if n_diag:
             tau = stratified_uniform(n_diag, generator, ids.device)
-            t = self._t(tau)[:, None, None]
-            x = (1 - t) * noise[:n_diag] + t * x1[:n_diag]
+            x = states(slice(0, n_diag), self._t(tau))
             log_q = self.logits(x, tau, tau).log_softmax(-1)
             if self.teacher is None:
                 diag = F.nll_loss(log_q.flatten(0, 1), ids[:n_diag].flatten(), reduction="sum")
@@ -325,8 +349,7 @@ class FMLM(nn.Module):
 
         if n_off:
             tau_s, tau_u, tau_t = self.sample_times(n_off, generator, ids.device)
-            ts = self._t(tau_s)[:, None, None]
-            x = (1 - ts) * noise[n_diag:] + ts * x1[n_diag:]  # I_s
+            x = states(slice(n_diag, B), self._t(tau_s))  # I_s
             if self.objective == "semigroup":
                 target = self.semigroup_target(x, tau_s, tau_u, tau_t)
             elif self.objective == "lagrangian":
@@ -352,13 +375,42 @@ class FMLM(nn.Module):
         metrics["loss"] = loss.detach()
         return loss, metrics
 
+    def _states(self, ids: torch.Tensor, generator):
+        """Draw the noise of a batch; return ``states(rows, t)`` -> I_t of those rows (V-space or embedded)."""
+        B, L = ids.shape
+        V = self.vocab_size
+        teacher_net = self.teacher.net if self.teacher is not None else None
+        embedded = self.noise == "embedded" and (self.teacher is None or self.teacher.loss_type != "mse_velocity")
+        if not embedded:
+            noise = torch.randn(B, L, V, generator=generator, device=ids.device)
+            x1 = F.one_hot(ids, V).float()
+
+            def vocab_state(rows, t):
+                tt = t[:, None, None]
+                return (1 - tt) * noise[rows] + tt * x1[rows]
+
+            return vocab_state
+        # Every network that reads I_s sees the same x0: draw x0 @ E jointly for all of them
+        # (stop-gradient networks first; the student's embedding carries the gradient).
+        embeds = [n.embed for n in (teacher_net, self._target) if n is not None] + [self.net.embed]
+        ys = embedded_noise(embeds, (B, L), generator)
+        by_id = dict(zip(map(id, embeds), ys))
+
+        def embedded_state(rows, t):
+            return EmbeddedState.interpolant({k: v[rows] for k, v in by_id.items()}, ids[rows], t)
+
+        return embedded_state
+
     def on_step_end(self) -> None:
         """Called by the trainer after each optimiser step: update the EMA target network."""
         if self._target is None:
             return
         with torch.no_grad():
             for p_t, p in zip(self._target.parameters(), self.net.parameters()):
-                p_t.lerp_(p.detach(), 1 - self.target_ema)
+                p = p.detach()
+                if hasattr(p, "full_tensor"):  # FSDP2 shard (DTensor): the target copy is whole
+                    p = p.full_tensor()
+                p_t.lerp_(p, 1 - self.target_ema)
 
     @torch.no_grad()
     def eval_loss(self, ids: torch.Tensor, generator: torch.Generator) -> dict:

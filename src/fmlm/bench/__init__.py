@@ -1,0 +1,1 @@
+"""Benchmarks (``fmlm bench ...``)."""
