@@ -96,11 +96,10 @@ def test_scorer_rejects_a_non_ar_checkpoint(tiny_runs, capsys):
     assert_one_line_error(code, err, "not an AR one")
 
 
-def test_hf_scorer_on_a_tiny_local_gpt2(tmp_path):
+def _tiny_gpt2(path):
+    """A randomly initialised 1-layer GPT-2 and a word-level tokenizer, saved to ``path``."""
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from fmlm.bench.scorers import load_scorer
 
     words = ["<eos>", "new", "york", "san", "diego", "<unk>"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
@@ -111,9 +110,15 @@ def test_hf_scorer_on_a_tiny_local_gpt2(tmp_path):
     cfg = transformers.GPT2Config(vocab_size=len(words), n_positions=16, n_embd=16, n_layer=1, n_head=2,
                                   bos_token_id=0, eos_token_id=0)
     model = transformers.GPT2LMHeadModel(cfg).eval()
-    model.save_pretrained(tmp_path)
-    fast.save_pretrained(tmp_path)
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return model, fast, words
 
+
+def test_hf_scorer_on_a_tiny_local_gpt2(tmp_path):
+    from fmlm.bench.scorers import load_scorer
+
+    model, fast, words = _tiny_gpt2(tmp_path)
     scorer = load_scorer(str(tmp_path), batch_size=2)
     texts, ended = ["new york san diego", "san diego", "new"], [True, False, True]
     res = scorer.score(texts, ended)
@@ -282,6 +287,9 @@ def test_ablation_configs():
     # Bookkeeping does not change the key; the budget does.
     assert config_key(variant_config(preset, by["FLM"], [], threads=2)) == config_key(main_flm)
     assert config_key(variant_config(preset, by["FLM"], ["max_steps=5"])) != config_key(main_flm)
+    # --distill-set reaches the flow maps only.
+    assert variant_config(preset, by["FLM"], [], distill_overrides=["max_steps=7"]).train.max_steps == 1000
+    assert variant_config(preset, by["FMLM-self"], [], distill_overrides=["max_steps=7"]).train.max_steps == 7
 
 
 def test_bench_cli_errors(capsys):
@@ -331,3 +339,25 @@ def test_markdown_table_from_rows():
     assert "| FLM | 1 | 1 | 12.35 | 0.900 | 2.000 | 500 |" in md
     assert "gen-PPL" in md and "valid" not in md.split("| model | steps")[1]
     assert np.isfinite(result["data_entropy"])
+
+
+@pytest.mark.slow
+def test_bench_on_text_with_a_scorer(tmp_path, capsys):
+    """A real-text preset at toy scale: gen-PPL under a local HF scorer, log-scale plots."""
+    _tiny_gpt2(tmp_path / "scorer")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"new york {i % 7} san diego, said the {i}th line." for i in range(300)))
+    code, _, err = run_cli(capsys, "bench", "shakespeare-cpu", f"data.dataset={corpus}", "model.size=tiny",
+                           "seq_len=16", "batch_size=8", "max_steps=3", "--distill-set", "max_steps=2",
+                           "--steps", "1,2", "-n", "4", "--scorer", str(tmp_path / "scorer"), "--threads", "1",
+                           "--only", "FMLM,AR", "--out", str(tmp_path / "out"), "--cache-dir",
+                           str(tmp_path / "cache"), "--quiet", f"data.cache_dir={tmp_path / 'data'}")
+    assert code == 0, err
+    r = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert r["metric"] == "gen_ppl" and r["scorer"]["vocab_size"] == 6
+    assert set(r["variants"]) == {"FLM", "FMLM", "AR"}  # the teacher is trained and evaluated, not swept
+    assert [row["label"] for row in r["rows"]] == ["FMLM", "FMLM", "AR"]
+    for row in r["rows"]:
+        assert row["gen_ppl"] > 1 and row["scored_tokens"] > 0 and "valid_rate" not in row
+    assert "gen-PPL" in (tmp_path / "out" / "results.md").read_text()
+    assert (tmp_path / "out" / "quality_vs_time.png").is_file()

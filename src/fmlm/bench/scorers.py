@@ -147,8 +147,11 @@ class HFScorer(Scorer):
                  device: str | None = None):
         try:
             from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers.utils import logging as hf_logging
         except ImportError:
             raise FmlmError(f"scorer {name!r} needs transformers: {_INSTALL_HINT}") from None
+        hf_logging.disable_progress_bar()  # no per-tensor bars; fmlm shows its own progress
+        hf_logging.set_verbosity_error()
         kw = {"gguf_file": gguf_file} if gguf_file else {}
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source, **kw)

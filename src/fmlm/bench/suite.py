@@ -37,11 +37,13 @@ _BUDGET = ("train.max_steps", "train.max_minutes")
 
 # ------------------------------------------------------------------ configs
 def variant_config(preset: BenchPreset, variant: Variant, overrides: list[str], teacher: str | None = None,
-                   threads: int | None = None, device: str | None = None) -> RunConfig:
+                   threads: int | None = None, device: str | None = None,
+                   distill_overrides: list[str] | None = None) -> RunConfig:
     """The run config of one variant: the preset's shared overrides, then the variant's.
 
     Flow maps follow ``fmlm distill``: AdamW β2 = 0.95, a two-time backbone, one-step
-    samples, then the preset's distillation overrides, the variant's and the user's.
+    samples, then the preset's distillation overrides, the variant's and the user's
+    (``overrides`` for every run, then ``distill_overrides`` for flow maps only).
     """
     shared = list(preset.overrides)
     if not variant.distilled:
@@ -52,7 +54,7 @@ def variant_config(preset: BenchPreset, variant: Variant, overrides: list[str], 
         cfg.train.method = variant.method
         cfg.train.beta2 = 0.95
         cfg.sample.steps = 1
-        for item in list(preset.distill) + list(variant.overrides) + list(overrides):
+        for item in list(preset.distill) + list(variant.overrides) + list(overrides) + list(distill_overrides or []):
             k, v = item.split("=", 1)
             set_value(cfg, k.strip(), v)
         cfg.model.two_time = True
@@ -110,8 +112,10 @@ class Runs:
     """Finds, checks or trains the run of each variant."""
 
     def __init__(self, preset: BenchPreset, overrides: list[str], cache_dir: Path, use: dict[str, str],
-                 threads: int | None, device: str | None, log, progress: bool, train: bool = True):
+                 threads: int | None, device: str | None, log, progress: bool, train: bool = True,
+                 distill_overrides: list[str] | None = None):
         self.preset, self.overrides, self.cache_dir = preset, overrides, cache_dir
+        self.distill_overrides = list(distill_overrides or [])
         self.use, self.threads, self.device = use, threads, device
         self.log, self.progress, self.train = log, progress, train
         self.done: dict[str, dict] = {}  # label -> record (run_dir, checkpoint, key, status, ...)
@@ -125,7 +129,8 @@ class Runs:
                 raise ConfigError(f"variant {variant.label}: teacher {variant.teacher!r} is not in this bench")
             rec = self.get(by_label[variant.teacher], by_label)
             teacher_ckpt, teacher_key = rec["checkpoint"], rec["key"]
-        cfg = variant_config(self.preset, variant, self.overrides, teacher_ckpt, self.threads, self.device)
+        cfg = variant_config(self.preset, variant, self.overrides, teacher_ckpt, self.threads, self.device,
+                             self.distill_overrides)
         key = config_key(cfg, teacher_key)
         if variant.label in self.use:
             rec = self._reuse(variant, cfg, Path(self.use[variant.label]))
@@ -208,7 +213,8 @@ def run_bench(preset_name: str, ablation: str | None = None, overrides: list[str
               steps: list[int] | None = None, num_samples: int | None = None, seed: int = 0,
               scorer: str | None = None, scorer_batch: int | None = None, sample_batch: int | None = None,
               threads: int | None = None, device: str | None = None, only: list[str] | None = None,
-              train: bool = True, quiet: bool = False, plots: bool = True, command: str | None = None) -> dict:
+              train: bool = True, quiet: bool = False, plots: bool = True, command: str | None = None,
+              distill_overrides: list[str] | None = None) -> dict:
     """Run a bench; returns the results dict (also written to ``out_dir``)."""
     from tqdm.auto import tqdm
 
@@ -218,7 +224,8 @@ def run_bench(preset_name: str, ablation: str | None = None, overrides: list[str
 
     preset = get_preset(preset_name)
     overrides = list(overrides or [])
-    for item in overrides:
+    distill_overrides = list(distill_overrides or [])
+    for item in overrides + distill_overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"expected key=value, got {item!r}")
     variants = list(variants_for(ablation))
@@ -245,9 +252,10 @@ def run_bench(preset_name: str, ablation: str | None = None, overrides: list[str
     # Check every config before spending time on any of them.
     for v in variants:
         variant_config(preset, v, overrides, None if v.self_distill or not v.distilled else "teacher",
-                       threads, device)
+                       threads, device, distill_overrides)
 
-    runs = Runs(preset, overrides, cache, use_map, threads, device, log, progress=not quiet, train=train)
+    runs = Runs(preset, overrides, cache, use_map, threads, device, log, progress=not quiet, train=train,
+                distill_overrides=distill_overrides)
     t_start = time.perf_counter()
     for i, v in enumerate(sampled, 1):
         log(f"[{i}/{len(sampled)}] {v.label}")
@@ -261,7 +269,7 @@ def run_bench(preset_name: str, ablation: str | None = None, overrides: list[str
     result = {
         "preset": preset.name, "description": preset.description, "ablation": ablation,
         "ablation_description": ABLATIONS[ablation][0] if ablation else None,
-        "command": command, "overrides": overrides, **environment(threads), "device": device or "auto",
+        "command": command, "overrides": overrides, "distill_overrides": distill_overrides, **environment(threads), "device": device or "auto",
         "seed": seed, "num_samples": num_samples, "steps": steps, "sample_batch": sample_batch,
         "precision": "float32", "scorer": score.describe() if score is not None else None,
         "metric": "gen_ppl" if score is not None else None, "notes": list(preset.notes),
@@ -270,7 +278,10 @@ def run_bench(preset_name: str, ablation: str | None = None, overrides: list[str
     settings = sum(1 if v.method == "ar" else len(v.steps or steps) for v in sampled if v.sample)
     bar = tqdm(total=settings, desc="sample", unit="setting", disable=quiet, dynamic_ncols=True)
     data_entropy = None
-    for v in sampled:
+    swept = {v.label for v in sampled if v.sample}
+    for v in variants:  # every trained run (teachers too) gets its validation metrics
+        if v.label not in runs.done:
+            continue
         rec = runs.done[v.label]
         model = load(rec["checkpoint"], device=device)
         if data_entropy is None:
@@ -283,7 +294,7 @@ def run_bench(preset_name: str, ablation: str | None = None, overrides: list[str
         rec.update(validation_metrics(model.method, data.val, batch_size=model.config.train.batch_size))
         rec["parameters"] = sum(p.numel() for p in model.method.parameters())
         result["variants"][v.label] = rec
-        if not v.sample:
+        if v.label not in swept:
             continue
         warm_up(model, sample_batch)
         vsteps = v.steps or steps
@@ -404,7 +415,8 @@ def write_outputs(result: dict, out: Path, plots: bool = True) -> None:
 
 
 # ------------------------------------------------------------------ CLI
-def describe(preset: BenchPreset, ablation: str | None, overrides: list[str]) -> str:
+def describe(preset: BenchPreset, ablation: str | None, overrides: list[str],
+             distill_overrides: list[str] | None = None) -> str:
     """The plan of a bench: every run's full config (``--dry-run``)."""
     variants = variants_for(ablation)
     lines = [f"bench {preset.name}: {preset.description}"]
@@ -412,7 +424,7 @@ def describe(preset: BenchPreset, ablation: str | None, overrides: list[str]) ->
     lines.append(f"steps {','.join(map(str, preset.steps))}; {preset.num_samples} samples; scorer {preset.scorer}")
     for v in variants:
         teacher = None if v.self_distill or not v.distilled else f"<checkpoint of {v.teacher}>"
-        cfg = variant_config(preset, v, overrides, teacher)
+        cfg = variant_config(preset, v, overrides, teacher, distill_overrides=distill_overrides)
         flat = {k: val for k, val in _flatten(cfg.to_dict()).items() if k not in ("preset",)}
         lines.append(f"--- {v.label} ({v.method})" + (f", distils {v.teacher}" if teacher else ""))
         lines.append(json.dumps(flat))
@@ -435,6 +447,8 @@ def add_arguments(p) -> None:
     p.add_argument("--cache-dir", help="where trained runs are cached (default: $FMLM_CACHE/bench)")
     p.add_argument("--use", action="append", metavar="LABEL=RUN",
                    help="reuse a finished run for a variant (its config must match the bench's)")
+    p.add_argument("--distill-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for the flow-map (distillation) runs only, e.g. max_steps=1000")
     p.add_argument("--only", help="comma-separated variant labels to sample (their teachers are still trained)")
     p.add_argument("--no-train", action="store_true", help="fail instead of training a missing run")
     p.add_argument("--no-plots", action="store_true")
@@ -447,11 +461,11 @@ def add_arguments(p) -> None:
 
 def run(args, argv: list[str]) -> int:
     preset = get_preset(args.preset)
-    for item in args.overrides:
+    for item in args.overrides + args.distill_set:
         if "=" not in item:
             raise ConfigError(f"expected key=value, got {item!r}")
     if args.dry_run:
-        print(describe(preset, args.ablation, args.overrides))
+        print(describe(preset, args.ablation, args.overrides, args.distill_set))
         return 0
     if preset.gpu_recipe and not args.force and not torch.cuda.is_available():
         raise ConfigError(f"bench {preset.name} is a GPU recipe ({preset.description}); see it with --dry-run, "
@@ -460,6 +474,7 @@ def run(args, argv: list[str]) -> int:
     result = run_bench(args.preset, args.ablation, args.overrides, args.out, args.cache_dir, args.use, args.steps,
                        args.num_samples, args.seed, args.scorer, args.scorer_batch, args.sample_batch, args.threads,
                        args.device, args.only.split(",") if args.only else None, train=not args.no_train,
-                       quiet=args.quiet, plots=not args.no_plots, command=command)
+                       quiet=args.quiet, plots=not args.no_plots, command=command,
+                       distill_overrides=args.distill_set)
     print(markdown(result))
     return 0
