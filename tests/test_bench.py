@@ -361,3 +361,20 @@ def test_bench_on_text_with_a_scorer(tmp_path, capsys):
         assert row["gen_ppl"] > 1 and row["scored_tokens"] > 0 and "valid_rate" not in row
     assert "gen-PPL" in (tmp_path / "out" / "results.md").read_text()
     assert (tmp_path / "out" / "quality_vs_time.png").is_file()
+
+
+@pytest.mark.slow
+def test_bench_lm1b_cpu_at_toy_scale(shared_dir, tmp_path, capsys):
+    """The lm1b-cpu preset on the LM1B held-out slice with BERT WordPiece, shrunk to seconds."""
+    _tiny_gpt2(tmp_path / "scorer")
+    code, _, err = run_cli(capsys, "bench", "lm1b-cpu", f"data.dataset=lm1b:{shared_dir / 'data' / 'lm1b-heldout'}",
+                           f"data.tokenizer=bert-base-uncased:{shared_dir / 'tokenizers' / 'bert-base-uncased'}",
+                           "model.size=tiny", "seq_len=16", "max_steps=2", "--only", "FLM", "--steps", "1", "-n", "2",
+                           "--scorer", str(tmp_path / "scorer"), "--threads", "1", "--out", str(tmp_path / "out"),
+                           "--cache-dir", str(tmp_path / "cache"), "--quiet", "--no-plots",
+                           f"data.cache_dir={tmp_path / 'data'}")
+    assert code == 0, err
+    r = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert r["variants"]["FLM"]["step"] == 2 and r["metric"] == "gen_ppl"
+    row = r["rows"][0]
+    assert row["num_samples"] == 2 and row["gen_ppl"] > 1 and 0 < r["data_entropy"] < math.log(16)
