@@ -233,8 +233,9 @@ def test_bench_reuses_its_cache(tiny_bench, capsys):
     code, _, err = run_cli(capsys, *argv, "--no-train", "--only", "FMLM,AR")
     assert code == 0, err
     r = json.loads((root / "out2" / "results.json").read_text())
-    assert set(r["variants"]) == {"FMLM", "AR"}
+    assert set(r["variants"]) == {"FLM", "FMLM", "AR"}  # FMLM's teacher is loaded and reported too
     assert all(v["status"] == "cached" for v in r["variants"].values())
+    assert {row["label"] for row in r["rows"]} == {"FMLM", "AR"}
     # A different budget is another cache entry: --no-train refuses to train it.
     code, _, err = run_cli(capsys, *argv, "--no-train", "max_steps=31")
     assert_one_line_error(code, err, "not trained yet")
