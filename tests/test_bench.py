@@ -183,7 +183,7 @@ def test_eval_ar_checkpoint_reports_nll(tiny_runs, capsys):
     assert code == 0, err
     r = json.loads(out)
     assert "val_nll" in r and "val_ppl" in r
-    assert len(r["results"]) == 1 and r["results"][0]["nfe"] == 2  # AR: L passes, one row
+    assert len(r["results"]) == 1 and r["results"][0]["nfe"] == r["results"][0]["steps"] == 2  # AR: L passes
 
 
 def test_eval_errors(tiny_runs, capsys, tmp_path):

@@ -76,6 +76,8 @@ def evaluate(path: str, steps_list: list[int] | None = None, num_samples: int = 
     model = load(path, device=device)
     cfg = model.config
     steps_list = steps_list or [cfg.sample.steps]
+    if cfg.train.method == "ar":
+        steps_list = [cfg.data.seq_len]  # AR ignores the step count: L sequential passes, one row
     if scorer_name == "auto":
         scorer_name = None if model.task is not None else DEFAULT_SCORER
     if scorer_name == "none":
@@ -108,8 +110,6 @@ def evaluate(path: str, steps_list: list[int] | None = None, num_samples: int = 
             line += f", gen-PPL {row['gen_ppl']:.2f}"
         log(line)
         rows.append(row)
-        if cfg.train.method == "ar":
-            break  # AR ignores the step count: one row is the whole story
     result["results"] = rows
     return result
 
