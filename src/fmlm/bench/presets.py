@@ -82,10 +82,10 @@ PRESETS: dict[str, BenchPreset] = {
         "phrases", "phrases task n=6 phrases of k=3 words, L=3: exact valid rate and coverage; minutes",
         "phrases",
         ("phrases_n=6", "phrases_k=3", "phrases_per_seq=1", "seq_len=3", "max_steps=1000", "max_minutes=0"),
-        ("max_steps=6000", "distill.boundary_fraction=0.25"),
+        ("max_steps=12000", "distill.boundary_fraction=0.25"),
         num_samples=1024, scorer="none", sample_batch=256,
         notes=("Stage 1 (FLM, MDLM, Duo, AR): 1,000 steps of batch 128, the same token budget for all.",
-               "FMLM: semigroup distillation of the FLM, 6,000 steps, a quarter of the off-diagonal pairs "
+               "FMLM: semigroup distillation of the FLM, 12,000 steps, a quarter of the off-diagonal pairs "
                "at (s, t) = (0, 1)."),
     ),
     "shakespeare-cpu": BenchPreset(

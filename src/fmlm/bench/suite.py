@@ -87,8 +87,12 @@ def config_key(cfg: RunConfig, teacher_key: str | None = None) -> str:
 
 
 def config_difference(saved: dict, wanted: dict) -> str | None:
-    """The first key where two configs differ in a way that matters, as ``key: a -> b``."""
-    a, b = comparable(saved), comparable(wanted)
+    """The first key where two configs differ in a way that matters, as ``key: a -> b``.
+
+    A key the saved config lacks (written before that key existed) counts as its default.
+    """
+    defaults = comparable(RunConfig().to_dict())
+    a, b = {**defaults, **comparable(saved)}, {**defaults, **comparable(wanted)}
     for k in sorted(set(a) | set(b)):
         if a.get(k) != b.get(k):
             return f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
