@@ -286,7 +286,7 @@ def test_ablation_configs():
     by = {v.label: v for v in ABLATIONS["distill"][1]}
     lag = variant_config(preset, by["FMLM-lagrangian"], [], teacher="/x")
     assert lag.train.method == "lagrangian" and lag.model.two_time and lag.train.beta2 == 0.95
-    assert lag.train.max_steps == 6000 and lag.distill.teacher == "/x"
+    assert lag.train.max_steps == 12000 and lag.distill.teacher == "/x"
     self_ = variant_config(preset, by["FMLM-self"], [])
     assert self_.distill.self_distill and not self_.distill.teacher
     losses = {v.label: variant_config(preset, v, []) for v in ABLATIONS["loss"][1]}
