@@ -237,8 +237,6 @@ class Trainer:
         self.resume_from = None if found is None else Path(found)
         if self.resume_from is not None:
             saved = ckpt.read_json(self.resume_from / "config.json")
-            # A config section added after the run was saved has its defaults there.
-            saved = {**RunConfig().to_dict(), **saved}
             check_resumable({k: v for k, v in saved.items() if k != "model"},
                             {k: v for k, v in cfg.to_dict().items() if k != "model"})
             from fmlm.data import load_tokenizer
