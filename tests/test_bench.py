@@ -352,6 +352,58 @@ def test_markdown_table_from_rows():
     assert np.isfinite(result["data_entropy"])
 
 
+def _rows(label, pts, metric="gen_ppl"):
+    return [{"label": label, "steps": st, "nfe": st, metric: q, "entropy": 1.0, "seconds_per_sample": sec,
+             "samples_per_s": 1 / sec} for st, q, sec in pts]
+
+
+def test_headline_finds_the_cheapest_setting_at_least_as_good():
+    from fmlm.bench.suite import headline
+
+    rows = (_rows("FLM", [(1, 900.0, 0.010), (8, 210.0, 0.08), (64, 190.0, 0.6)])
+            + _rows("FMLM", [(1, 200.0, 0.010), (2, 180.0, 0.02)])
+            + _rows("MDLM", [(1, 300.0, 0.011), (16, 200.0, 0.15), (32, 199.0, 0.30)])
+            + _rows("Duo", [(1, 400.0, 0.012), (1024, 250.0, 9.0)])
+            + _rows("AR", [(128, 150.0, 0.05)]))
+    h = headline({"rows": rows, "data_entropy": 1.1})
+    assert h["reference"] == "FMLM" and h["gen_ppl"] == 200.0 and h["metric"] == "gen_ppl"
+    assert h["others"]["FLM"]["match"]["steps"] == 64  # 210 at 8 steps is worse than 200
+    assert h["others"]["MDLM"]["match"]["steps"] == 16  # equal quality counts; 32 is dearer
+    assert h["others"]["MDLM"]["match"]["time_ratio"] == pytest.approx(15.0)
+    assert h["others"]["Duo"]["match"] is None and h["others"]["Duo"]["best"]["steps"] == 1024
+    assert h["others"]["AR"]["match"]["time_ratio"] == pytest.approx(5.0)
+    assert "FMLM" not in h["others"]
+    # valid rate: higher is better
+    rows = _rows("FMLM", [(1, 0.95, 0.001)], "valid_rate") + _rows("MDLM", [(8, 0.90, 0.004), (32, 0.96, 0.01)],
+                                                                   "valid_rate")
+    h = headline({"rows": rows})
+    assert h["metric"] == "valid_rate" and h["others"]["MDLM"]["match"]["steps"] == 32
+    # no one-step flow map in the rows: no headline
+    assert headline({"rows": _rows("FLM", [(1, 9.0, 0.01)])}) is None
+
+
+def test_bench_report_rewrites_a_finished_bench(tmp_path, capsys):
+    from fmlm.bench.suite import markdown
+
+    result = {"preset": "x", "ablation": None, "description": "d", "num_samples": 4, "seed": 0, "threads": 1,
+              "torch": "t", "commit": "c", "data_entropy": 1.0, "scorer": {"name": "s"}, "notes": [],
+              "variants": {"FMLM": {"status": "cached", "step": 3, "parameters": 10}},
+              "rows": _rows("FMLM", [(1, 200.0, 0.01)]) + _rows("MDLM", [(1, 300.0, 0.01), (8, 190.0, 0.0456)])}
+    (tmp_path / "results.json").write_text(json.dumps(result))
+    code, out, err = run_cli(capsys, "bench", "report", str(tmp_path), "--no-plots")
+    assert code == 0, err
+    md = (tmp_path / "results.md").read_text()
+    assert md == markdown(json.loads((tmp_path / "results.json").read_text())) and md.strip() in out
+    assert "| MDLM | 8 | 190.0 | 1.000 | 45.600 | 4.56 |" in md
+    assert "| MDLM | 8 | 8 | 190.00 | 1.000 | 45.600 | 21.9 |" in md  # samples/s below 100: 3 figures
+    assert json.loads((tmp_path / "results.json").read_text())["headline"]["others"]["MDLM"]["match"]["steps"] == 8
+    code, _, err = run_cli(capsys, "bench", "report", str(tmp_path / "nowhere"))
+    assert code == 2 and "no results.json" in err and "Traceback" not in err
+    (tmp_path / "results.json").write_text("{not json")
+    code, _, err = run_cli(capsys, "bench", "report", str(tmp_path))
+    assert code == 2 and "not a bench result" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.slow
 def test_bench_on_text_with_a_scorer(tmp_path, capsys):
     """A real-text preset at toy scale: gen-PPL under a local HF scorer, log-scale plots."""

@@ -211,7 +211,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    """``fmlm bench PRESET ...`` (the side-by-side suite) or ``fmlm bench train ...`` (throughput)."""
+    """``fmlm bench PRESET ...`` (the side-by-side suite), ``bench train ...`` (throughput), ``bench report DIR``."""
     from fmlm.bench import dispatch
 
     return dispatch(args.target, args.rest)
@@ -369,10 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="side-by-side benchmark of all methods (or `bench train`: throughput)",
                        description="fmlm bench PRESET [options]: train or reuse FLM, FMLM, MDLM, Duo and AR on "
                                    "the same data and sweep the number of steps; `fmlm bench PRESET --help` "
-                                   "lists the options. fmlm bench train: training throughput.",
+                                   "lists the options. fmlm bench train: training throughput. fmlm bench report "
+                                   "DIR: rewrite a finished bench's table, headline and plots from its results.json.",
                        add_help=True)
-    b.add_argument("target", metavar="PRESET|train", help="bench preset (phrases, shakespeare-cpu, lm1b-cpu, "
-                                                         "lm1b, owt, tiny) or `train`")
+    b.add_argument("target", metavar="PRESET|train|report", help="bench preset (phrases, shakespeare-cpu, lm1b-cpu, "
+                                                                "lm1b, owt, tiny), `train` or `report`")
     b.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     b.set_defaults(func=cmd_bench)
 

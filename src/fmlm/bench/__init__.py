@@ -18,7 +18,11 @@ __all__ = ["dispatch"]
 
 
 def dispatch(target: str, rest: list[str]) -> int:
-    """Run ``fmlm bench TARGET REST...``: ``train`` goes to the throughput module, anything else is a preset."""
+    """Run ``fmlm bench TARGET REST...``.
+
+    ``train`` goes to the throughput module, ``report DIR`` re-renders a finished bench,
+    anything else is a preset.
+    """
     from fmlm.cli import _Parser
 
     if target == "train":
@@ -30,6 +34,15 @@ def dispatch(target: str, rest: list[str]) -> int:
         return module.run(parser.parse_args(rest))
     from fmlm.bench import suite
 
+    if target == "report":
+        parser = _Parser(prog="fmlm bench report",
+                         description="Rewrite results.md, the headline and the plots of a finished bench "
+                                     "from its results.json (after an upgrade, or on another machine).")
+        parser.add_argument("folder", metavar="DIR", help="the output folder of `fmlm bench PRESET`")
+        parser.add_argument("--no-plots", action="store_true")
+        args = parser.parse_args(rest)
+        print(suite.markdown(suite.report(args.folder, plots=not args.no_plots)))
+        return 0
     parser = _Parser(prog="fmlm bench", description=suite.__doc__)
     suite.add_arguments(parser)
     args = parser.parse_intermixed_args([target, *rest])

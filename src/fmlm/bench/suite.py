@@ -325,6 +325,76 @@ def _fmt(x, spec: str) -> str:
     return format(x, spec)
 
 
+def _rate(x) -> str:
+    """Samples per second with three significant figures, never in exponent form."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return format(x, ".0f") if x >= 100 else format(x, ".3g")
+
+
+def headline(result: dict, reference: str = "FMLM", steps: int = 1) -> dict | None:
+    """The seed's speed claim, read off the rows: ``reference`` at ``steps`` against the rest.
+
+    For every other model, the cheapest setting (least wall time per sample) whose
+    quality is at least the reference's (gen-PPL at or below it; valid rate at or above
+    it on the phrases task), and its time as a multiple of the reference's. A model with
+    no such setting in the sweep gets ``match: None`` and its best setting instead.
+    Returns ``None`` when the rows hold no such reference setting or no quality metric.
+    """
+    rows = result.get("rows", [])
+    metric = "gen_ppl" if any("gen_ppl" in r for r in rows) else "valid_rate"
+    ref = next((r for r in rows if r["label"] == reference and r["steps"] == steps and r.get(metric) is not None),
+               None)
+    if ref is None:
+        return None
+    lower = metric == "gen_ppl"
+
+    def at_least_as_good(r) -> bool:
+        q = r.get(metric)
+        return q is not None and (q <= ref[metric] if lower else q >= ref[metric])
+
+    def brief(r) -> dict:
+        return {"steps": r["steps"], "nfe": r["nfe"], metric: r[metric], "entropy": r.get("entropy"),
+                "seconds_per_sample": r["seconds_per_sample"],
+                "time_ratio": r["seconds_per_sample"] / ref["seconds_per_sample"]}
+
+    out = {"reference": reference, "steps": steps, "metric": metric, metric: ref[metric],
+           "entropy": ref.get("entropy"), "data_entropy": result.get("data_entropy"),
+           "seconds_per_sample": ref["seconds_per_sample"], "others": {}}
+    for label in dict.fromkeys(r["label"] for r in rows):
+        if label == reference:
+            continue
+        mine = [r for r in rows if r["label"] == label and r.get(metric) is not None]
+        if not mine:
+            continue
+        good = [r for r in mine if at_least_as_good(r)]
+        best = min(mine, key=lambda r: r[metric] if lower else -r[metric])
+        out["others"][label] = {"match": brief(min(good, key=lambda r: r["seconds_per_sample"])) if good else None,
+                                "best": brief(best)}
+    return out
+
+
+def _headline_md(h: dict) -> list[str]:
+    name = "gen-PPL" if h["metric"] == "gen_ppl" else "valid rate"
+    spec = ".1f" if h["metric"] == "gen_ppl" else ".3f"
+    ent = f", entropy {_fmt(h['entropy'], '.3f')}" if h.get("entropy") is not None else ""
+    lines = [f"{h['reference']} at {h['steps']} step(s): {name} {_fmt(h[h['metric']], spec)}{ent}, "
+             f"{_fmt(h['seconds_per_sample'] * 1e3, '.3f')} ms/sample. The cheapest setting of every other model "
+             f"that is at least as good ({'lower' if h['metric'] == 'gen_ppl' else 'higher'} is better):", "",
+             f"| model | steps | {name} | entropy | ms/sample | × {h['reference']} time | best in sweep |",
+             "|---|---|---|---|---|---|---|"]
+    for label, o in h["others"].items():
+        b = o["best"]
+        best = f"{_fmt(b[h['metric']], spec)} at {b['steps']} steps ({b['time_ratio']:.3g}×)"
+        m = o["match"]
+        if m is None:
+            lines.append(f"| {label} | none in the sweep | | | | | {best} |")
+        else:
+            lines.append(f"| {label} | {m['steps']} | {_fmt(m[h['metric']], spec)} | {_fmt(m['entropy'], '.3f')} | "
+                         f"{_fmt(m['seconds_per_sample'] * 1e3, '.3f')} | {m['time_ratio']:.3g} | {best} |")
+    return lines + [""]
+
+
 def markdown(result: dict) -> str:
     title = f"fmlm bench {result['preset']}" + (f" --ablation {result['ablation']}" if result["ablation"] else "")
     lines = [f"## {title}", ""]
@@ -360,8 +430,11 @@ def markdown(result: dict) -> str:
         if ppl:
             cells += [_fmt(r.get("gen_ppl"), ".2f")]
         cells += [_fmt(r["entropy"], ".3f"), _fmt(r["seconds_per_sample"] * 1e3, ".3f"),
-                  _fmt(r["samples_per_s"], ".0f")]
+                  _rate(r["samples_per_s"])]
         lines.append("| " + " | ".join(cells) + " |")
+    h = headline(result)
+    if h is not None:
+        lines += ["", *_headline_md(h)]
     return "\n".join(lines) + "\n"
 
 
@@ -412,10 +485,32 @@ def plot(result: dict, out: Path) -> list[Path]:
 
 def write_outputs(result: dict, out: Path, plots: bool = True) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    h = headline(result)
+    if h is not None:
+        result["headline"] = h
     if plots:
         result["plots"] = [p.name for p in plot(result, out)]
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "results.md").write_text(markdown(result))
+
+
+def report(folder: str | Path, plots: bool = True) -> dict:
+    """Rewrite ``results.md``, the headline and the plots of a finished bench from its ``results.json``."""
+    folder = Path(folder)
+    path = folder / "results.json"
+    if not path.is_file():
+        raise ConfigError(f"{folder}: no results.json (the output folder of `fmlm bench PRESET`)")
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not a bench result ({e})") from None
+    if not isinstance(result, dict) or not isinstance(result.get("rows"), list) or "variants" not in result:
+        raise ConfigError(f"{path}: not a bench result (no rows or variants)")
+    try:
+        write_outputs(result, folder, plots=plots)
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: not a bench result (missing or malformed field {e})") from None
+    return result
 
 
 # ------------------------------------------------------------------ CLI
