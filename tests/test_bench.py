@@ -378,6 +378,12 @@ def test_headline_finds_the_cheapest_setting_at_least_as_good():
                                                                    "valid_rate")
     h = headline({"rows": rows})
     assert h["metric"] == "valid_rate" and h["others"]["MDLM"]["match"]["steps"] == 32
+    # a collapsed setting (entropy far off the data's) is no match, however low its gen-PPL
+    rows = _rows("FMLM", [(1, 200.0, 0.01)]) + _rows("FLM", [(1, 5.0, 0.01), (8, 190.0, 0.08)])
+    rows[1]["entropy"] = 0.2
+    h = headline({"rows": rows, "data_entropy": 1.05})
+    assert h["entropy_ok"] and h["others"]["FLM"]["match"]["steps"] == 8 and h["others"]["FLM"]["best"]["steps"] == 8
+    assert headline({"rows": rows})["others"]["FLM"]["match"]["steps"] == 1  # no data entropy: no such rule
     # no one-step flow map in the rows: no headline
     assert headline({"rows": _rows("FLM", [(1, 9.0, 0.01)])}) is None
 

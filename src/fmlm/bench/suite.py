@@ -332,13 +332,16 @@ def _rate(x) -> str:
     return format(x, ".0f") if x >= 100 else format(x, ".3g")
 
 
-def headline(result: dict, reference: str = "FMLM", steps: int = 1) -> dict | None:
+def headline(result: dict, reference: str = "FMLM", steps: int = 1, entropy_tolerance: float = 0.1) -> dict | None:
     """The seed's speed claim, read off the rows: ``reference`` at ``steps`` against the rest.
 
     For every other model, the cheapest setting (least wall time per sample) whose
     quality is at least the reference's (gen-PPL at or below it; valid rate at or above
-    it on the phrases task), and its time as a multiple of the reference's. A model with
-    no such setting in the sweep gets ``match: None`` and its best setting instead.
+    it on the phrases task), and its time as a multiple of the reference's. When the data's
+    entropy is known, a setting whose unigram entropy is off by more than
+    ``entropy_tolerance`` of it (a collapsed sampler: all spaces scores a low gen-PPL) is not
+    a match, and not a model's "best" either. A model with no match in the sweep gets
+    ``match: None`` and its best setting instead.
     Returns ``None`` when the rows hold no such reference setting or no quality metric.
     """
     rows = result.get("rows", [])
@@ -349,9 +352,16 @@ def headline(result: dict, reference: str = "FMLM", steps: int = 1) -> dict | No
         return None
     lower = metric == "gen_ppl"
 
+    data_h = result.get("data_entropy")
+
+    def healthy(r) -> bool:
+        if data_h is None or r.get("entropy") is None:
+            return True
+        return abs(r["entropy"] - data_h) <= entropy_tolerance * data_h
+
     def at_least_as_good(r) -> bool:
         q = r.get(metric)
-        return q is not None and (q <= ref[metric] if lower else q >= ref[metric])
+        return q is not None and healthy(r) and (q <= ref[metric] if lower else q >= ref[metric])
 
     def brief(r) -> dict:
         return {"steps": r["steps"], "nfe": r["nfe"], metric: r[metric], "entropy": r.get("entropy"),
@@ -359,16 +369,18 @@ def headline(result: dict, reference: str = "FMLM", steps: int = 1) -> dict | No
                 "time_ratio": r["seconds_per_sample"] / ref["seconds_per_sample"]}
 
     out = {"reference": reference, "steps": steps, "metric": metric, metric: ref[metric],
-           "entropy": ref.get("entropy"), "data_entropy": result.get("data_entropy"),
-           "seconds_per_sample": ref["seconds_per_sample"], "others": {}}
+           "entropy": ref.get("entropy"), "data_entropy": data_h, "entropy_tolerance": entropy_tolerance,
+           "entropy_ok": healthy(ref), "seconds_per_sample": ref["seconds_per_sample"], "others": {}}
     for label in dict.fromkeys(r["label"] for r in rows):
         if label == reference:
             continue
         mine = [r for r in rows if r["label"] == label and r.get(metric) is not None]
-        if not mine:
+        sane = [r for r in mine if healthy(r)]
+        if not sane:
+            out["others"][label] = {"match": None, "best": None}
             continue
-        good = [r for r in mine if at_least_as_good(r)]
-        best = min(mine, key=lambda r: r[metric] if lower else -r[metric])
+        good = [r for r in sane if at_least_as_good(r)]
+        best = min(sane, key=lambda r: r[metric] if lower else -r[metric])
         out["others"][label] = {"match": brief(min(good, key=lambda r: r["seconds_per_sample"])) if good else None,
                                 "best": brief(best)}
     return out
@@ -377,15 +389,27 @@ def headline(result: dict, reference: str = "FMLM", steps: int = 1) -> dict | No
 def _headline_md(h: dict) -> list[str]:
     name = "gen-PPL" if h["metric"] == "gen_ppl" else "valid rate"
     spec = ".1f" if h["metric"] == "gen_ppl" else ".3f"
-    ent = f", entropy {_fmt(h['entropy'], '.3f')}" if h.get("entropy") is not None else ""
-    lines = [f"{h['reference']} at {h['steps']} step(s): {name} {_fmt(h[h['metric']], spec)}{ent}, "
+
+    def at(n: int) -> str:
+        return f"{n} step" + ("" if n == 1 else "s")
+
+    ent = ""
+    if h.get("entropy") is not None:
+        ent = f", entropy {_fmt(h['entropy'], '.3f')}"
+        if h.get("data_entropy") is not None:
+            ent += (f" ({'within' if h.get('entropy_ok', True) else 'NOT within'} "
+                    f"{h.get('entropy_tolerance', 0.1):.0%} of the data's {_fmt(h['data_entropy'], '.3f')})")
+    rule = ("" if h.get("data_entropy") is None else
+            f"; settings whose entropy is off the data's by more than {h.get('entropy_tolerance', 0.1):.0%} "
+            "(collapsed samples) are left out")
+    lines = [f"{h['reference']} at {at(h['steps'])}: {name} {_fmt(h[h['metric']], spec)}{ent}, "
              f"{_fmt(h['seconds_per_sample'] * 1e3, '.3f')} ms/sample. The cheapest setting of every other model "
-             f"that is at least as good ({'lower' if h['metric'] == 'gen_ppl' else 'higher'} is better):", "",
+             f"that is at least as good ({'lower' if h['metric'] == 'gen_ppl' else 'higher'} is better{rule}):", "",
              f"| model | steps | {name} | entropy | ms/sample | × {h['reference']} time | best in sweep |",
              "|---|---|---|---|---|---|---|"]
     for label, o in h["others"].items():
         b = o["best"]
-        best = f"{_fmt(b[h['metric']], spec)} at {b['steps']} steps ({b['time_ratio']:.3g}×)"
+        best = "–" if b is None else f"{_fmt(b[h['metric']], spec)} at {at(b['steps'])} ({b['time_ratio']:.3g}×)"
         m = o["match"]
         if m is None:
             lines.append(f"| {label} | none in the sweep | | | | | {best} |")
