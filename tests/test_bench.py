@@ -384,6 +384,9 @@ def test_headline_finds_the_cheapest_setting_at_least_as_good():
     h = headline({"rows": rows, "data_entropy": 1.05})
     assert h["entropy_ok"] and h["others"]["FLM"]["match"]["steps"] == 8 and h["others"]["FLM"]["best"]["steps"] == 8
     assert headline({"rows": rows})["others"]["FLM"]["match"]["steps"] == 1  # no data entropy: no such rule
+    from fmlm.bench.suite import _collapsed
+
+    assert _collapsed(rows[1], 1.05) and not _collapsed(rows[2], 1.05) and not _collapsed(rows[1], None)
     # no one-step flow map in the rows: no headline
     assert headline({"rows": _rows("FLM", [(1, 9.0, 0.01)])}) is None
 
@@ -403,6 +406,14 @@ def test_bench_report_rewrites_a_finished_bench(tmp_path, capsys):
     assert "| MDLM | 8 | 190.0 | 1.000 | 45.600 | 4.56 |" in md
     assert "| MDLM | 8 | 8 | 190.00 | 1.000 | 45.600 | 21.9 |" in md  # samples/s below 100: 3 figures
     assert json.loads((tmp_path / "results.json").read_text())["headline"]["others"]["MDLM"]["match"]["steps"] == 8
+    pytest.importorskip("matplotlib")
+    result["rows"][1]["entropy"] = 0.1  # MDLM one step collapsed: drawn hollow, no error
+    (tmp_path / "results.json").write_text(json.dumps(result))
+    code, _, err = run_cli(capsys, "bench", "report", str(tmp_path))
+    assert code == 0, err
+    assert json.loads((tmp_path / "results.json").read_text())["plots"] == [
+        "quality_vs_steps.png", "quality_vs_time.png", "entropy_vs_steps.png"]
+    assert (tmp_path / "quality_vs_time.png").stat().st_size > 1000
     code, _, err = run_cli(capsys, "bench", "report", str(tmp_path / "nowhere"))
     assert code == 2 and "no results.json" in err and "Traceback" not in err
     (tmp_path / "results.json").write_text("{not json")

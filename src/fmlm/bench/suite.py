@@ -355,9 +355,7 @@ def headline(result: dict, reference: str = "FMLM", steps: int = 1, entropy_tole
     data_h = result.get("data_entropy")
 
     def healthy(r) -> bool:
-        if data_h is None or r.get("entropy") is None:
-            return True
-        return abs(r["entropy"] - data_h) <= entropy_tolerance * data_h
+        return not _collapsed(r, data_h, entropy_tolerance)
 
     def at_least_as_good(r) -> bool:
         q = r.get(metric)
@@ -462,6 +460,13 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _collapsed(row: dict, data_entropy, tolerance: float = 0.1) -> bool:
+    """Whether a setting's unigram entropy is off the data's by more than ``tolerance`` of it."""
+    if data_entropy is None or row.get("entropy") is None:
+        return False
+    return abs(row["entropy"] - data_entropy) > tolerance * data_entropy
+
+
 def plot(result: dict, out: Path) -> list[Path]:
     """quality vs steps, quality vs seconds per sample (log x), entropy vs steps."""
     try:
@@ -477,6 +482,7 @@ def plot(result: dict, out: Path) -> list[Path]:
     qname = "gen-PPL (lower is better)" if metric == "gen_ppl" else "valid rate"
     labels = list(dict.fromkeys(r["label"] for r in rows))
     title = f"fmlm bench {result['preset']}" + (f" --ablation {result['ablation']}" if result["ablation"] else "")
+    data_h = result.get("data_entropy")
     files = []
     for name, x, y, xlabel, ylabel in (
         ("quality_vs_steps.png", "nfe", metric, "network passes per sample (steps; AR: L)", qname),
@@ -484,12 +490,18 @@ def plot(result: dict, out: Path) -> list[Path]:
         ("entropy_vs_steps.png", "nfe", "entropy", "network passes per sample (steps; AR: L)", "entropy (nats)"),
     ):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        collapsed = False
         for label in labels:
             pts = [(r[x], r.get(y)) for r in rows if r["label"] == label and r.get(y) is not None]
             if not pts:
                 continue
             xs, ys = zip(*sorted(pts))
-            ax.plot(xs, ys, marker="o", label=label)
+            line, = ax.plot(xs, ys, marker="o", label=label)
+            bad = [(r[x], r[y]) for r in rows if r["label"] == label and r.get(y) is not None and _collapsed(r, data_h)]
+            if bad and y != "entropy":
+                ax.plot(*zip(*bad), linestyle="none", marker="o", markersize=9, markerfacecolor="white", color=line.get_color(),
+                        markeredgecolor=line.get_color(), zorder=3)
+                collapsed = True
         ax.set_xscale("log", base=2 if x == "nfe" else 10)
         if y == "gen_ppl":
             ax.set_yscale("log")
@@ -500,6 +512,9 @@ def plot(result: dict, out: Path) -> list[Path]:
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
         ax.legend()
+        if collapsed:
+            ax.text(0.01, 0.01, "hollow: collapsed samples (entropy off the data's by more than 10%)",
+                    transform=ax.transAxes, fontsize=7, color="dimgray", va="bottom")
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
