@@ -332,7 +332,19 @@ def _rate(x) -> str:
     return format(x, ".0f") if x >= 100 else format(x, ".3g")
 
 
-def headline(result: dict, reference: str = "FMLM", steps: int = 1, entropy_tolerance: float = 0.1) -> dict | None:
+#: A setting whose unigram entropy is off the data's by more than this fraction has collapsed.
+ENTROPY_TOLERANCE = 0.1
+
+
+def _collapsed(row: dict, data_entropy, tolerance: float = ENTROPY_TOLERANCE) -> bool:
+    """Whether a setting's unigram entropy is off the data's by more than ``tolerance`` of it."""
+    if data_entropy is None or row.get("entropy") is None:
+        return False
+    return abs(row["entropy"] - data_entropy) > tolerance * data_entropy
+
+
+def headline(result: dict, reference: str = "FMLM", steps: int = 1,
+             entropy_tolerance: float = ENTROPY_TOLERANCE) -> dict | None:
     """The seed's speed claim, read off the rows: ``reference`` at ``steps`` against the rest.
 
     For every other model, the cheapest setting (least wall time per sample) whose
@@ -396,9 +408,9 @@ def _headline_md(h: dict) -> list[str]:
         ent = f", entropy {_fmt(h['entropy'], '.3f')}"
         if h.get("data_entropy") is not None:
             ent += (f" ({'within' if h.get('entropy_ok', True) else 'NOT within'} "
-                    f"{h.get('entropy_tolerance', 0.1):.0%} of the data's {_fmt(h['data_entropy'], '.3f')})")
+                    f"{h.get('entropy_tolerance', ENTROPY_TOLERANCE):.0%} of the data's {_fmt(h['data_entropy'], '.3f')})")
     rule = ("" if h.get("data_entropy") is None else
-            f"; settings whose entropy is off the data's by more than {h.get('entropy_tolerance', 0.1):.0%} "
+            f"; settings whose entropy is off the data's by more than {h.get('entropy_tolerance', ENTROPY_TOLERANCE):.0%} "
             "(collapsed samples) are left out")
     lines = [f"{h['reference']} at {at(h['steps'])}: {name} {_fmt(h[h['metric']], spec)}{ent}, "
              f"{_fmt(h['seconds_per_sample'] * 1e3, '.3f')} ms/sample. The cheapest setting of every other model "
@@ -460,13 +472,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _collapsed(row: dict, data_entropy, tolerance: float = 0.1) -> bool:
-    """Whether a setting's unigram entropy is off the data's by more than ``tolerance`` of it."""
-    if data_entropy is None or row.get("entropy") is None:
-        return False
-    return abs(row["entropy"] - data_entropy) > tolerance * data_entropy
-
-
 def plot(result: dict, out: Path) -> list[Path]:
     """quality vs steps, quality vs seconds per sample (log x), entropy vs steps."""
     try:
@@ -497,10 +502,11 @@ def plot(result: dict, out: Path) -> list[Path]:
                 continue
             xs, ys = zip(*sorted(pts))
             line, = ax.plot(xs, ys, marker="o", label=label)
-            bad = [(r[x], r[y]) for r in rows if r["label"] == label and r.get(y) is not None and _collapsed(r, data_h)]
-            if bad and y != "entropy":
-                ax.plot(*zip(*bad), linestyle="none", marker="o", markersize=9, markerfacecolor="white", color=line.get_color(),
-                        markeredgecolor=line.get_color(), zorder=3)
+            bad = [] if y == "entropy" else [(r[x], r[y]) for r in rows if r["label"] == label
+                                              and r.get(y) is not None and _collapsed(r, data_h)]
+            if bad:
+                ax.plot(*zip(*bad), linestyle="none", marker="o", markersize=9, markerfacecolor="white",
+                        color=line.get_color(), zorder=3)
                 collapsed = True
         ax.set_xscale("log", base=2 if x == "nfe" else 10)
         if y == "gen_ppl":
@@ -513,7 +519,8 @@ def plot(result: dict, out: Path) -> list[Path]:
         ax.grid(True, alpha=0.3)
         ax.legend()
         if collapsed:
-            ax.text(0.01, 0.01, "hollow: collapsed samples (entropy off the data's by more than 10%)",
+            ax.text(0.01, 0.01, f"hollow: collapsed samples (entropy off the data's by more than "
+                                f"{ENTROPY_TOLERANCE:.0%})",
                     transform=ax.transAxes, fontsize=7, color="dimgray", va="bottom")
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
