@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from fmlm.bench.metrics import generative_perplexity, mean_entropy, split_at_eos, unigram_entropy
+from fmlm.bench.metrics import (
+    generative_perplexity,
+    mean_entropy,
+    reference_texts,
+    score_references,
+    score_texts,
+    shuffle_characters,
+    split_at_eos,
+    unigram_entropy,
+)
 from fmlm.bench.scorers import Scorer
 from fmlm.cli import main
 from test_cli import TINY, assert_one_line_error, run_cli  # the CLI tests' helpers
@@ -60,6 +69,107 @@ def test_gen_ppl_counts_up_to_and_including_the_first_eos():
     res = s.score(["ab"], [True])
     assert res.per_text_tokens == [3]
     assert res.nll == pytest.approx(3 * math.log(10))
+    # bits per byte: the same total NLL (8 tokens of log 10 nats) over the 2 + 5 UTF-8 bytes of "ab", "abcab"
+    assert out["bytes"] == 7
+    assert out["gen_bpb"] == pytest.approx(8 * math.log(10) / math.log(2) / 7)
+    # multi-byte characters count as their UTF-8 bytes; no bytes at all: no score
+    assert score_texts(["é"], [False], s)["bytes"] == 2
+    assert score_texts([""], [True], s)["gen_bpb"] is None
+
+
+class _SplitScorer(_UniformScorer):
+    """Uniform over ``vocab`` ids, tokenising per character or per word (a space starts a word)."""
+
+    def __init__(self, vocab, per_word):
+        super().__init__(vocab)
+        self.per_word, self.max_len = per_word, 64
+
+    def encode(self, text):
+        if not self.per_word:
+            return [2 + (ord(c) % (self.V - 2)) for c in text]
+        return [2 + (sum(map(ord, w)) % (self.V - 2)) for w in text.replace(" ", "\0 ").split("\0") if w]
+
+
+def test_gen_bpb_does_not_depend_on_how_the_scorer_splits_the_text():
+    # "ab cd": 5 characters or 2 words ("ab", " cd"). Uniform over 4 ids per character and over
+    # 32 ids per word give the same total NLL, 5 log 4 = 2 log 32 = 10 log 2 nats, i.e. 10 bits.
+    texts = ["ab cd"]
+    per_char = score_texts(texts, [False], _SplitScorer(4, per_word=False))
+    per_word = score_texts(texts, [False], _SplitScorer(32, per_word=True))
+    assert (per_char["scored_tokens"], per_word["scored_tokens"]) == (5, 2)
+    assert per_char["gen_bpb"] == pytest.approx(2.0) and per_word["gen_bpb"] == pytest.approx(2.0)
+    assert per_char["gen_ppl"] == pytest.approx(4.0) and per_word["gen_ppl"] == pytest.approx(32.0)
+
+
+class _BigramScorer(_UniformScorer):
+    """A character bigram LM fitted on a text (add-one smoothing): an honest scorer that knows words."""
+
+    name = "bigram"
+
+    def __init__(self, corpus):
+        chars = sorted(set(corpus))
+        self.index = {c: i + 2 for i, c in enumerate(chars)}
+        super().__init__(len(chars) + 2)
+        self.max_len = 256
+        counts = torch.ones(self.V, self.V)
+        prev = self.bos_id
+        for c in corpus:
+            counts[prev, self.index[c]] += 1
+            prev = self.index[c]
+        self.logp = counts.log() - counts.sum(1, keepdim=True).log()
+
+    def encode(self, text):
+        return [self.index[c] for c in text]
+
+    def _logits(self, ids, mask):
+        return self.logp[ids]
+
+
+_PROSE = ("the quick brown fox jumps over the lazy dog while the old king sleeps in his tower and the "
+          "young queen walks in the garden of roses where the birds sing of summer and of the sea. ")
+
+
+def test_gen_bpb_ranks_the_obvious_cases():
+    """Real text < shuffled characters < random characters under an honest scorer. (A degenerate
+    sample such as all spaces can score low under a large LM; the headline's entropy rule, not the
+    score, rules it out.)"""
+    scorer = _BigramScorer(_PROSE * 20)
+    rng = np.random.default_rng(0)
+    real = [_PROSE[i:i + 64] for i in range(0, 128, 16)]
+    alphabet = sorted(set(_PROSE))
+    bpb = {name: score_texts(t, [False] * len(t), scorer)["gen_bpb"] for name, t in {
+        "real": real,
+        "shuffled": [shuffle_characters(t, i) for i, t in enumerate(real)],
+        "random": ["".join(rng.choice(alphabet, 64)) for _ in real],
+    }.items()}
+    assert bpb["real"] < bpb["shuffled"] < bpb["random"]
+    assert sorted(shuffle_characters("hello world", 3)) == sorted("hello world")
+    assert shuffle_characters("hello world", 3) == shuffle_characters("hello world", 3)
+
+
+def test_reference_texts_are_held_out_blocks_and_their_shuffle():
+    class Tok:
+        eos_id = 0
+
+        def decode(self, ids):
+            return "".join(chr(96 + i) for i in ids)
+
+    class Blocks:
+        rows = torch.tensor([[1, 2, 3, 0, 4], [5, 6, 7, 8, 9], [1, 1, 2, 2, 3]])
+
+        def __len__(self):
+            return len(self.rows)
+
+        def batch(self, idx):
+            return self.rows[idx]
+
+    refs = reference_texts(Blocks(), Tok(), num=2)
+    assert refs["data"] == (["abc", "efghi"], [True, False])
+    texts, ended = refs["shuffled"]
+    assert [sorted(t) for t in texts] == [sorted("abc"), sorted("efghi")] and ended == [True, False]
+    assert reference_texts(Blocks(), Tok(), num=10)["data"][0][2] == "aabbc"
+    scored = score_references(refs, _UniformScorer())
+    assert scored["data"]["num_samples"] == 2 and scored["data"]["bytes"] == 8
 
 
 # ------------------------------------------------------------------ a tiny AR as the scorer
@@ -184,6 +294,11 @@ def test_eval_with_an_ar_scorer(tiny_runs, capsys):
     assert r["scorer"]["name"].startswith("ar:")
     assert row["scored_tokens"] == 32 * 2 and 1.0 < row["gen_ppl"] < 100
     assert "val_ce" not in r
+    # bits per byte beside gen-PPL, and held-out text as the reference row; shuffled characters
+    # make words the phrases vocabulary lacks, so that reference is skipped, not an error
+    assert row["gen_bpb"] == pytest.approx(row["gen_nll"] * row["scored_tokens"] / math.log(2) / row["bytes"])
+    assert r["data_bpb"] == r["references"]["data"]["gen_bpb"] > 0 and r["references"]["data"]["num_samples"] == 32
+    assert r["shuffled_bpb"] is None and "cannot encode" in r["references"]["shuffled"]["skipped"]
 
 
 def test_eval_ar_checkpoint_reports_nll(tiny_runs, capsys):
@@ -339,7 +454,7 @@ def test_bench_dry_run_prints_every_run(capsys):
 
 
 def test_markdown_table_from_rows():
-    from fmlm.bench.suite import markdown
+    from fmlm.bench.report import markdown
 
     result = {"preset": "x", "ablation": None, "description": "d", "num_samples": 4, "seed": 0, "threads": 1,
               "torch": "t", "commit": "c", "data_entropy": 1.0, "scorer": {"name": "s"}, "notes": [],
@@ -358,7 +473,7 @@ def _rows(label, pts, metric="gen_ppl"):
 
 
 def test_headline_finds_the_cheapest_setting_at_least_as_good():
-    from fmlm.bench.suite import headline
+    from fmlm.bench.report import headline
 
     rows = (_rows("FLM", [(1, 900.0, 0.010), (8, 210.0, 0.08), (64, 190.0, 0.6)])
             + _rows("FMLM", [(1, 200.0, 0.010), (2, 180.0, 0.02)])
@@ -384,15 +499,42 @@ def test_headline_finds_the_cheapest_setting_at_least_as_good():
     h = headline({"rows": rows, "data_entropy": 1.05})
     assert h["entropy_ok"] and h["others"]["FLM"]["match"]["steps"] == 8 and h["others"]["FLM"]["best"]["steps"] == 8
     assert headline({"rows": rows})["others"]["FLM"]["match"]["steps"] == 1  # no data entropy: no such rule
-    from fmlm.bench.suite import _collapsed
+    from fmlm.bench.report import _collapsed
 
     assert _collapsed(rows[1], 1.05) and not _collapsed(rows[2], 1.05) and not _collapsed(rows[1], None)
     # no one-step flow map in the rows: no headline
     assert headline({"rows": _rows("FLM", [(1, 9.0, 0.01)])}) is None
 
 
+def test_headline_uses_bits_per_byte_when_present():
+    from fmlm.bench.report import headline, markdown
+
+    # gen-PPL prefers MDLM's one step (character soup, many cheap scorer tokens); bits per byte does not.
+    rows = _rows("FMLM", [(1, 3000.0, 0.01)]) + _rows("MDLM", [(1, 2100.0, 0.01), (8, 2900.0, 0.05)])
+    for r, bpb in zip(rows, (4.75, 5.79, 4.56)):
+        r["gen_bpb"] = bpb
+    result = {"rows": rows, "data_entropy": 1.0, "data_bpb": 1.85, "shuffled_bpb": 5.3}
+    h = headline(result)
+    assert h["metric"] == "gen_bpb" and h["gen_bpb"] == 4.75
+    assert h["others"]["MDLM"]["match"]["steps"] == 8 and h["others"]["MDLM"]["best"]["steps"] == 8
+    assert h["data_bpb"] == 1.85 and h["shuffled_bpb"] == 5.3
+    for r in rows:
+        del r["gen_bpb"]
+    assert headline(result)["others"]["MDLM"]["match"]["steps"] == 1  # older results: gen-PPL
+    for r, bpb in zip(rows, (4.75, 5.79, 4.56)):
+        r["gen_bpb"] = bpb
+    result.update(preset="x", ablation=None, description="d", num_samples=4, seed=0, threads=1, torch="t",
+                  commit="c", scorer={"name": "s"}, notes=[], variants={},
+                  references={"data": {"gen_bpb": 1.85, "gen_ppl": 40.0}, "shuffled": {"gen_bpb": 5.3, "gen_ppl": 900.0}})
+    md = markdown(result)
+    assert "| held-out text (reference) | – | – | 1.850 | 40.00 | 1.000 | – | – |" in md
+    assert "| shuffled characters (reference) | – | – | 5.300 | 900.00 | – | – | – |" in md
+    assert "| MDLM | 8 | 8 | 4.560 | 2900.00 |" in md
+    assert "FMLM at 1 step: bits/byte 4.750 (held-out text 1.850, the same text with shuffled characters 5.300)" in md
+
+
 def test_bench_report_rewrites_a_finished_bench(tmp_path, capsys):
-    from fmlm.bench.suite import markdown
+    from fmlm.bench.report import markdown
 
     result = {"preset": "x", "ablation": None, "description": "d", "num_samples": 4, "seed": 0, "threads": 1,
               "torch": "t", "commit": "c", "data_entropy": 1.0, "scorer": {"name": "s"}, "notes": [],
@@ -434,13 +576,37 @@ def test_bench_on_text_with_a_scorer(tmp_path, capsys):
                            str(tmp_path / "cache"), "--quiet", f"data.cache_dir={tmp_path / 'data'}")
     assert code == 0, err
     r = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert r["metric"] == "gen_ppl" and r["scorer"]["vocab_size"] == 6
+    assert r["metric"] == "gen_bpb" and r["scorer"]["vocab_size"] == 6
     assert set(r["variants"]) == {"FLM", "FMLM", "AR"}  # the teacher is trained and evaluated, not swept
     assert [row["label"] for row in r["rows"]] == ["FMLM", "FMLM", "AR"]
     for row in r["rows"]:
         assert row["gen_ppl"] > 1 and row["scored_tokens"] > 0 and "valid_rate" not in row
-    assert "gen-PPL" in (tmp_path / "out" / "results.md").read_text()
+        assert row["gen_bpb"] > 0 and row["bytes"] > 0
+    assert r["metric"] == "gen_bpb" and r["headline"]["metric"] == "gen_bpb"
+    assert r["data_bpb"] > 0 and r["shuffled_bpb"] > 0 and set(r["references"]) == {"data", "shuffled"}
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "gen-PPL" in md and "bits/byte" in md and "shuffled characters (reference)" in md
     assert (tmp_path / "out" / "quality_vs_time.png").is_file()
+    # every sample is saved: 3 settings and the 2 reference sets of 4 texts each
+    lines = [json.loads(x) for x in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert len(lines) == 5 * 4 and {(x["label"], x["steps"]) for x in lines} == {
+        ("data", None), ("shuffled", None), ("FMLM", 1), ("FMLM", 2), ("AR", 16)}
+    # re-scoring under the same scorer reproduces every figure without sampling
+    code, _, err = run_cli(capsys, "bench", "rescore", str(tmp_path / "out"), "--scorer", str(tmp_path / "scorer"),
+                           "--out", str(tmp_path / "re"), "--quiet", "--no-plots")
+    assert code == 0, err
+    r2 = json.loads((tmp_path / "re" / "results.json").read_text())
+    for a, b in zip(r["rows"], r2["rows"]):
+        assert b["gen_bpb"] == pytest.approx(a["gen_bpb"]) and b["entropy"] == a["entropy"]
+    assert r2["data_bpb"] == pytest.approx(r["data_bpb"]) and r2["rescored"]["from"] == str(tmp_path / "out")
+    assert (tmp_path / "re" / "samples.jsonl").read_text() == (tmp_path / "out" / "samples.jsonl").read_text()
+    # a bench without saved samples (or with some missing) is one line, before any scorer is loaded
+    (tmp_path / "re" / "samples.jsonl").write_text("\n".join(json.dumps(x) for x in lines[:-1]))
+    code, _, err = run_cli(capsys, "bench", "rescore", str(tmp_path / "re"), "--scorer", str(tmp_path / "scorer"))
+    assert_one_line_error(code, err, "missing or incomplete")
+    (tmp_path / "re" / "samples.jsonl").unlink()
+    code, _, err = run_cli(capsys, "bench", "rescore", str(tmp_path / "re"), "--scorer", "nosuch")
+    assert_one_line_error(code, err, "no samples.jsonl")
 
 
 @pytest.mark.slow
@@ -455,6 +621,6 @@ def test_bench_lm1b_cpu_at_toy_scale(shared_dir, tmp_path, capsys):
                            f"data.cache_dir={tmp_path / 'data'}")
     assert code == 0, err
     r = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert r["variants"]["FLM"]["step"] == 2 and r["metric"] == "gen_ppl"
+    assert r["variants"]["FLM"]["step"] == 2 and r["metric"] == "gen_bpb"
     row = r["rows"][0]
     assert row["num_samples"] == 2 and row["gen_ppl"] > 1 and 0 < r["data_entropy"] < math.log(16)

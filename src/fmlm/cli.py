@@ -357,8 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--quiet", action="store_true", help="no progress bars")
     pl.set_defaults(func=cmd_plot)
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint: gen-PPL, entropy, speed, likelihood",
-                       description="Sample with each step count; report generative perplexity under a scorer LM "
+    e = sub.add_parser("eval", help="evaluate a checkpoint: bits/byte, gen-PPL, entropy, speed, likelihood",
+                       description="Sample with each step count; report bits per byte and generative perplexity "
+                                   "under a scorer LM, with held-out and shuffled text as references "
                                    "(or valid rate and coverage on the phrases task), unigram entropy, time per "
                                    "sample and the method's validation likelihood, as JSON.")
     from fmlm.bench.evaluate import add_arguments as _eval_arguments
@@ -370,10 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="fmlm bench PRESET [options]: train or reuse FLM, FMLM, MDLM, Duo and AR on "
                                    "the same data and sweep the number of steps; `fmlm bench PRESET --help` "
                                    "lists the options. fmlm bench train: training throughput. fmlm bench report "
-                                   "DIR: rewrite a finished bench's table, headline and plots from its results.json.",
+                                   "DIR: rewrite a finished bench's table, headline and plots from its results.json. "
+                                   "fmlm bench rescore DIR --scorer NAME: score its saved samples under another "
+                                   "scorer.",
                        add_help=True)
-    b.add_argument("target", metavar="PRESET|train|report", help="bench preset (phrases, shakespeare-cpu, lm1b-cpu, "
-                                                                "lm1b, owt, tiny), `train` or `report`")
+    b.add_argument("target", metavar="PRESET|train|report|rescore",
+                   help="bench preset (phrases, shakespeare-cpu, lm1b-cpu, lm1b, owt, tiny), `train`, `report` "
+                        "or `rescore`")
     b.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     b.set_defaults(func=cmd_bench)
 

@@ -14,6 +14,8 @@ when the key name exists in one section only (``lr=1e-3``, ``loss=mse_denoiser``
 
 from __future__ import annotations
 
+import math
+
 import copy
 import dataclasses
 import json
@@ -45,7 +47,16 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
 
 @dataclass
 class ModelConfig:
-    """Backbone hyper-parameters. ``vocab_size`` and ``max_seq_len`` are filled from the data."""
+    """Backbone hyper-parameters. ``vocab_size`` and ``max_seq_len`` are filled from the data.
+
+    The DiT's small-scale recipe (defaults: this library's original network):
+    ``time_scale`` multiplies τ ∈ [0, 1] before the sinusoidal features (the flm authors
+    feed τ itself: 1); ``zero_out`` zero-initialises the output layer (the authors'
+    choice); ``embed_std`` is the input embedding's initial standard deviation;
+    ``norm_affine`` gives every LayerNorm a learned gain and bias; ``position_embedding``
+    adds a learned absolute position embedding to the input of every method that uses the
+    DiT (MDLM otherwise adds its own, see :mod:`fmlm.methods.mdlm`).
+    """
 
     size: str = "tiny"
     n_layers: int = 2
@@ -56,6 +67,11 @@ class ModelConfig:
     dropout: float = 0.0
     logit_cap: float = 30.0
     two_time: bool = False
+    time_scale: float = 1000.0
+    zero_out: bool = False
+    embed_std: float = 0.02
+    norm_affine: bool = False
+    position_embedding: bool = False
     vocab_size: int = 0
     max_seq_len: int = 0
 
@@ -448,6 +464,10 @@ def validate(cfg: RunConfig) -> None:
     choice("train.noise", t.noise, ("embedded", "vocab"))
     if t.micro_batch_size < 0:
         raise ConfigError(f"train.micro_batch_size must be >= 0, got {t.micro_batch_size}")
+    for name in ("time_scale", "embed_std"):
+        v = getattr(m, name)
+        if not (math.isfinite(v) and v > 0):
+            raise ConfigError(f"model.{name} must be a finite number > 0, got {v}")
     choice("distill.mid", cfg.distill.mid, ("midpoint", "uniform"))
     choice("distill.projection", cfg.distill.projection, ("sparsemax", "none"))
     choice("distill.eulerian_loss", cfg.distill.eulerian_loss, ("mse", "ce"))

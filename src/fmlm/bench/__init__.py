@@ -4,6 +4,8 @@
 * :mod:`fmlm.bench.scorers`: scorer LMs for generative perplexity.
 * :mod:`fmlm.bench.evaluate`: one checkpoint (``fmlm eval``).
 * :mod:`fmlm.bench.suite`: all methods side by side and the ablations (``fmlm bench PRESET``).
+* :mod:`fmlm.bench.report`: a bench's headline, tables, plots, saved samples and re-scoring
+  (``fmlm bench report DIR``, ``fmlm bench rescore DIR --scorer NAME``).
 * ``fmlm bench train`` (training throughput) lives in :mod:`fmlm.bench.throughput`.
 """
 
@@ -21,7 +23,8 @@ def dispatch(target: str, rest: list[str]) -> int:
     """Run ``fmlm bench TARGET REST...``.
 
     ``train`` goes to the throughput module, ``report DIR`` re-renders a finished bench,
-    anything else is a preset.
+    ``rescore DIR --scorer NAME`` scores its saved samples under another scorer, anything
+    else is a preset.
     """
     from fmlm.cli import _Parser
 
@@ -32,8 +35,36 @@ def dispatch(target: str, rest: list[str]) -> int:
         parser = _Parser(prog="fmlm bench train", description=module.__doc__)
         module.add_arguments(parser)
         return module.run(parser.parse_args(rest))
-    from fmlm.bench import suite
+    from fmlm.bench import report, suite
 
+    if target == "rescore":
+        import shlex
+        import sys
+
+        from fmlm.bench.scorers import load_scorer
+        from fmlm.cli import _positive
+
+        parser = _Parser(prog="fmlm bench rescore",
+                         description="Score the saved samples (samples.jsonl) of a finished bench under another "
+                                     "scorer LM, without sampling again; writes results.json, results.md and "
+                                     "plots to DIR-<scorer> (or --out).")
+        parser.add_argument("folder", metavar="DIR", help="the output folder of `fmlm bench PRESET`")
+        parser.add_argument("--scorer", required=True, help="gemma-3-270m, smollm2-135m, ar:RUN, a HF name or dir")
+        parser.add_argument("--scorer-batch", type=_positive, help="texts per scorer forward pass")
+        parser.add_argument("--out", help="output folder (default: DIR-<scorer>; DIR itself rewrites it)")
+        parser.add_argument("--device", help="cpu, cuda, mps (default: best available)")
+        parser.add_argument("--no-plots", action="store_true")
+        parser.add_argument("--quiet", action="store_true")
+        args = parser.parse_args(rest)
+        log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+        report.read_samples(args.folder)  # fail on a missing file before loading a scorer
+        scorer = load_scorer(args.scorer, batch_size=args.scorer_batch, device=args.device)
+        command = "fmlm bench rescore " + " ".join(shlex.quote(a) for a in rest)
+        result, dest = report.rescore(args.folder, scorer, args.out, plots=not args.no_plots, command=command,
+                                      log=log)
+        log(f"wrote {dest / 'results.json'}, {dest / 'results.md'}")
+        print(report.markdown(result))
+        return 0
     if target == "report":
         parser = _Parser(prog="fmlm bench report",
                          description="Rewrite results.md, the headline and the plots of a finished bench "
@@ -41,7 +72,7 @@ def dispatch(target: str, rest: list[str]) -> int:
         parser.add_argument("folder", metavar="DIR", help="the output folder of `fmlm bench PRESET`")
         parser.add_argument("--no-plots", action="store_true")
         args = parser.parse_args(rest)
-        print(suite.markdown(suite.report(args.folder, plots=not args.no_plots)))
+        print(report.markdown(report.report(args.folder, plots=not args.no_plots)))
         return 0
     parser = _Parser(prog="fmlm bench", description=suite.__doc__)
     suite.add_arguments(parser)

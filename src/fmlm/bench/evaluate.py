@@ -11,22 +11,28 @@ from pathlib import Path
 import torch
 
 from fmlm.bench.metrics import (
-    generative_perplexity,
+    decode_samples,
     git_commit,
     mean_entropy,
     reference_entropy,
+    reference_texts,
+    score_references,
+    score_texts,
     validation_metrics,
 )
 from fmlm.errors import ConfigError
 
 
 def measure(model, steps: int, num_samples: int, seed: int = 0, batch_size: int = 256, scorer=None,
-            float64: bool = False, keep_texts: int = 0, **options) -> dict:
+            float64: bool = False, keep_texts: int = 0, samples: list | None = None, **options) -> dict:
     """Sample ``num_samples`` with ``steps`` steps; time it; score it.
 
     Returns a row with ``steps``, ``nfe`` (network passes per sample: L for AR),
     ``seconds_per_sample``, ``samples_per_s``, ``entropy``, and ``valid_rate`` /
-    ``coverage`` on the phrases task or ``gen_ppl`` (and friends) under ``scorer``.
+    ``coverage`` on the phrases task or ``gen_ppl``, ``gen_bpb`` (and friends) under
+    ``scorer``. When ``samples`` is a list, every decoded sample (cut before its first
+    EOS) is appended to it as ``{"index", "text", "ended"}``, so that the setting can be
+    re-scored later without sampling again.
     """
     method = model.config.train.method
     t0 = time.perf_counter()
@@ -39,8 +45,12 @@ def measure(model, steps: int, num_samples: int, seed: int = 0, batch_size: int 
     if model.task is not None:
         m = model.task.check(ids)
         row.update(valid_rate=m["valid_rate"], block_valid_rate=m["block_valid_rate"], coverage=m["coverage"])
-    if scorer is not None:
-        row.update(generative_perplexity(ids, model.tokenizer, scorer))
+    if scorer is not None or samples is not None:
+        texts, ended = decode_samples(ids, model.tokenizer)
+        if scorer is not None:
+            row.update(score_texts(texts, ended, scorer))
+        if samples is not None:
+            samples.extend({"index": i, "text": t, "ended": e} for i, (t, e) in enumerate(zip(texts, ended)))
     if keep_texts:
         row["texts"] = model.decode(ids[:keep_texts])
     return row
@@ -95,6 +105,13 @@ def evaluate(path: str, steps_list: list[int] | None = None, num_samples: int = 
         "data_entropy": reference_entropy(data.val),
         "options": {k: v for k, v in options.items() if v is not None},
     }
+    if scorer is not None:
+        log("scoring held-out text and its shuffled characters (the reference rows)")
+        result["references"] = score_references(reference_texts(data.val, model.tokenizer, num_samples, seed), scorer)
+        result["data_bpb"] = result["references"].get("data", {}).get("gen_bpb")
+        result["shuffled_bpb"] = result["references"].get("shuffled", {}).get("gen_bpb")
+        log(f"data {_fmt_bpb(result['data_bpb'])} bits/byte, shuffled characters "
+            f"{_fmt_bpb(result['shuffled_bpb'])} bits/byte")
     if val_batches > 0:
         log("validation metrics")
         result.update(validation_metrics(model.method, data.val, batch_size=cfg.train.batch_size,
@@ -107,11 +124,15 @@ def evaluate(path: str, steps_list: list[int] | None = None, num_samples: int = 
         if "valid_rate" in row:
             line += f", valid {row['valid_rate']:.3f}, coverage {row['coverage']:.3f}"
         if "gen_ppl" in row:
-            line += f", gen-PPL {row['gen_ppl']:.2f}"
+            line += f", gen-PPL {row['gen_ppl']:.2f}, {_fmt_bpb(row['gen_bpb'])} bits/byte"
         log(line)
         rows.append(row)
     result["results"] = rows
     return result
+
+
+def _fmt_bpb(x) -> str:
+    return "–" if x is None else f"{x:.3f}"
 
 
 def run(args) -> int:

@@ -1,4 +1,4 @@
-"""Sample-quality metrics: unigram entropy, generative perplexity, validation likelihood."""
+"""Sample-quality metrics: unigram entropy, generative perplexity and bits per byte, validation likelihood."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from fmlm.errors import FmlmError
 
 
 def unigram_entropy(ids: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -49,18 +51,84 @@ def split_at_eos(ids: torch.Tensor, eos_id: int) -> tuple[list[list[int]], list[
     return rows, ended
 
 
+def decode_samples(ids: torch.Tensor, tokenizer) -> tuple[list[str], list[bool]]:
+    """Each sample (N, L) decoded up to its first EOS, and whether it had one."""
+    rows, ended = split_at_eos(ids, tokenizer.eos_id)
+    return [tokenizer.decode(r) for r in rows], ended
+
+
+def utf8_bytes(texts) -> int:
+    """The number of UTF-8 bytes of ``texts`` together."""
+    return sum(len(t.encode("utf-8")) for t in texts)
+
+
+def bits_per_byte(nll_nats: float, n_bytes: int) -> float | None:
+    """A total NLL in nats as bits per UTF-8 byte (``None`` when there are no bytes)."""
+    return nll_nats / math.log(2) / n_bytes if n_bytes > 0 else None
+
+
+def score_texts(texts, ended, scorer) -> dict:
+    """Gen-PPL and per-byte score of decoded texts under ``scorer`` (METHOD.md §5).
+
+    ``gen_ppl`` is exp of the token-weighted mean NLL over the scorer's tokens, counted up
+    to and including the first EOS (the scorer's EOS is appended to a text that ended with
+    one). It depends on how the scorer splits the text: character soup splits into many
+    cheap tokens and can beat word-shaped text. ``gen_bpb`` divides the same total NLL, in
+    bits, by the number of UTF-8 bytes of exactly the decoded text, which does not depend on
+    the scorer's tokenisation (lower is better for both).
+    """
+    res = scorer.score(texts, ended)
+    n_bytes = utf8_bytes(texts)
+    return {"gen_ppl": res.ppl, "gen_nll": res.mean_nll, "scored_tokens": res.tokens,
+            "gen_bpb": bits_per_byte(res.nll, n_bytes), "bytes": n_bytes,
+            "ended_with_eos": float(np.mean(ended)) if len(ended) else 0.0}
+
+
 def generative_perplexity(ids: torch.Tensor, tokenizer, scorer) -> dict:
-    """Gen-PPL of samples (N, L) under ``scorer`` (METHOD.md §5).
+    """Gen-PPL and ``gen_bpb`` of samples (N, L) under ``scorer`` (see :func:`score_texts`).
 
     Decode each sample up to its first EOS, re-tokenise with the scorer's tokenizer,
-    score with the scorer's EOS appended when the sample had one, and take the
-    token-weighted mean NLL over all samples.
+    score with the scorer's EOS appended when the sample had one.
     """
-    rows, ended = split_at_eos(ids, tokenizer.eos_id)
-    texts = [tokenizer.decode(r) for r in rows]
-    res = scorer.score(texts, ended)
-    return {"gen_ppl": res.ppl, "gen_nll": res.mean_nll, "scored_tokens": res.tokens,
-            "ended_with_eos": float(np.mean(ended)) if ended else 0.0}
+    texts, ended = decode_samples(ids, tokenizer)
+    return score_texts(texts, ended, scorer)
+
+
+def shuffle_characters(text: str, seed: int) -> str:
+    """The characters of ``text`` in a random order (a fixed permutation per seed)."""
+    chars = list(text)
+    np.random.default_rng(seed).shuffle(chars)
+    return "".join(chars)
+
+
+def reference_texts(blocks, tokenizer, num: int, seed: int = 0) -> dict[str, tuple[list[str], list[bool]]]:
+    """Held-out text of the samples' length and the same text with its characters shuffled.
+
+    The first ``num`` validation blocks (each of the model's length L), decoded up to their
+    first EOS like the samples; ``shuffled`` permutes the characters inside each text (the
+    same unigram statistics, no words). Returns ``{"data": (texts, ended), "shuffled": ...}``.
+    """
+    n = min(len(blocks), num)
+    if n == 0:
+        return {}
+    texts, ended = decode_samples(blocks.batch(list(range(n))), tokenizer)
+    shuffled = [shuffle_characters(t, seed + i) for i, t in enumerate(texts)]
+    return {"data": (texts, ended), "shuffled": (shuffled, list(ended))}
+
+
+def score_references(refs: dict, scorer) -> dict:
+    """``{"data": {...}, "shuffled": {...}}``: :func:`score_texts` of each reference set.
+
+    A set the scorer cannot encode (shuffled characters make words that a closed
+    word-level vocabulary lacks) is recorded as ``{"skipped": reason}``.
+    """
+    out = {}
+    for name, (texts, ended) in refs.items():
+        try:
+            out[name] = {**score_texts(texts, ended, scorer), "num_samples": len(texts)}
+        except (FmlmError, KeyError, ValueError) as e:
+            out[name] = {"skipped": f"the scorer cannot encode it ({str(e).splitlines()[0] if str(e) else e!r})"}
+    return out
 
 
 @torch.no_grad()

@@ -28,6 +28,8 @@ class Variant:
         self_distill: a flow map trained from scratch on the data, without a teacher.
         steps: the step counts to sample (default: the bench's sweep).
         sample: whether the bench samples it (a teacher only needed for distillation may be skipped).
+        curriculum: Duo's Gaussian-relaxation curriculum for this fraction of the training
+            steps (``diffusion.curriculum_steps``; an explicit override of that key wins).
     """
 
     label: str
@@ -37,6 +39,7 @@ class Variant:
     self_distill: bool = False
     steps: tuple[int, ...] | None = None
     sample: bool = True
+    curriculum: float = 0.0
 
     @property
     def distilled(self) -> bool:
@@ -58,11 +61,14 @@ class BenchPreset:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
+#: Duo's reference turns its curriculum on for the first half of training (500k of 1M steps).
+DUO_CURRICULUM = 0.5
+
 MAIN = (
     Variant("FLM", "flm"),
     Variant("FMLM", "semigroup", teacher="FLM"),
     Variant("MDLM", "mdlm"),
-    Variant("Duo", "duo"),
+    Variant("Duo", "duo", curriculum=DUO_CURRICULUM),
     Variant("AR", "ar"),
 )
 
@@ -127,6 +133,16 @@ ABLATIONS: dict[str, tuple[str, tuple[Variant, ...]]] = {
     "time": ("decoding-error time τ vs uniform t (FLM)", (
         Variant("FLM", "flm"),
         Variant("FLM-uniform", "flm", ("time=uniform",)),
+    )),
+    "recipe": ("the DiT's small-scale recipe for the FLM, one change at a time: τ into the time embedding "
+               "unscaled (the authors'), a zero-initialised output layer (the authors'), the input embedding's "
+               "initial scale, LayerNorm gains, learned absolute positions", (
+        Variant("FLM", "flm", steps=(32, 128)),
+        Variant("FLM-time-scale-1", "flm", ("model.time_scale=1",), steps=(32, 128)),
+        Variant("FLM-zero-out", "flm", ("model.zero_out=true",), steps=(32, 128)),
+        Variant("FLM-embed-std-1", "flm", ("model.embed_std=1",), steps=(32, 128)),
+        Variant("FLM-ln-gains", "flm", ("model.norm_affine=true",), steps=(32, 128)),
+        Variant("FLM-abs-pos", "flm", ("model.position_embedding=true",), steps=(32, 128)),
     )),
     "distill": ("semigroup vs Lagrangian vs Eulerian vs self-distilled semigroup, 1-8 steps", (
         Variant("FLM", "flm", steps=(1, 2, 4, 8)),

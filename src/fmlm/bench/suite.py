@@ -4,16 +4,17 @@ For each :class:`~fmlm.bench.presets.Variant` the bench trains a run (or reuses 
 finished one from its cache, or one given with ``--use LABEL=RUN`` after checking
 that its config matches), then, in one process with a fixed thread count, samples
 each step count of the sweep and measures quality (valid rate and coverage on the
-phrases task, generative perplexity under a scorer LM on text), unigram entropy,
-wall time per sample and samples per second. It writes ``results.json``,
-``results.md`` and three PNG plots into the output folder.
+phrases task; on text, bits per byte and generative perplexity under a scorer LM, with
+held-out text and its shuffled characters as reference rows), unigram entropy, wall time
+per sample and samples per second. It writes ``results.json``, ``results.md``, three PNG
+plots and ``samples.jsonl`` (every sample, for ``fmlm bench rescore``) into the output
+folder; :mod:`fmlm.bench.report` renders them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shlex
 import sys
 import time
@@ -23,7 +24,8 @@ import torch
 
 from fmlm import checkpoint as ckpt
 from fmlm.bench.evaluate import environment, measure, warm_up
-from fmlm.bench.metrics import reference_entropy, validation_metrics
+from fmlm.bench.metrics import reference_entropy, reference_texts, score_references, validation_metrics
+from fmlm.bench.report import SAMPLES, add_references, markdown, write_outputs
 from fmlm.bench.presets import ABLATIONS, PRESETS, BenchPreset, Variant, get_preset, variants_for
 from fmlm.config import RunConfig, build_config, set_value, validate
 from fmlm.errors import ConfigError, FmlmError
@@ -65,6 +67,9 @@ def variant_config(preset: BenchPreset, variant: Variant, overrides: list[str], 
             if teacher is None:
                 raise ConfigError(f"variant {variant.label} needs its teacher's checkpoint")
             cfg.distill.teacher = str(teacher)
+    if variant.curriculum > 0 and not any(o.split("=", 1)[0].strip().endswith("curriculum_steps")
+                                          for o in list(overrides) + list(variant.overrides)):
+        cfg.diffusion.curriculum_steps = max(1, int(variant.curriculum * cfg.train.max_steps))
     if threads:
         cfg.train.threads = threads
     if device:
@@ -276,12 +281,13 @@ def run_bench(preset_name: str, ablation: str | None = None, overrides: list[str
         "command": command, "overrides": overrides, "distill_overrides": distill_overrides, **environment(threads), "device": device or "auto",
         "seed": seed, "num_samples": num_samples, "steps": steps, "sample_batch": sample_batch,
         "precision": "float32", "scorer": score.describe() if score is not None else None,
-        "metric": "gen_ppl" if score is not None else None, "notes": list(preset.notes),
+        "metric": "gen_bpb" if score is not None else None, "notes": list(preset.notes),
         "variants": {}, "rows": [],
     }
     settings = sum(1 if v.method == "ar" else len(v.steps or steps) for v in sampled if v.sample)
     bar = tqdm(total=settings, desc="sample", unit="setting", disable=quiet, dynamic_ncols=True)
     data_entropy = None
+    samples: list[dict] = []  # every decoded sample of every setting (samples.jsonl)
     swept = {v.label for v in sampled if v.sample}
     for v in variants:  # every trained run (teachers too) gets its validation metrics
         if v.label not in runs.done:
@@ -292,6 +298,13 @@ def run_bench(preset_name: str, ablation: str | None = None, overrides: list[str
             data = load_data(model.config, tokenizer=model.tokenizer)
             data_entropy = reference_entropy(data.val)
             result["data_entropy"] = data_entropy
+            if score is not None:
+                log("scoring held-out text and its shuffled characters (the reference rows)")
+                refs = reference_texts(data.val, model.tokenizer, num_samples, seed)
+                add_references(result, score_references(refs, score))
+                for name, (texts, ended) in refs.items():
+                    samples += [{"label": name, "steps": None, "index": i, "text": t, "ended": e}
+                                for i, (t, e) in enumerate(zip(texts, ended))]
             if model.task is not None and result["metric"] is None:
                 result["metric"] = "valid_rate"
         rec = dict(rec)
@@ -306,256 +319,17 @@ def run_bench(preset_name: str, ablation: str | None = None, overrides: list[str
             vsteps = [model.config.data.seq_len]  # AR: one pass per position, sequentially
         for s in vsteps:
             bar.set_postfix_str(f"{v.label} {s} steps")
-            row = measure(model, s, num_samples, seed, sample_batch, score, keep_texts=3)
+            mine: list[dict] = []
+            row = measure(model, s, num_samples, seed, sample_batch, score, keep_texts=3, samples=mine)
             row = {"label": v.label, "method": v.method, **row}
+            samples += [{"label": v.label, "steps": s, **x} for x in mine]
             result["rows"].append(row)
             bar.update(1)
         del model
     bar.close()
     result["bench_seconds"] = time.perf_counter() - t_start
-    write_outputs(result, out, plots=plots)
-    log(f"wrote {out / 'results.json'}, {out / 'results.md'}" + (" and plots" if plots else ""))
-    return result
-
-
-# ------------------------------------------------------------------ outputs
-def _fmt(x, spec: str) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "–"
-    return format(x, spec)
-
-
-def _rate(x) -> str:
-    """Samples per second with three significant figures, never in exponent form."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "–"
-    return format(x, ".0f") if x >= 100 else format(x, ".3g")
-
-
-#: A setting whose unigram entropy is off the data's by more than this fraction has collapsed.
-ENTROPY_TOLERANCE = 0.1
-
-
-def _collapsed(row: dict, data_entropy, tolerance: float = ENTROPY_TOLERANCE) -> bool:
-    """Whether a setting's unigram entropy is off the data's by more than ``tolerance`` of it."""
-    if data_entropy is None or row.get("entropy") is None:
-        return False
-    return abs(row["entropy"] - data_entropy) > tolerance * data_entropy
-
-
-def headline(result: dict, reference: str = "FMLM", steps: int = 1,
-             entropy_tolerance: float = ENTROPY_TOLERANCE) -> dict | None:
-    """The seed's speed claim, read off the rows: ``reference`` at ``steps`` against the rest.
-
-    For every other model, the cheapest setting (least wall time per sample) whose
-    quality is at least the reference's (gen-PPL at or below it; valid rate at or above
-    it on the phrases task), and its time as a multiple of the reference's. When the data's
-    entropy is known, a setting whose unigram entropy is off by more than
-    ``entropy_tolerance`` of it (a collapsed sampler: all spaces scores a low gen-PPL) is not
-    a match, and not a model's "best" either. A model with no match in the sweep gets
-    ``match: None`` and its best setting instead.
-    Returns ``None`` when the rows hold no such reference setting or no quality metric.
-    """
-    rows = result.get("rows", [])
-    metric = "gen_ppl" if any("gen_ppl" in r for r in rows) else "valid_rate"
-    ref = next((r for r in rows if r["label"] == reference and r["steps"] == steps and r.get(metric) is not None),
-               None)
-    if ref is None:
-        return None
-    lower = metric == "gen_ppl"
-
-    data_h = result.get("data_entropy")
-
-    def healthy(r) -> bool:
-        return not _collapsed(r, data_h, entropy_tolerance)
-
-    def at_least_as_good(r) -> bool:
-        q = r.get(metric)
-        return q is not None and healthy(r) and (q <= ref[metric] if lower else q >= ref[metric])
-
-    def brief(r) -> dict:
-        return {"steps": r["steps"], "nfe": r["nfe"], metric: r[metric], "entropy": r.get("entropy"),
-                "seconds_per_sample": r["seconds_per_sample"],
-                "time_ratio": r["seconds_per_sample"] / ref["seconds_per_sample"]}
-
-    out = {"reference": reference, "steps": steps, "metric": metric, metric: ref[metric],
-           "entropy": ref.get("entropy"), "data_entropy": data_h, "entropy_tolerance": entropy_tolerance,
-           "entropy_ok": healthy(ref), "seconds_per_sample": ref["seconds_per_sample"], "others": {}}
-    for label in dict.fromkeys(r["label"] for r in rows):
-        if label == reference:
-            continue
-        mine = [r for r in rows if r["label"] == label and r.get(metric) is not None]
-        sane = [r for r in mine if healthy(r)]
-        if not sane:
-            out["others"][label] = {"match": None, "best": None}
-            continue
-        good = [r for r in sane if at_least_as_good(r)]
-        best = min(sane, key=lambda r: r[metric] if lower else -r[metric])
-        out["others"][label] = {"match": brief(min(good, key=lambda r: r["seconds_per_sample"])) if good else None,
-                                "best": brief(best)}
-    return out
-
-
-def _headline_md(h: dict) -> list[str]:
-    name = "gen-PPL" if h["metric"] == "gen_ppl" else "valid rate"
-    spec = ".1f" if h["metric"] == "gen_ppl" else ".3f"
-
-    def at(n: int) -> str:
-        return f"{n} step" + ("" if n == 1 else "s")
-
-    ent = ""
-    if h.get("entropy") is not None:
-        ent = f", entropy {_fmt(h['entropy'], '.3f')}"
-        if h.get("data_entropy") is not None:
-            ent += (f" ({'within' if h.get('entropy_ok', True) else 'NOT within'} "
-                    f"{h.get('entropy_tolerance', ENTROPY_TOLERANCE):.0%} of the data's {_fmt(h['data_entropy'], '.3f')})")
-    rule = ("" if h.get("data_entropy") is None else
-            f"; settings whose entropy is off the data's by more than {h.get('entropy_tolerance', ENTROPY_TOLERANCE):.0%} "
-            "(collapsed samples) are left out")
-    lines = [f"{h['reference']} at {at(h['steps'])}: {name} {_fmt(h[h['metric']], spec)}{ent}, "
-             f"{_fmt(h['seconds_per_sample'] * 1e3, '.3f')} ms/sample. The cheapest setting of every other model "
-             f"that is at least as good ({'lower' if h['metric'] == 'gen_ppl' else 'higher'} is better{rule}):", "",
-             f"| model | steps | {name} | entropy | ms/sample | × {h['reference']} time | best in sweep |",
-             "|---|---|---|---|---|---|---|"]
-    for label, o in h["others"].items():
-        b = o["best"]
-        best = "–" if b is None else f"{_fmt(b[h['metric']], spec)} at {at(b['steps'])} ({b['time_ratio']:.3g}×)"
-        m = o["match"]
-        if m is None:
-            lines.append(f"| {label} | none in the sweep | | | | | {best} |")
-        else:
-            lines.append(f"| {label} | {m['steps']} | {_fmt(m[h['metric']], spec)} | {_fmt(m['entropy'], '.3f')} | "
-                         f"{_fmt(m['seconds_per_sample'] * 1e3, '.3f')} | {m['time_ratio']:.3g} | {best} |")
-    return lines + [""]
-
-
-def markdown(result: dict) -> str:
-    title = f"fmlm bench {result['preset']}" + (f" --ablation {result['ablation']}" if result["ablation"] else "")
-    lines = [f"## {title}", ""]
-    if result.get("command"):
-        lines += [f"Command: `{result['command']}`", ""]
-    desc = result["description"] + (f"; ablation: {result['ablation_description']}" if result["ablation"] else "")
-    lines += [f"{desc}. {result['num_samples']} samples per setting, seed {result['seed']}, "
-              f"{result['threads']} thread(s), torch {result['torch']}, commit {result['commit']}. "
-              f"Data entropy {_fmt(result.get('data_entropy'), '.3f')} nats."
-              + (f" Scorer: {result['scorer']['name']}." if result.get("scorer") else ""), ""]
-    for note in result.get("notes", []):
-        lines.append(f"- {note}")
-    if result.get("notes"):
-        lines.append("")
-    lines += ["| model | run | steps | val metric | parameters |", "|---|---|---|---|---|"]
-    for label, rec in result["variants"].items():
-        vals = ", ".join(f"{k[4:]} {v:.4f}" for k, v in rec.items() if k.startswith("val_"))
-        lines.append(f"| {label} | {rec['status']} | {rec.get('step')} | {vals} | {rec.get('parameters')} |")
-    lines.append("")
-    phr = any("valid_rate" in r for r in result["rows"])
-    ppl = any("gen_ppl" in r for r in result["rows"])
-    head = ["model", "steps", "NFE"]
-    if phr:
-        head += ["valid", "coverage"]
-    if ppl:
-        head += ["gen-PPL"]
-    head += ["entropy", "ms/sample", "samples/s"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in result["rows"]:
-        cells = [r["label"], str(r["steps"]), str(r["nfe"])]
-        if phr:
-            cells += [_fmt(r.get("valid_rate"), ".3f"), _fmt(r.get("coverage"), ".3f")]
-        if ppl:
-            cells += [_fmt(r.get("gen_ppl"), ".2f")]
-        cells += [_fmt(r["entropy"], ".3f"), _fmt(r["seconds_per_sample"] * 1e3, ".3f"),
-                  _rate(r["samples_per_s"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    h = headline(result)
-    if h is not None:
-        lines += ["", *_headline_md(h)]
-    return "\n".join(lines) + "\n"
-
-
-def plot(result: dict, out: Path) -> list[Path]:
-    """quality vs steps, quality vs seconds per sample (log x), entropy vs steps."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print('fmlm: matplotlib is not installed; no plots (pip install "fmlm[eval]")', file=sys.stderr)
-        return []
-    rows = result["rows"]
-    metric = "gen_ppl" if any("gen_ppl" in r for r in rows) else "valid_rate"
-    qname = "gen-PPL (lower is better)" if metric == "gen_ppl" else "valid rate"
-    labels = list(dict.fromkeys(r["label"] for r in rows))
-    title = f"fmlm bench {result['preset']}" + (f" --ablation {result['ablation']}" if result["ablation"] else "")
-    data_h = result.get("data_entropy")
-    files = []
-    for name, x, y, xlabel, ylabel in (
-        ("quality_vs_steps.png", "nfe", metric, "network passes per sample (steps; AR: L)", qname),
-        ("quality_vs_time.png", "seconds_per_sample", metric, "seconds per sample", qname),
-        ("entropy_vs_steps.png", "nfe", "entropy", "network passes per sample (steps; AR: L)", "entropy (nats)"),
-    ):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        collapsed = False
-        for label in labels:
-            pts = [(r[x], r.get(y)) for r in rows if r["label"] == label and r.get(y) is not None]
-            if not pts:
-                continue
-            xs, ys = zip(*sorted(pts))
-            line, = ax.plot(xs, ys, marker="o", label=label)
-            bad = [] if y == "entropy" else [(r[x], r[y]) for r in rows if r["label"] == label
-                                              and r.get(y) is not None and _collapsed(r, data_h)]
-            if bad:
-                ax.plot(*zip(*bad), linestyle="none", marker="o", markersize=9, markerfacecolor="white",
-                        color=line.get_color(), zorder=3)
-                collapsed = True
-        ax.set_xscale("log", base=2 if x == "nfe" else 10)
-        if y == "gen_ppl":
-            ax.set_yscale("log")
-        if y == "entropy" and result.get("data_entropy") is not None:
-            ax.axhline(result["data_entropy"], color="gray", linestyle="--", label="data")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        if collapsed:
-            ax.text(0.01, 0.01, f"hollow: collapsed samples (entropy off the data's by more than "
-                                f"{ENTROPY_TOLERANCE:.0%})",
-                    transform=ax.transAxes, fontsize=7, color="dimgray", va="bottom")
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        files.append(out / name)
-    return files
-
-
-def write_outputs(result: dict, out: Path, plots: bool = True) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    h = headline(result)
-    if h is not None:
-        result["headline"] = h
-    if plots:
-        result["plots"] = [p.name for p in plot(result, out)]
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(result))
-
-
-def report(folder: str | Path, plots: bool = True) -> dict:
-    """Rewrite ``results.md``, the headline and the plots of a finished bench from its ``results.json``."""
-    folder = Path(folder)
-    path = folder / "results.json"
-    if not path.is_file():
-        raise ConfigError(f"{folder}: no results.json (the output folder of `fmlm bench PRESET`)")
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not a bench result ({e})") from None
-    if not isinstance(result, dict) or not isinstance(result.get("rows"), list) or "variants" not in result:
-        raise ConfigError(f"{path}: not a bench result (no rows or variants)")
-    try:
-        write_outputs(result, folder, plots=plots)
-    except (KeyError, TypeError) as e:
-        raise ConfigError(f"{path}: not a bench result (missing or malformed field {e})") from None
+    write_outputs(result, out, plots=plots, samples=samples)
+    log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / SAMPLES}" + (" and plots" if plots else ""))
     return result
 
 

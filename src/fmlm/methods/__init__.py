@@ -75,9 +75,11 @@ def _build_mdlm(cfg, training: bool = False) -> nn.Module:
     from fmlm.methods.mdlm import MDLM
     from fmlm.nn.dit import build_dit
 
-    # One extra input/output slot: id V is the mask token; one time input.
+    # One extra input/output slot: id V is the mask token; one time input. MDLM adds its own
+    # absolute positions unless the backbone has them (model.position_embedding, every method).
     return MDLM(build_dit(dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size + 1, two_time=False)),
-                t_min=cfg.diffusion.t_min, time_conditioning=cfg.diffusion.mdlm_time_conditioning)
+                t_min=cfg.diffusion.t_min, time_conditioning=cfg.diffusion.mdlm_time_conditioning,
+                position_embedding=not cfg.model.position_embedding)
 
 
 def _build_duo(cfg, training: bool = False) -> nn.Module:

@@ -32,10 +32,11 @@ from fmlm.errors import FmlmError
 class TimeEmbedding(nn.Module):
     """Sinusoidal features of a scalar time in [0, 1], then a 2-layer MLP to width C."""
 
-    def __init__(self, cond_dim: int, freq_dim: int = 256, max_period: float = 10_000.0):
+    def __init__(self, cond_dim: int, freq_dim: int = 256, max_period: float = 10_000.0, scale: float = 1000.0):
         super().__init__()
         self.freq_dim = freq_dim
         self.max_period = max_period
+        self.scale = scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, C)
@@ -43,8 +44,9 @@ class TimeEmbedding(nn.Module):
         # float32 at least (also under autocast); float64 when the module is in float64.
         dtype = torch.float64 if self.mlp[0].weight.dtype == torch.float64 else torch.float32
         freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
-        # Times live in [0, 1]; scale by 1000 so the low frequencies still resolve small differences.
-        args = 1000.0 * t.to(dtype)[:, None] * freqs[None]
+        # Times live in [0, 1]; by default scaled by 1000 so the low frequencies still resolve
+        # small differences (scale 1 feeds τ itself, as the flm authors do).
+        args = self.scale * t.to(dtype)[:, None] * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
@@ -77,13 +79,14 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 class DiTBlock(nn.Module):
     """Pre-norm transformer block with adaLN-zero conditioning."""
 
-    def __init__(self, d_model: int, n_heads: int, cond_dim: int, mlp_ratio: float, dropout: float):
+    def __init__(self, d_model: int, n_heads: int, cond_dim: int, mlp_ratio: float, dropout: float,
+                 norm_affine: bool = False):
         super().__init__()
         self.n_heads = n_heads
-        self.norm1 = nn.LayerNorm(d_model, elementwise_affine=False, eps=1e-6)
+        self.norm1 = nn.LayerNorm(d_model, elementwise_affine=norm_affine, eps=1e-6)
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
-        self.norm2 = nn.LayerNorm(d_model, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(d_model, elementwise_affine=norm_affine, eps=1e-6)
         hidden = int(mlp_ratio * d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d_model))
         self.dropout = dropout
@@ -117,6 +120,12 @@ class DiT(nn.Module):
         n_layers, d_model, n_heads, cond_dim, mlp_ratio, dropout: the usual sizes.
         two_time: condition on two times (s, t) instead of one.
         logit_cap: soft cap ``cap * tanh(logits / cap)`` on the output (0 disables).
+        time_scale: τ is multiplied by this before the sinusoidal time features.
+        zero_out: zero-initialise the output layer (uniform logits at start).
+        embed_std: initial standard deviation of the input embedding E.
+        norm_affine: LayerNorms with a learned gain and bias.
+        position_embedding: add a learned absolute position embedding (max_seq_len, D) to the
+            embedded input (``self.pos``; ``None`` when off).
     """
 
     def __init__(
@@ -131,6 +140,11 @@ class DiT(nn.Module):
         dropout: float = 0.0,
         two_time: bool = False,
         logit_cap: float = 30.0,
+        time_scale: float = 1000.0,
+        zero_out: bool = False,
+        embed_std: float = 0.02,
+        norm_affine: bool = False,
+        position_embedding: bool = False,
     ):
         super().__init__()
         if d_model % n_heads or (d_model // n_heads) % 2:
@@ -139,15 +153,19 @@ class DiT(nn.Module):
         self.max_seq_len = max_seq_len
         self.two_time = two_time
         self.logit_cap = logit_cap
+        self.zero_out = zero_out
+        self.embed_std = embed_std
         # Linear, bias-free input layer: h = x @ E (and E[id] for ids).
-        self.embed = nn.Parameter(torch.randn(vocab_size, d_model) * 0.02)
-        self.time1 = TimeEmbedding(cond_dim)
-        self.time2 = TimeEmbedding(cond_dim) if two_time else None
+        self.embed = nn.Parameter(torch.randn(vocab_size, d_model) * embed_std)
+        # Learned absolute positions, added to the embedded input (off by default: RoPE only).
+        self.pos = nn.Parameter(torch.zeros(max_seq_len, d_model)) if position_embedding else None
+        self.time1 = TimeEmbedding(cond_dim, scale=time_scale)
+        self.time2 = TimeEmbedding(cond_dim, scale=time_scale) if two_time else None
         self.rotary = Rotary(d_model // n_heads)
         self.blocks = nn.ModuleList(
-            DiTBlock(d_model, n_heads, cond_dim, mlp_ratio, dropout) for _ in range(n_layers)
+            DiTBlock(d_model, n_heads, cond_dim, mlp_ratio, dropout, norm_affine) for _ in range(n_layers)
         )
-        self.norm_out = nn.LayerNorm(d_model, elementwise_affine=False, eps=1e-6)
+        self.norm_out = nn.LayerNorm(d_model, elementwise_affine=norm_affine, eps=1e-6)
         self.ada_out = nn.Linear(cond_dim, 2 * d_model)
         self.out = nn.Linear(d_model, vocab_size)
         self.reset_parameters()
@@ -159,11 +177,20 @@ class DiT(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        nn.init.normal_(self.embed, std=0.02)
+        nn.init.normal_(self.embed, std=self.embed_std)
+        if self.pos is not None:
+            nn.init.normal_(self.pos, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
         for ada in [b.ada for b in self.blocks] + [self.ada_out]:
             nn.init.zeros_(ada.weight)
             nn.init.zeros_(ada.bias)
-        nn.init.normal_(self.out.weight, std=0.02)
+        if self.zero_out:
+            nn.init.zeros_(self.out.weight)
+        else:
+            nn.init.normal_(self.out.weight, std=0.02)
         if self.time2 is not None:
             self.zero_second_time()
 
@@ -224,6 +251,8 @@ class DiT(nn.Module):
         B, L, _ = h.shape
         if L > self.max_seq_len:
             raise FmlmError(f"sequence length {L} exceeds the model's maximum {self.max_seq_len}")
+        if self.pos is not None:
+            h = h + self.pos[:L].to(h.dtype)
         if torch.as_tensor(t).dim() == 0:
             t = torch.as_tensor(t, device=h.device, dtype=torch.float32).expand(B)
         if t2 is not None and torch.as_tensor(t2).dim() == 0:
@@ -252,4 +281,9 @@ def build_dit(model_cfg) -> DiT:
         dropout=model_cfg.dropout,
         two_time=model_cfg.two_time,
         logit_cap=model_cfg.logit_cap,
+        time_scale=model_cfg.time_scale,
+        zero_out=model_cfg.zero_out,
+        embed_std=model_cfg.embed_std,
+        norm_affine=model_cfg.norm_affine,
+        position_embedding=model_cfg.position_embedding,
     )

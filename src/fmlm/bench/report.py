@@ -1,0 +1,407 @@
+"""The outputs of a bench: the speed claim's headline, ``results.md``, plots, saved samples, re-scoring.
+
+A finished bench folder holds ``results.json`` (every setting's row), ``results.md``
+(the tables and the headline), three PNG plots and ``samples.jsonl`` (every decoded
+sample of every setting, plus the two reference sets: held-out text and the same text
+with its characters shuffled). :func:`report` re-renders the folder from its
+``results.json``; :func:`rescore` scores its saved samples under another scorer LM
+without sampling again.
+
+The quality metric of a text bench is ``gen_bpb`` (the scorer's total NLL in bits per
+UTF-8 byte of the decoded samples, independent of how the scorer tokenises); ``gen_ppl``
+is reported beside it. The phrases task uses the exact valid rate. Older results files
+without ``gen_bpb`` fall back to ``gen_ppl``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import uuid
+from pathlib import Path
+
+from fmlm.bench.metrics import score_references, score_texts
+from fmlm.errors import ConfigError
+
+#: Every decoded sample of a bench, one JSON object per line.
+SAMPLES = "samples.jsonl"
+
+#: A setting whose unigram entropy is off the data's by more than this fraction has collapsed.
+ENTROPY_TOLERANCE = 0.1
+
+#: Quality metrics in order of preference, and the ones where lower is better.
+QUALITY = ("gen_bpb", "gen_ppl", "valid_rate")
+LOWER_IS_BETTER = frozenset({"gen_bpb", "gen_ppl"})
+_NAMES = {"gen_bpb": "bits/byte", "gen_ppl": "gen-PPL", "valid_rate": "valid rate"}
+_SPECS = {"gen_bpb": ".3f", "gen_ppl": ".1f", "valid_rate": ".3f"}
+
+
+def _fmt(x, spec: str) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return format(x, spec)
+
+
+def _rate(x) -> str:
+    """Samples per second with three significant figures, never in exponent form."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return format(x, ".0f") if x >= 100 else format(x, ".3g")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def quality_metric(result: dict) -> str | None:
+    """The metric the headline and plots use: ``gen_bpb``, else ``gen_ppl``, else ``valid_rate``."""
+    rows = result.get("rows", [])
+    return next((m for m in QUALITY if any(r.get(m) is not None for r in rows)), None)
+
+
+def _collapsed(row: dict, data_entropy, tolerance: float = ENTROPY_TOLERANCE) -> bool:
+    """Whether a setting's unigram entropy is off the data's by more than ``tolerance`` of it."""
+    if data_entropy is None or row.get("entropy") is None:
+        return False
+    return abs(row["entropy"] - data_entropy) > tolerance * data_entropy
+
+
+def add_references(result: dict, references: dict) -> None:
+    """Store the scored reference sets (see :func:`~fmlm.bench.metrics.score_references`)."""
+    result["references"] = references
+    result["data_bpb"] = references.get("data", {}).get("gen_bpb")
+    result["shuffled_bpb"] = references.get("shuffled", {}).get("gen_bpb")
+
+
+# ------------------------------------------------------------------ the headline
+def headline(result: dict, reference: str = "FMLM", steps: int = 1,
+             entropy_tolerance: float = ENTROPY_TOLERANCE) -> dict | None:
+    """The seed's speed claim, read off the rows: ``reference`` at ``steps`` against the rest.
+
+    For every other model, the cheapest setting (least wall time per sample) whose
+    quality is at least the reference's (bits per byte, or gen-PPL in older results, at or
+    below it; valid rate at or above it on the phrases task), and its time as a multiple of
+    the reference's. When the data's entropy is known, a setting whose unigram entropy is
+    off by more than ``entropy_tolerance`` of it (a collapsed sampler: all spaces scores
+    well under any LM) is not a match, and not a model's "best" either. A model with no
+    match in the sweep gets ``match: None`` and its best setting instead. Returns ``None``
+    when the rows hold no such reference setting or no quality metric.
+    """
+    rows = result.get("rows", [])
+    metric = quality_metric(result)
+    if metric is None:
+        return None
+    ref = next((r for r in rows if r["label"] == reference and r["steps"] == steps and r.get(metric) is not None),
+               None)
+    if ref is None:
+        return None
+    lower = metric in LOWER_IS_BETTER
+    data_h = result.get("data_entropy")
+
+    def healthy(r) -> bool:
+        return not _collapsed(r, data_h, entropy_tolerance)
+
+    def at_least_as_good(r) -> bool:
+        q = r.get(metric)
+        return q is not None and healthy(r) and (q <= ref[metric] if lower else q >= ref[metric])
+
+    def brief(r) -> dict:
+        return {"steps": r["steps"], "nfe": r["nfe"], metric: r[metric], "entropy": r.get("entropy"),
+                "seconds_per_sample": r["seconds_per_sample"],
+                "time_ratio": r["seconds_per_sample"] / ref["seconds_per_sample"]}
+
+    out = {"reference": reference, "steps": steps, "metric": metric, metric: ref[metric],
+           "entropy": ref.get("entropy"), "data_entropy": data_h, "entropy_tolerance": entropy_tolerance,
+           "entropy_ok": healthy(ref), "seconds_per_sample": ref["seconds_per_sample"], "others": {}}
+    for key in ("data_bpb", "shuffled_bpb"):
+        if metric == "gen_bpb" and result.get(key) is not None:
+            out[key] = result[key]
+    for label in dict.fromkeys(r["label"] for r in rows):
+        if label == reference:
+            continue
+        mine = [r for r in rows if r["label"] == label and r.get(metric) is not None]
+        sane = [r for r in mine if healthy(r)]
+        if not sane:
+            out["others"][label] = {"match": None, "best": None}
+            continue
+        good = [r for r in sane if at_least_as_good(r)]
+        best = min(sane, key=lambda r: r[metric] if lower else -r[metric])
+        out["others"][label] = {"match": brief(min(good, key=lambda r: r["seconds_per_sample"])) if good else None,
+                                "best": brief(best)}
+    return out
+
+
+def _headline_md(h: dict) -> list[str]:
+    metric = h["metric"]
+    name, spec = _NAMES[metric], _SPECS[metric]
+
+    def at(n: int) -> str:
+        return f"{n} step" + ("" if n == 1 else "s")
+
+    ent = ""
+    if h.get("entropy") is not None:
+        ent = f", entropy {_fmt(h['entropy'], '.3f')}"
+        if h.get("data_entropy") is not None:
+            ent += (f" ({'within' if h.get('entropy_ok', True) else 'NOT within'} "
+                    f"{h.get('entropy_tolerance', ENTROPY_TOLERANCE):.0%} of the data's {_fmt(h['data_entropy'], '.3f')})")
+    refs = ""
+    if h.get("data_bpb") is not None:
+        refs = (f" (held-out text {_fmt(h['data_bpb'], spec)}, the same text with shuffled characters "
+                f"{_fmt(h.get('shuffled_bpb'), spec)})")
+    rule = ("" if h.get("data_entropy") is None else
+            f"; settings whose entropy is off the data's by more than {h.get('entropy_tolerance', ENTROPY_TOLERANCE):.0%} "
+            "(collapsed samples) are left out")
+    lines = [f"{h['reference']} at {at(h['steps'])}: {name} {_fmt(h[metric], spec)}{refs}{ent}, "
+             f"{_fmt(h['seconds_per_sample'] * 1e3, '.3f')} ms/sample. The cheapest setting of every other model "
+             f"that is at least as good ({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better{rule}):", "",
+             f"| model | steps | {name} | entropy | ms/sample | × {h['reference']} time | best in sweep |",
+             "|---|---|---|---|---|---|---|"]
+    for label, o in h["others"].items():
+        b = o["best"]
+        best = "–" if b is None else f"{_fmt(b[metric], spec)} at {at(b['steps'])} ({b['time_ratio']:.3g}×)"
+        m = o["match"]
+        if m is None:
+            lines.append(f"| {label} | none in the sweep | | | | | {best} |")
+        else:
+            lines.append(f"| {label} | {m['steps']} | {_fmt(m[metric], spec)} | {_fmt(m['entropy'], '.3f')} | "
+                         f"{_fmt(m['seconds_per_sample'] * 1e3, '.3f')} | {m['time_ratio']:.3g} | {best} |")
+    return lines + [""]
+
+
+# ------------------------------------------------------------------ results.md
+def markdown(result: dict) -> str:
+    title = f"fmlm bench {result['preset']}" + (f" --ablation {result['ablation']}" if result["ablation"] else "")
+    lines = [f"## {title}", ""]
+    if result.get("command"):
+        lines += [f"Command: `{result['command']}`", ""]
+    if result.get("rescored"):
+        rs = result["rescored"]
+        lines += [f"Re-scored from the saved samples of `{rs.get('from')}` (first scored by "
+                  f"{rs.get('from_scorer')}): `{rs.get('command')}`", ""]
+    desc = result["description"] + (f"; ablation: {result['ablation_description']}" if result["ablation"] else "")
+    lines += [f"{desc}. {result['num_samples']} samples per setting, seed {result['seed']}, "
+              f"{result['threads']} thread(s), torch {result['torch']}, commit {result['commit']}. "
+              f"Data entropy {_fmt(result.get('data_entropy'), '.3f')} nats."
+              + (f" Scorer: {result['scorer']['name']}." if result.get("scorer") else ""), ""]
+    for note in result.get("notes", []):
+        lines.append(f"- {note}")
+    if result.get("notes"):
+        lines.append("")
+    lines += ["| model | run | steps | val metric | parameters |", "|---|---|---|---|---|"]
+    for label, rec in result["variants"].items():
+        vals = ", ".join(f"{k[4:]} {v:.4f}" for k, v in rec.items() if k.startswith("val_"))
+        lines.append(f"| {label} | {rec['status']} | {rec.get('step')} | {vals} | {rec.get('parameters')} |")
+    lines.append("")
+    rows = result["rows"]
+    phr = any("valid_rate" in r for r in rows)
+    ppl = any("gen_ppl" in r for r in rows)
+    bpb = any("gen_bpb" in r for r in rows)
+    head = ["model", "steps", "NFE"]
+    if phr:
+        head += ["valid", "coverage"]
+    if bpb:
+        head += ["bits/byte"]
+    if ppl:
+        head += ["gen-PPL"]
+    head += ["entropy", "ms/sample", "samples/s"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    refs = result.get("references") or {}
+    for name, title_ in (("data", "held-out text (reference)"), ("shuffled", "shuffled characters (reference)")):
+        if name not in refs:
+            continue
+        ref = refs[name]
+        cells = [title_, "–", "–"] + (["–", "–"] if phr else [])
+        cells += ([_fmt(ref.get("gen_bpb"), ".3f")] if bpb else []) + ([_fmt(ref.get("gen_ppl"), ".2f")] if ppl else [])
+        cells += [_fmt(result.get("data_entropy"), ".3f") if name == "data" else "–", "–", "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    for r in rows:
+        cells = [r["label"], str(r["steps"]), str(r["nfe"])]
+        if phr:
+            cells += [_fmt(r.get("valid_rate"), ".3f"), _fmt(r.get("coverage"), ".3f")]
+        if bpb:
+            cells += [_fmt(r.get("gen_bpb"), ".3f")]
+        if ppl:
+            cells += [_fmt(r.get("gen_ppl"), ".2f")]
+        cells += [_fmt(r["entropy"], ".3f"), _fmt(r["seconds_per_sample"] * 1e3, ".3f"),
+                  _rate(r["samples_per_s"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    if bpb:
+        lines += ["", "bits/byte: the scorer's total NLL (up to and including the first EOS) in bits per UTF-8 "
+                      "byte of the decoded samples; read every row between the two reference rows."]
+    h = headline(result)
+    if h is not None:
+        lines += ["", *_headline_md(h)]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ plots
+def plot(result: dict, out: Path) -> list[Path]:
+    """quality vs steps, quality vs seconds per sample (log x), entropy vs steps."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print('fmlm: matplotlib is not installed; no plots (pip install "fmlm[eval]")', file=sys.stderr)
+        return []
+    rows = result["rows"]
+    metric = quality_metric(result) or "valid_rate"
+    qname = {"gen_bpb": "bits per byte under the scorer (lower is better)",
+             "gen_ppl": "gen-PPL (lower is better)", "valid_rate": "valid rate"}[metric]
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    title = f"fmlm bench {result['preset']}" + (f" --ablation {result['ablation']}" if result["ablation"] else "")
+    data_h = result.get("data_entropy")
+    files = []
+    for name, x, y, xlabel, ylabel in (
+        ("quality_vs_steps.png", "nfe", metric, "network passes per sample (steps; AR: L)", qname),
+        ("quality_vs_time.png", "seconds_per_sample", metric, "seconds per sample", qname),
+        ("entropy_vs_steps.png", "nfe", "entropy", "network passes per sample (steps; AR: L)", "entropy (nats)"),
+    ):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        collapsed = False
+        for label in labels:
+            pts = [(r[x], r.get(y)) for r in rows if r["label"] == label and r.get(y) is not None]
+            if not pts:
+                continue
+            xs, ys = zip(*sorted(pts))
+            line, = ax.plot(xs, ys, marker="o", label=label)
+            bad = [] if y == "entropy" else [(r[x], r[y]) for r in rows if r["label"] == label
+                                              and r.get(y) is not None and _collapsed(r, data_h)]
+            if bad:
+                ax.plot(*zip(*bad), linestyle="none", marker="o", markersize=9, markerfacecolor="white",
+                        color=line.get_color(), zorder=3)
+                collapsed = True
+        ax.set_xscale("log", base=2 if x == "nfe" else 10)
+        if y == "gen_ppl":
+            ax.set_yscale("log")
+        if y == "entropy" and data_h is not None:
+            ax.axhline(data_h, color="gray", linestyle="--", label="data")
+        if y == "gen_bpb":
+            if result.get("data_bpb") is not None:
+                ax.axhline(result["data_bpb"], color="gray", linestyle="--", label="held-out text")
+            if result.get("shuffled_bpb") is not None:
+                ax.axhline(result["shuffled_bpb"], color="gray", linestyle=":", label="shuffled characters")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        if collapsed:
+            ax.text(0.01, 0.01, f"hollow: collapsed samples (entropy off the data's by more than "
+                                f"{ENTROPY_TOLERANCE:.0%})",
+                    transform=ax.transAxes, fontsize=7, color="dimgray", va="bottom")
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        files.append(out / name)
+    return files
+
+
+# ------------------------------------------------------------------ files
+def write_outputs(result: dict, out: Path, plots: bool = True, samples: list[dict] | None = None) -> None:
+    """``results.json``, ``results.md``, the plots and (when given) ``samples.jsonl``, each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    h = headline(result)
+    if h is not None:
+        result["headline"] = h
+    if samples is not None:
+        _write_atomic(out / SAMPLES, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+        result["samples_file"] = SAMPLES
+    if plots:
+        result["plots"] = [p.name for p in plot(result, out)]
+    _write_atomic(out / "results.json", json.dumps(result, indent=2) + "\n")
+    _write_atomic(out / "results.md", markdown(result))
+
+
+def read_result(folder: str | Path) -> dict:
+    """The ``results.json`` of a finished bench, checked."""
+    path = Path(folder) / "results.json"
+    if not path.is_file():
+        raise ConfigError(f"{folder}: no results.json (the output folder of `fmlm bench PRESET`)")
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not a bench result ({e})") from None
+    if not isinstance(result, dict) or not isinstance(result.get("rows"), list) or "variants" not in result:
+        raise ConfigError(f"{path}: not a bench result (no rows or variants)")
+    return result
+
+
+def read_samples(folder: str | Path) -> list[dict]:
+    """The saved samples of a bench (``samples.jsonl``), checked."""
+    path = Path(folder) / SAMPLES
+    if not path.is_file():
+        raise ConfigError(f"{folder}: no {SAMPLES} (benches before per-byte scoring kept only 3 texts per "
+                          "setting; run the bench again to re-score it)")
+    out = []
+    try:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            s = json.loads(line)
+            if not (isinstance(s, dict) and isinstance(s.get("text"), str) and isinstance(s.get("ended"), bool)
+                    and isinstance(s.get("label"), str) and isinstance(s.get("index"), int)):
+                raise ValueError(f"line {n} is not a sample")
+            out.append(s)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"{path}: not a samples file ({e})") from None
+    return out
+
+
+def report(folder: str | Path, plots: bool = True) -> dict:
+    """Rewrite ``results.md``, the headline and the plots of a finished bench from its ``results.json``."""
+    folder = Path(folder)
+    result = read_result(folder)
+    try:
+        write_outputs(result, folder, plots=plots)
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"{folder / 'results.json'}: not a bench result (missing or malformed field {e})") from None
+    return result
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(name).name or name).strip("-") or "scorer"
+
+
+def rescore(folder: str | Path, scorer, out: str | Path | None = None, plots: bool = True,
+            command: str | None = None, log=None) -> tuple[dict, Path]:
+    """Score a finished bench's saved samples under ``scorer`` (a loaded scorer) without resampling.
+
+    Every row gets the new ``gen_ppl``, ``gen_bpb`` and token counts (entropy and timings
+    are the sampled ones), the reference rows are scored again, and the results go to
+    ``out`` (default: a sibling folder ``DIR-<scorer>``; ``out`` = ``DIR`` rewrites it in
+    place) with a copy of ``samples.jsonl``. Returns the new results and their folder.
+    """
+    log = log or (lambda msg: None)
+    folder = Path(folder)
+    result = read_result(folder)
+    samples = read_samples(folder)
+    groups: dict[tuple, list[dict]] = {}
+    for s in samples:
+        groups.setdefault((s["label"], s.get("steps")), []).append(s)
+    for key in groups:
+        groups[key].sort(key=lambda s: s["index"])
+    missing = [f"{r['label']} at {r['steps']} steps" for r in result["rows"]
+               if len(groups.get((r["label"], r["steps"]), [])) != r.get("num_samples")]
+    if missing:
+        raise ConfigError(f"{folder / SAMPLES}: the samples of {', '.join(missing[:3])} are missing or incomplete")
+    old = (result.get("scorer") or {}).get("name")
+    for i, r in enumerate(result["rows"], 1):
+        g = groups[(r["label"], r["steps"])]
+        r.update(score_texts([s["text"] for s in g], [s["ended"] for s in g], scorer))
+        log(f"[{i}/{len(result['rows'])}] {r['label']} {r['steps']} steps: {_fmt(r['gen_bpb'], '.3f')} bits/byte")
+    refs = {name: ([s["text"] for s in groups[(name, None)]], [s["ended"] for s in groups[(name, None)]])
+            for name in ("data", "shuffled") if (name, None) in groups}
+    if refs:
+        add_references(result, score_references(refs, scorer))
+    result["scorer"] = scorer.describe()
+    result["metric"] = "gen_bpb"
+    result["rescored"] = {"from": str(folder), "from_scorer": old, "command": command}
+    dest = Path(out) if out else folder.with_name(f"{folder.name}-{_slug(result['scorer']['name'])}")
+    write_outputs(result, dest, plots=plots, samples=samples)
+    return result, dest
