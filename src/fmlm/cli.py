@@ -373,11 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "lists the options. fmlm bench train: training throughput. fmlm bench report "
                                    "DIR: rewrite a finished bench's table, headline and plots from its results.json. "
                                    "fmlm bench rescore DIR --scorer NAME: score its saved samples under another "
-                                   "scorer.",
+                                   "scorer. fmlm bench scaling [PRESET] --budgets ...: the comparison at several "
+                                   "training budgets and widths.",
                        add_help=True)
-    b.add_argument("target", metavar="PRESET|train|report|rescore",
-                   help="bench preset (phrases, shakespeare-cpu, lm1b-cpu, lm1b, owt, tiny), `train`, `report` "
-                        "or `rescore`")
+    b.add_argument("target", metavar="PRESET|train|report|rescore|scaling",
+                   help="bench preset (phrases, shakespeare-cpu, lm1b-cpu, lm1b, owt, tiny), `train`, `report`, "
+                        "`rescore` or `scaling`")
     b.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     b.set_defaults(func=cmd_bench)
 

@@ -4,6 +4,7 @@
 * :mod:`fmlm.bench.scorers`: scorer LMs for generative perplexity.
 * :mod:`fmlm.bench.evaluate`: one checkpoint (``fmlm eval``).
 * :mod:`fmlm.bench.suite`: all methods side by side and the ablations (``fmlm bench PRESET``).
+* :mod:`fmlm.bench.scaling`: the comparison at several budgets and widths (``fmlm bench scaling``).
 * :mod:`fmlm.bench.report`: a bench's headline, tables, plots, saved samples and re-scoring
   (``fmlm bench report DIR``, ``fmlm bench rescore DIR --scorer NAME``).
 * ``fmlm bench train`` (training throughput) lives in :mod:`fmlm.bench.throughput`.
@@ -37,6 +38,12 @@ def dispatch(target: str, rest: list[str]) -> int:
         return module.run(parser.parse_args(rest))
     from fmlm.bench import report, suite
 
+    if target == "scaling":
+        from fmlm.bench import scaling
+
+        parser = _Parser(prog="fmlm bench scaling", description=scaling.__doc__)
+        scaling.add_arguments(parser)
+        return scaling.run(parser.parse_intermixed_args(rest), rest)
     if target == "rescore":
         import shlex
         import sys

@@ -298,13 +298,15 @@ def run_bench(preset_name: str, ablation: str | None = None, overrides: list[str
             data = load_data(model.config, tokenizer=model.tokenizer)
             data_entropy = reference_entropy(data.val)
             result["data_entropy"] = data_entropy
+            # The reference rows (held-out text and its shuffled characters) are saved even
+            # unscored, so that `fmlm bench rescore` can score them later.
+            refs = reference_texts(data.val, model.tokenizer, num_samples, seed)
             if score is not None:
                 log("scoring held-out text and its shuffled characters (the reference rows)")
-                refs = reference_texts(data.val, model.tokenizer, num_samples, seed)
                 add_references(result, score_references(refs, score))
-                for name, (texts, ended) in refs.items():
-                    samples += [{"label": name, "steps": None, "index": i, "text": t, "ended": e}
-                                for i, (t, e) in enumerate(zip(texts, ended))]
+            for name, (texts, ended) in refs.items():
+                samples += [{"label": name, "steps": None, "index": i, "text": t, "ended": e}
+                            for i, (t, e) in enumerate(zip(texts, ended))]
             if model.task is not None and result["metric"] is None:
                 result["metric"] = "valid_rate"
         rec = dict(rec)

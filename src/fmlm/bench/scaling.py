@@ -1,0 +1,329 @@
+"""``fmlm bench scaling``: the side-by-side comparison at several training budgets and widths.
+
+    fmlm bench scaling [PRESET] --budgets 500,1500,4500 [--sizes mini,small-cpu]
+        [--scorers gemma-3-270m,smollm2-135m] [--steps 1,2,4,8,32,1024] [-n 128]
+        [--out DIR] [--cache-dir DIR] [--threads N] [key=value ...]
+
+For every size × budget it runs ``fmlm bench PRESET model.size=SIZE max_steps=BUDGET``
+(the flow map distilled for ``--distill-ratio`` × BUDGET steps) into ``OUT/SIZE-BUDGET/``,
+or reuses that folder when it already holds a finished bench with the same settings.
+The first scorer scores the samples as they are drawn; each further scorer re-scores
+the saved samples into ``OUT/SIZE-BUDGET-SCORER/``. Trained runs live in the bench cache,
+so a study can be built up over several invocations (add a budget, a size or a scorer
+later; nothing finished is redone). Then it aggregates every point into
+``scaling.json``, ``scaling.md`` (bits per byte by method, steps and budget; the seed's
+three claims judged at each point) and two plots: bits per byte against training tokens
+and, at the largest budget, against seconds per sample.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+
+from fmlm.bench.report import (
+    ENTROPY_TOLERANCE,
+    _collapsed,
+    _fmt,
+    _slug,
+    _write_atomic,
+    headline,
+    read_result,
+    rescore,
+)
+from fmlm.errors import ConfigError
+
+#: The study's step sweep (AR: its L sequential passes).
+STEPS = (1, 2, 4, 8, 32, 1024)
+#: The flow map's distillation budget as a fraction of the stage-1 budget (shakespeare-cpu: 800 / 1,500).
+DISTILL_RATIO = 800 / 1500
+
+
+def point_overrides(size: str, budget: int) -> list[str]:
+    return [f"model.size={size}", f"max_steps={budget}"]
+
+
+def _matches(result: dict, preset: str, overrides: list[str], distill: list[str], steps: list[int], n: int) -> bool:
+    """Whether a finished bench was sampled with these settings (whatever its scorer)."""
+    return (result.get("preset") == preset and result.get("overrides") == overrides
+            and result.get("distill_overrides") == distill and result.get("steps") == steps
+            and result.get("num_samples") == n and bool(result.get("samples_file")))
+
+
+def _scorer_name(result: dict) -> str | None:
+    return (result.get("scorer") or {}).get("name")
+
+
+def run_point(preset: str, size: str, budget: int, overrides: list[str], out: Path, steps: list[int], n: int,
+              scorers: list[str], distill_ratio: float, cache_dir, threads, device, quiet: bool, log) -> list[Path]:
+    """One point of the study: the bench and a scored folder per scorer; returns the scored folders.
+
+    The bench folder ``OUT/SIZE-BUDGET`` is reused when it holds a finished bench sampled
+    with the same settings; it is scored by the first scorer while sampling. Every other
+    scorer (and the first one, when the reused bench was scored by another or by none, e.g.
+    sampled on a GPU machine without scorers) re-scores its saved samples into
+    ``OUT/SIZE-BUDGET-SCORER``. ``none`` as the only scorer samples without scoring.
+    """
+    from fmlm.bench.scorers import load_scorer
+    from fmlm.bench.suite import run_bench
+
+    ov = list(overrides) + point_overrides(size, budget)
+    distill = [f"max_steps={max(1, round(distill_ratio * budget))}"]
+    folder = out / f"{size}-{budget}"
+    first = scorers[0]
+    existing = read_result(folder) if (folder / "results.json").is_file() else None
+    if existing is not None and _matches(existing, preset, ov, distill, steps, n):
+        log(f"{folder}: sampled with the same settings, reused")
+    else:
+        log(f"bench {preset} at {size}, {budget} steps -> {folder}")
+        command = "fmlm bench " + " ".join(shlex.quote(a) for a in [preset, *ov, "--distill-set", distill[0],
+                                                                      "--steps", ",".join(map(str, steps)),
+                                                                      "-n", str(n), "--scorer", first])
+        existing = run_bench(preset, None, ov, folder, cache_dir, steps=steps, num_samples=n, scorer=first,
+                             threads=threads, device=device, quiet=quiet, command=command, distill_overrides=distill)
+    folders = []
+    for name in scorers:
+        if name == "none":
+            continue
+        if _scorer_name(existing) == name:
+            folders.append(folder)
+            continue
+        dest = out / f"{size}-{budget}-{_slug(name)}"
+        if (dest / "results.json").is_file() and _scorer_name(read_result(dest)) == name:
+            log(f"{dest}: already re-scored, reused")
+        else:
+            log(f"re-scoring {folder} under {name} -> {dest}")
+            rescore(folder, load_scorer(name, device=device), dest,
+                    command=f"fmlm bench rescore {folder} --scorer {name} --out {dest}", log=log)
+        folders.append(dest)
+    return folders
+
+
+# ------------------------------------------------------------------ the claims
+def claims(result: dict, tolerance: float = ENTROPY_TOLERANCE) -> dict:
+    """The seed's three claims, judged on one bench result by bits per byte.
+
+    1. FMLM at one step below MDLM and Duo at every setting of 1–8 steps, with its
+       entropy within ``tolerance`` of the data's (collapsed competitor settings do not count).
+    2. FLM at 1,024 steps at or below MDLM and Duo at 1,024 steps.
+    3. The one-step flow map's time against the cheapest setting of every other model that
+       is at least as good (the bench's headline).
+    """
+    rows, data_h = result["rows"], result.get("data_entropy")
+
+    def at(label, steps):
+        return next((r for r in rows if r["label"] == label and r["steps"] == steps and r.get("gen_bpb") is not None),
+                    None)
+
+    out: dict = {}
+    f1 = at("FMLM", 1)
+    rivals = [r for r in rows if r["label"] in ("MDLM", "Duo") and r["steps"] <= 8 and r.get("gen_bpb") is not None
+              and not _collapsed(r, data_h, tolerance)]
+    if f1 is not None and rivals:
+        best = min(rivals, key=lambda r: r["gen_bpb"])
+        ok = not _collapsed(f1, data_h, tolerance)
+        out["one_step"] = {"holds": ok and f1["gen_bpb"] < best["gen_bpb"], "fmlm_bpb": f1["gen_bpb"],
+                           "entropy_ok": ok, "best_rival": f"{best['label']} {best['steps']}",
+                           "best_rival_bpb": best["gen_bpb"], "margin": best["gen_bpb"] - f1["gen_bpb"]}
+    flm = at("FLM", 1024)
+    others = [r for r in (at("MDLM", 1024), at("Duo", 1024)) if r is not None]
+    if flm is not None and others:
+        best = min(others, key=lambda r: r["gen_bpb"])
+        out["many_step"] = {"holds": flm["gen_bpb"] <= best["gen_bpb"], "flm_bpb": flm["gen_bpb"],
+                            "best_rival": best["label"], "best_rival_bpb": best["gen_bpb"],
+                            "gap": flm["gen_bpb"] - best["gen_bpb"]}
+    h = headline(result, entropy_tolerance=tolerance)
+    if h is not None and h["metric"] == "gen_bpb":
+        out["speed"] = {label: (None if o["match"] is None else
+                                {"steps": o["match"]["steps"], "time_ratio": o["match"]["time_ratio"]})
+                        for label, o in h["others"].items()}
+    return out
+
+
+# ------------------------------------------------------------------ aggregate
+def aggregate(folders: list[tuple[str, int, Path]]) -> dict:
+    """Every point's rows, references and claims, by scorer."""
+    points = []
+    for size, budget, folder in folders:
+        r = read_result(folder)
+        tokens = max((v.get("tokens") or 0) for k, v in r["variants"].items() if not k.startswith("FMLM"))
+        points.append({
+            "size": size, "budget": budget, "tokens": tokens, "folder": folder.name,
+            "scorer": (r.get("scorer") or {}).get("name"), "data_bpb": r.get("data_bpb"),
+            "shuffled_bpb": r.get("shuffled_bpb"), "data_entropy": r.get("data_entropy"),
+            "parameters": {k: v.get("parameters") for k, v in r["variants"].items()},
+            "val": {k: {m: x for m, x in v.items() if m.startswith("val_")} for k, v in r["variants"].items()},
+            "rows": [{k: row.get(k) for k in ("label", "steps", "nfe", "gen_bpb", "gen_ppl", "entropy",
+                                               "seconds_per_sample")}
+                     | {"collapsed": _collapsed(row, r.get("data_entropy"))} for row in r["rows"]],
+            "claims": claims(r),
+        })
+    return {"points": points}
+
+
+def _verdict(c: dict | None, field: str) -> str:
+    if c is None:
+        return "–"
+    return ("holds" if c["holds"] else "fails") + f" ({c[field]:+.3f})"
+
+
+def markdown(study: dict, command: str | None = None) -> str:
+    lines = ["## fmlm bench scaling", ""]
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    lines += ["Bits per byte under each scorer (lower is better; collapsed settings, entropy off the data's by "
+              f"more than {ENTROPY_TOLERANCE:.0%}, marked *). Reference rows: held-out text and the same text with "
+              "its characters shuffled.", ""]
+    for scorer in dict.fromkeys(p["scorer"] for p in study["points"]):
+        pts = [p for p in study["points"] if p["scorer"] == scorer]
+        cols = [f"{p['size']} {p['budget']}" for p in pts]
+        lines += [f"### {scorer}", "", "| model | steps | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+        lines.append("| held-out text | – | " + " | ".join(_fmt(p["data_bpb"], ".3f") for p in pts) + " |")
+        lines.append("| shuffled characters | – | " + " | ".join(_fmt(p["shuffled_bpb"], ".3f") for p in pts) + " |")
+        keys = list(dict.fromkeys((r["label"], r["steps"]) for p in pts for r in p["rows"]))
+        for label, steps in keys:
+            cells = []
+            for p in pts:
+                r = next((x for x in p["rows"] if x["label"] == label and x["steps"] == steps), None)
+                cells.append("–" if r is None else _fmt(r["gen_bpb"], ".3f") + ("*" if r["collapsed"] else ""))
+            lines.append(f"| {label} | {steps} | " + " | ".join(cells) + " |")
+        lines += ["", "| point | training tokens | (1) FMLM 1 step < MDLM, Duo at 1–8 | (2) FLM 1,024 ≤ MDLM, Duo 1,024 "
+                      "| (3) × FMLM time of the cheapest setting at least as good |", "|---|---|---|---|---|"]
+        for p in pts:
+            c = p["claims"]
+            speed = c.get("speed") or {}
+            sp = ", ".join(f"{k} " + ("none" if v is None else f"{v['time_ratio']:.3g}× ({v['steps']})")
+                           for k, v in speed.items()) or "–"
+            lines.append(f"| {p['size']} {p['budget']} | {p['tokens']:,} | {_verdict(c.get('one_step'), 'margin')} "
+                         f"| {_verdict(c.get('many_step'), 'gap')} | {sp} |")
+        lines += ["", "(1): margin = best rival's bits/byte − FMLM's (positive: FMLM better). (2): gap = FLM's − "
+                      "the best rival's (negative: FLM better).", ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot(study: dict, out: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print('fmlm: matplotlib is not installed; no plots (pip install "fmlm[eval]")', file=sys.stderr)
+        return []
+    files = []
+    for scorer in dict.fromkeys(p["scorer"] for p in study["points"]):
+        pts = [p for p in study["points"] if p["scorer"] == scorer]
+        size = pts[0]["size"]
+        line_pts = sorted((p for p in pts if p["size"] == size), key=lambda p: p["tokens"])
+        fig, ax = plt.subplots(figsize=(7.2, 4.6))
+        labels = list(dict.fromkeys(r["label"] for p in line_pts for r in p["rows"]))
+        colors = {lab: f"C{i}" for i, lab in enumerate(labels)}
+        all_steps = sorted({r["steps"] for p in line_pts for r in p["rows"]})
+        markers = dict(zip(all_steps, "os^vDP*Xh"))
+        for label, steps in dict.fromkeys((r["label"], r["steps"]) for p in line_pts for r in p["rows"]):
+            xy = [(p["tokens"], r["gen_bpb"]) for p in line_pts for r in p["rows"]
+                  if r["label"] == label and r["steps"] == steps and r["gen_bpb"] is not None]
+            if xy:
+                ax.plot(*zip(*xy), color=colors[label], marker=markers.get(steps, "o"), alpha=0.8,
+                        label=f"{label} {steps}")
+        for key, style in (("data_bpb", "--"), ("shuffled_bpb", ":")):
+            xy = [(p["tokens"], p[key]) for p in line_pts if p[key] is not None]
+            if xy:
+                ax.plot(*zip(*xy), color="gray", linestyle=style,
+                        label="held-out text" if key == "data_bpb" else "shuffled characters")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"training tokens ({size})")
+        ax.set_ylabel(f"bits per byte under {scorer}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6, ncol=3)
+        fig.tight_layout()
+        name = out / f"bpb_vs_tokens-{_slug(scorer)}.png"
+        fig.savefig(name, dpi=110)
+        plt.close(fig)
+        files.append(name)
+
+        top = max(line_pts, key=lambda p: p["tokens"])
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for label in labels:
+            xy = sorted((r["seconds_per_sample"], r["gen_bpb"]) for r in top["rows"]
+                        if r["label"] == label and r["gen_bpb"] is not None)
+            if xy:
+                ax.plot(*zip(*xy), marker="o", color=colors[label], label=label)
+        for key, style in (("data_bpb", "--"), ("shuffled_bpb", ":")):
+            if top[key] is not None:
+                ax.axhline(top[key], color="gray", linestyle=style,
+                           label="held-out text" if key == "data_bpb" else "shuffled characters")
+        ax.set_xscale("log")
+        ax.set_xlabel("seconds per sample")
+        ax.set_ylabel(f"bits per byte under {scorer}")
+        ax.set_title(f"{top['size']}, {top['budget']} steps")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        name = out / f"bpb_vs_time-{_slug(scorer)}.png"
+        fig.savefig(name, dpi=110)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+# ------------------------------------------------------------------ CLI
+def add_arguments(p) -> None:
+    from fmlm.cli import _positive, _steps_list
+
+    p.add_argument("preset", nargs="?", default="shakespeare-cpu", help="bench preset (default shakespeare-cpu)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+    p.add_argument("--budgets", type=_steps_list, required=True, help="comma-separated stage-1 step budgets")
+    p.add_argument("--sizes", default="mini", help="comma-separated model sizes (default mini)")
+    p.add_argument("--scorers", default="gemma-3-270m",
+                   help="comma-separated scorers; the first scores while sampling, the rest re-score the saved "
+                        "samples (none: sample only, e.g. on a machine without the scorers; score later)")
+    p.add_argument("--steps", type=_steps_list, default=list(STEPS), help="step sweep (default 1,2,4,8,32,1024)")
+    p.add_argument("--num-samples", "-n", type=_positive, default=128)
+    p.add_argument("--distill-ratio", type=float, default=DISTILL_RATIO,
+                   help="flow-map distillation steps per stage-1 step (default 800/1500)")
+    p.add_argument("--out", default="runs/bench/scaling", help="output folder")
+    p.add_argument("--cache-dir", help="where trained runs are cached (default: $FMLM_CACHE/bench)")
+    p.add_argument("--threads", type=_positive)
+    p.add_argument("--device")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+
+def run(args, argv: list[str]) -> int:
+    from fmlm.bench.presets import get_preset
+
+    get_preset(args.preset)
+    for item in args.overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"expected key=value, got {item!r}")
+    if not (math.isfinite(args.distill_ratio) and args.distill_ratio > 0):
+        raise ConfigError(f"--distill-ratio must be > 0, got {args.distill_ratio}")
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    scorers = [s.strip() for s in args.scorers.split(",") if s.strip()]
+    if not sizes or not scorers:
+        raise ConfigError("--sizes and --scorers need at least one name each")
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    out = Path(args.out)
+    done: list[tuple[str, int, Path]] = []
+    total = len(sizes) * len(args.budgets)
+    for i, size in enumerate(sizes):
+        for j, budget in enumerate(args.budgets):
+            log(f"[point {i * len(args.budgets) + j + 1}/{total}] {size}, {budget} steps")
+            for folder in run_point(args.preset, size, budget, args.overrides, out, list(args.steps),
+                                    args.num_samples, scorers, args.distill_ratio, args.cache_dir, args.threads,
+                                    args.device, args.quiet, log):
+                done.append((size, budget, folder))
+    study = aggregate(done)
+    command = "fmlm bench scaling " + " ".join(shlex.quote(a) for a in argv)
+    study["command"] = command
+    if not args.no_plots:
+        study["plots"] = [p.name for p in plot(study, out)]
+    _write_atomic(out / "scaling.json", json.dumps(study, indent=2) + "\n")
+    md = markdown(study, command)
+    _write_atomic(out / "scaling.md", md)
+    print(md)
+    return 0

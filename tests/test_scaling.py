@@ -1,0 +1,85 @@
+"""fmlm bench scaling: the claims judged per point, aggregation, and benchmarks/gpu_study.sh at tiny size."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fmlm.bench.scaling import claims, markdown
+from fmlm.cli import main
+from test_bench import _tiny_gpt2
+from test_cli import assert_one_line_error, run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _row(label, steps, bpb, entropy=3.0, sec=0.01):
+    return {"label": label, "steps": steps, "nfe": steps, "gen_bpb": bpb, "gen_ppl": 2 ** bpb, "entropy": entropy,
+            "seconds_per_sample": sec * steps, "samples_per_s": 1 / (sec * steps)}
+
+
+def test_claims_by_bits_per_byte():
+    rows = [_row("FMLM", 1, 4.0), _row("MDLM", 1, 5.0), _row("MDLM", 8, 4.2), _row("Duo", 2, 4.5),
+            _row("Duo", 4, 1.0, entropy=0.5),  # collapsed: a rival setting that does not count
+            _row("FLM", 1024, 3.2), _row("MDLM", 1024, 2.9), _row("Duo", 1024, 3.0), _row("AR", 128, 2.1)]
+    c = claims({"rows": rows, "data_entropy": 3.1})
+    assert c["one_step"]["holds"] and c["one_step"]["best_rival"] == "MDLM 8"
+    assert c["one_step"]["margin"] == pytest.approx(0.2)
+    assert not c["many_step"]["holds"] and c["many_step"]["best_rival"] == "MDLM"
+    assert c["many_step"]["gap"] == pytest.approx(0.3)
+    assert c["speed"]["AR"]["steps"] == 128 and c["speed"]["MDLM"]["steps"] == 1024
+    # a collapsed one-step flow map does not hold the claim, however low its score
+    rows[0]["entropy"] = 0.4
+    assert not claims({"rows": rows, "data_entropy": 3.1})["one_step"]["holds"]
+    point = {"size": "mini", "budget": 500, "tokens": 2048000, "scorer": "s", "data_bpb": 1.9, "shuffled_bpb": 5.1,
+             "rows": [{**r, "collapsed": False} for r in rows], "claims": c}
+    md = markdown({"points": [point]})
+    assert "| held-out text | – | 1.900 |" in md and "| mini 500 | 2,048,000 | holds (+0.200) | fails (+0.300) |" in md
+
+
+@pytest.mark.slow
+def test_gpu_study_script_at_tiny_size_on_cpu(tmp_path):
+    """The GPU study's script, shrunk to seconds: sample only (no scorer), then score the saved samples."""
+    _tiny_gpt2(tmp_path / "scorer")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"new york {i % 7} san diego, said the {i}th line." for i in range(300)))
+    env = {**os.environ, "SIZE": "tiny", "BUDGET": "2", "BATCH": "4", "SEQ_LEN": "16", "STEPS": "1,2", "N": "4",
+           "SCORERS": "none", "DATA": str(corpus), "DEVICE": "cpu", "THREADS": "1", "OUT_DIR": str(tmp_path / "out"),
+           "CACHE": str(tmp_path / "cache"), "PYTHON": sys.executable,
+           "EXTRA": f"data.cache_dir={tmp_path / 'data'} --quiet --no-plots"}
+    script = ROOT / "benchmarks" / "gpu_study.sh"
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    bench = tmp_path / "out" / "tiny-2"
+    r = json.loads((bench / "results.json").read_text())
+    assert r["scorer"] is None and r["overrides"][-2:] == ["model.size=tiny", "max_steps=2"]
+    assert r["distill_overrides"] == ["max_steps=1"] and set(r["variants"]) == {"FLM", "FMLM", "MDLM", "Duo", "AR"}
+    assert r["variants"]["Duo"]["step"] == 2
+    lines = (bench / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 4 * (2 * 4 + 1 + 2)  # FLM, FMLM, MDLM, Duo at 2 step counts, AR, and the 2 references
+    before = (bench / "results.json").read_bytes()
+    # Scoring later (where the scorers are): the sampled bench is reused, its samples scored.
+    env["SCORERS"] = str(tmp_path / "scorer")
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (bench / "results.json").read_bytes() == before
+    study = json.loads((tmp_path / "out" / "scaling.json").read_text())
+    (point,) = study["points"]
+    assert point["folder"].startswith("tiny-2-") and point["data_bpb"] > 0 and point["shuffled_bpb"] > 0
+    assert all(row["gen_bpb"] > 0 for row in point["rows"])
+    assert set(point["claims"]) == {"one_step", "speed"}  # no 1,024-step setting in this sweep
+    assert "### " in (tmp_path / "out" / "scaling.md").read_text()
+
+
+def test_scaling_cli_errors(capsys):
+    code, _, err = run_cli(capsys, "bench", "scaling", "nosuch", "--budgets", "10")
+    assert_one_line_error(code, err, "unknown bench preset")
+    code, _, err = run_cli(capsys, "bench", "scaling", "--budgets", "10", "--distill-ratio", "0")
+    assert_one_line_error(code, err, "--distill-ratio must be > 0")
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "scaling", "--budgets", "0"])
+    assert e.value.code == 2
+    assert_one_line_error(2, capsys.readouterr().err, "--budgets")
