@@ -137,12 +137,12 @@ ABLATIONS: dict[str, tuple[str, tuple[Variant, ...]]] = {
     "recipe": ("the DiT's small-scale recipe for the FLM, one change at a time: τ into the time embedding "
                "unscaled (the authors'), a zero-initialised output layer (the authors'), the input embedding's "
                "initial scale, LayerNorm gains, learned absolute positions", (
-        Variant("FLM", "flm", steps=(32, 128)),
-        Variant("FLM-time-scale-1", "flm", ("model.time_scale=1",), steps=(32, 128)),
-        Variant("FLM-zero-out", "flm", ("model.zero_out=true",), steps=(32, 128)),
-        Variant("FLM-embed-std-1", "flm", ("model.embed_std=1",), steps=(32, 128)),
-        Variant("FLM-ln-gains", "flm", ("model.norm_affine=true",), steps=(32, 128)),
-        Variant("FLM-abs-pos", "flm", ("model.position_embedding=true",), steps=(32, 128)),
+        Variant("FLM", "flm", steps=(32,)),
+        Variant("FLM-time-scale-1", "flm", ("model.time_scale=1",), steps=(32,)),
+        Variant("FLM-zero-out", "flm", ("model.zero_out=true",), steps=(32,)),
+        Variant("FLM-embed-std-1", "flm", ("model.embed_std=1",), steps=(32,)),
+        Variant("FLM-ln-gains", "flm", ("model.norm_affine=true",), steps=(32,)),
+        Variant("FLM-abs-pos", "flm", ("model.position_embedding=true",), steps=(32,)),
     )),
     "distill": ("semigroup vs Lagrangian vs Eulerian vs self-distilled semigroup, 1-8 steps", (
         Variant("FLM", "flm", steps=(1, 2, 4, 8)),
