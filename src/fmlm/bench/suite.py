@@ -41,9 +41,10 @@ def variant_config(preset: BenchPreset, variant: Variant, overrides: list[str], 
                    distill_overrides: list[str] | None = None) -> RunConfig:
     """The run config of one variant: the preset's shared overrides, then the variant's.
 
-    Flow maps follow ``fmlm distill``: AdamW β2 = 0.95, a two-time backbone, one-step
-    samples, then the preset's distillation overrides, the variant's and the user's
-    (``overrides`` for every run, then ``distill_overrides`` for flow maps only).
+    Distilled models follow ``fmlm distill``: AdamW β2 = 0.95, one-step samples (flow maps:
+    a two-time backbone), then the preset's distillation overrides, the variant's and the
+    user's (``overrides`` for every run, then ``distill_overrides`` for distilled runs only:
+    flow maps and Duo + DCD, MDLM + SDTT get the same distillation budget).
     """
     shared = list(preset.overrides)
     if not variant.distilled:
@@ -57,7 +58,7 @@ def variant_config(preset: BenchPreset, variant: Variant, overrides: list[str], 
         for item in list(preset.distill) + list(variant.overrides) + list(overrides) + list(distill_overrides or []):
             k, v = item.split("=", 1)
             set_value(cfg, k.strip(), v)
-        cfg.model.two_time = True
+        cfg.model.two_time = variant.flow_map
         if variant.self_distill:
             cfg.distill.self_distill = True
             cfg.distill.teacher = ""
@@ -212,6 +213,13 @@ def parse_use(items: list[str] | None, labels: list[str]) -> dict[str, str]:
     return out
 
 
+def variant_steps(variant: Variant, steps: list[int]) -> list[int]:
+    """A variant's own sweep, restricted to the bench's where they overlap (``--steps 1,2,4,8``)."""
+    if not variant.steps:
+        return list(steps)
+    return [s for s in variant.steps if s in steps] or list(variant.steps)
+
+
 def run_bench(preset_name: str, ablation: str | None = None, overrides: list[str] | None = None,
               out_dir: str | Path | None = None, cache_dir: str | Path | None = None, use: list[str] | None = None,
               steps: list[int] | None = None, num_samples: int | None = None, seed: int = 0,
@@ -279,7 +287,15 @@ def run_bench(preset_name: str, ablation: str | None = None, overrides: list[str
         "metric": "gen_ppl" if score is not None else None, "notes": list(preset.notes),
         "variants": {}, "rows": [],
     }
-    settings = sum(1 if v.method == "ar" else len(v.steps or steps) for v in sampled if v.sample)
+    distilled = [v for v in variants if v.distilled and v.label in runs.done]
+    if distilled:
+        budgets = {}
+        for v in distilled:
+            t = variant_config(preset, v, overrides, "teacher", threads, device, distill_overrides).train
+            budgets.setdefault(f"{t.max_steps:,} steps of batch {t.batch_size}", []).append(v.label)
+        result["notes"].append("Distillation budget of this run: " + "; ".join(
+            f"{b} ({', '.join(labels)})" for b, labels in budgets.items()) + ".")
+    settings = sum(1 if v.method == "ar" else len(variant_steps(v, steps)) for v in sampled if v.sample)
     bar = tqdm(total=settings, desc="sample", unit="setting", disable=quiet, dynamic_ncols=True)
     data_entropy = None
     swept = {v.label for v in sampled if v.sample}
@@ -301,7 +317,7 @@ def run_bench(preset_name: str, ablation: str | None = None, overrides: list[str
         if v.label not in swept:
             continue
         warm_up(model, sample_batch)
-        vsteps = v.steps or steps
+        vsteps = variant_steps(v, steps)
         if v.method == "ar":
             vsteps = [model.config.data.seq_len]  # AR: one pass per position, sequentially
         for s in vsteps:
