@@ -102,7 +102,7 @@ def cmd_distill(args) -> int:
         cfg = RunConfig.from_dict(ckpt.read_json(teacher / "config.json"))
         teacher_method = cfg.train.method
         if teacher_method not in ("flm", *DISTILLED_BASELINES.values()):
-            raise ConfigError(f"the teacher must be an FLM (or, for method=dcd|sdtt, a Duo|MDLM) checkpoint, "
+            raise ConfigError(f"the teacher must be an FLM checkpoint (or a Duo / MDLM one for method=dcd / sdtt), "
                               f"got method {teacher_method!r}: {teacher}")
         tokenizer = load_tokenizer(teacher / "tokenizer")
         base = cfg.preset

@@ -609,7 +609,7 @@ def add_arguments(p) -> None:
     p.add_argument("--use", action="append", metavar="LABEL=RUN",
                    help="reuse a finished run for a variant (its config must match the bench's)")
     p.add_argument("--distill-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override for the flow-map (distillation) runs only, e.g. max_steps=1000")
+                   help="override for the distilled runs only (flow maps, Duo+DCD, MDLM+SDTT), e.g. max_steps=1000")
     p.add_argument("--only", help="comma-separated variant labels to sample (their teachers are still trained)")
     p.add_argument("--no-train", action="store_true", help="fail instead of training a missing run")
     p.add_argument("--no-plots", action="store_true")
