@@ -335,12 +335,18 @@ def test_bench_tiny_outputs(tiny_bench):
     root, _ = tiny_bench
     out = root / "out"
     r = json.loads((out / "results.json").read_text())
-    assert set(r["variants"]) == {"FLM", "FMLM", "MDLM", "Duo", "AR"}
+    assert set(r["variants"]) == {"FLM", "FMLM", "MDLM", "Duo", "Duo+DCD", "MDLM+SDTT", "AR"}
     assert all(v["status"] == "trained" for v in r["variants"].values())
+    # Every distilled model gets the flow map's distillation budget, and the notes say so.
     assert r["variants"]["FMLM"]["step"] == 20 and r["variants"]["FLM"]["step"] == 30
+    assert r["variants"]["Duo+DCD"]["step"] == r["variants"]["MDLM+SDTT"]["step"] == 20
+    assert any("Distillation budget" in n and "20 steps" in n and "Duo+DCD" in n and "MDLM+SDTT" in n
+               for n in r["notes"])
     labels = [(row["label"], row["steps"]) for row in r["rows"]]
     assert labels == [("FLM", 1), ("FLM", 2), ("FMLM", 1), ("FMLM", 2), ("MDLM", 1), ("MDLM", 2),
-                      ("Duo", 1), ("Duo", 2), ("AR", 2)]
+                      ("Duo", 1), ("Duo", 2), ("Duo+DCD", 1), ("Duo+DCD", 2), ("MDLM+SDTT", 1),
+                      ("MDLM+SDTT", 2), ("AR", 2)]
+    assert {"Duo+DCD", "MDLM+SDTT"} <= set(r["headline"]["others"])
     for row in r["rows"]:
         assert {"valid_rate", "coverage", "entropy", "seconds_per_sample", "samples_per_s"} <= set(row)
         assert row["samples_per_s"] == pytest.approx(1.0 / row["seconds_per_sample"])

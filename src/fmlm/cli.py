@@ -86,8 +86,10 @@ def cmd_distill(args) -> int:
     from fmlm.config import RunConfig, build_config, set_value, validate
     from fmlm.data import load_tokenizer
     from fmlm.errors import ConfigError
+    from fmlm.methods import DISTILLED_BASELINES
     from fmlm.methods.fmlm import OBJECTIVES
 
+    teacher_method = "flm"
     preset, overrides = _split_preset(args.config)
     tokenizer = None
     if args.teacher and args.self_distill:
@@ -98,8 +100,10 @@ def cmd_distill(args) -> int:
         teacher = ckpt.resolve(args.teacher)
         ckpt.verify(teacher, deep=False)
         cfg = RunConfig.from_dict(ckpt.read_json(teacher / "config.json"))
-        if cfg.train.method != "flm":
-            raise ConfigError(f"the teacher must be an FLM checkpoint, got method {cfg.train.method!r}: {teacher}")
+        teacher_method = cfg.train.method
+        if teacher_method not in ("flm", *DISTILLED_BASELINES.values()):
+            raise ConfigError(f"the teacher must be an FLM checkpoint (or a Duo / MDLM one for method=dcd / sdtt), "
+                              f"got method {teacher_method!r}: {teacher}")
         tokenizer = load_tokenizer(teacher / "tokenizer")
         base = cfg.preset
         cfg.distill.teacher = str(teacher.resolve())
@@ -113,14 +117,29 @@ def cmd_distill(args) -> int:
     cfg.train.method = "semigroup"
     cfg.train.beta2 = 0.95
     cfg.sample.steps = 1
+    # A Duo/MDLM teacher distils into Duo + DCD / MDLM + SDTT (its own backbone; the optimiser as above).
+    baseline = {v: k for k, v in DISTILLED_BASELINES.items()}.get(teacher_method)
+    if baseline:
+        cfg.train.method = baseline
     for item in overrides:
         k, v = item.split("=", 1) if "=" in item else (item, None)
         if v is None:
             raise ConfigError(f"expected key=value, got {item!r}")
         set_value(cfg, k.strip(), v)
-    cfg.model.two_time = True
-    if cfg.train.method not in OBJECTIVES:
-        raise ConfigError(f"distillation method must be one of {', '.join(OBJECTIVES)}, got {cfg.train.method!r}")
+    method = cfg.train.method
+    if method in DISTILLED_BASELINES:
+        if args.self_distill or DISTILLED_BASELINES[method] != teacher_method:
+            raise ConfigError(f"method {method} distils a {DISTILLED_BASELINES[method]} run: use --teacher RUN with "
+                              f"a {DISTILLED_BASELINES[method]} run" + (f", got a {teacher_method} checkpoint"
+                                                                         if args.teacher else ""))
+    elif method not in OBJECTIVES:
+        raise ConfigError(f"distillation method must be one of {', '.join(OBJECTIVES + tuple(DISTILLED_BASELINES))}, "
+                          f"got {method!r}")
+    elif teacher_method != "flm":
+        raise ConfigError(f"method {method} distils an FLM; a {teacher_method} teacher distils with "
+                          f"method={baseline}")
+    else:
+        cfg.model.two_time = True
     validate(cfg)
     cfg.preset = f"{base}-{'self-' if args.self_distill else ''}{cfg.train.method}"
     return _fit_and_report(cfg, args, tokenizer=tokenizer)
@@ -284,9 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Stage 2: distil an FLM teacher into a flow map language model. "
                                     "key=value overrides follow, e.g. method=semigroup|lagrangian|eulerian, "
                                     "max_steps=2000, distill.diag_fraction=0.5. With --self, train a flow map "
-                                    "from scratch on a preset's data, without a teacher.")
+                                    "from scratch on a preset's data, without a teacher. A Duo teacher distils "
+                                    "with method=dcd (Duo + DCD), an MDLM teacher with method=sdtt (MDLM + SDTT): "
+                                    "distill.rounds, distill.base_steps, distill.teacher_steps, distill.divergence.")
     ds.add_argument("config", nargs="*", metavar="[PRESET] key=value")
-    ds.add_argument("--teacher", help="FLM run or checkpoint directory")
+    ds.add_argument("--teacher", help="FLM (or Duo / MDLM) run or checkpoint directory")
     ds.add_argument("--self", dest="self_distill", action="store_true",
                     help="self-distillation: no teacher; PRESET gives the data and backbone")
     ds.add_argument("--run-dir", help="run directory (default: runs/<preset>-<method>)")

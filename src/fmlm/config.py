@@ -152,6 +152,12 @@ class DistillConfig:
     ``eulerian_form`` is ``relaxed`` (a bounded damped target with the same fixed point, the
     default) or ``direct`` (D_s + c·J as written in METHOD.md; see fmlm.methods.fmlm).
     ``max_gap`` caps the τ-gap d = τ_t − τ_s of off-diagonal pairs (1 = the full range).
+
+    Distilled discrete baselines (``train.method=dcd``: Duo + DCD, ``sdtt``: MDLM + SDTT; the
+    teacher is a Duo / MDLM run): ``rounds`` rounds of equal length, the teacher's step in round
+    r is ``teacher_steps``^r / ``base_steps`` (each round divides the steps by ``teacher_steps``),
+    and the student matches the teacher under ``divergence`` (``kl_bwd`` = KL(student ‖ teacher),
+    ``kl_fwd``, or ``mse`` on log-probabilities). See fmlm.methods.rounds.
     """
 
     teacher: str = ""
@@ -164,6 +170,10 @@ class DistillConfig:
     eulerian_loss: str = "ce"
     eulerian_form: str = "relaxed"
     max_gap: float = 1.0
+    rounds: int = 6
+    base_steps: int = 64
+    teacher_steps: int = 2
+    divergence: str = "kl_bwd"
 
 
 @dataclass
@@ -473,6 +483,13 @@ def validate(cfg: RunConfig) -> None:
     choice("distill.eulerian_loss", cfg.distill.eulerian_loss, ("mse", "ce"))
     choice("distill.eulerian_form", cfg.distill.eulerian_form, ("relaxed", "direct"))
     choice("diffusion.greedy_of", cfg.diffusion.greedy_of, ("posterior", "xhat"))
+    choice("distill.divergence", cfg.distill.divergence, ("kl_bwd", "kl_fwd", "mse"))
+    if cfg.distill.rounds < 1 or cfg.distill.base_steps < 1 or cfg.distill.teacher_steps < 2:
+        raise ConfigError("need distill.rounds >= 1, distill.base_steps >= 1 and distill.teacher_steps >= 2")
+    if t.method in ("dcd", "sdtt") and cfg.distill.teacher_steps ** cfg.distill.rounds > cfg.distill.base_steps:
+        raise ConfigError(f"distill.rounds={cfg.distill.rounds} rounds that divide the steps by "
+                          f"{cfg.distill.teacher_steps} from distill.base_steps={cfg.distill.base_steps} end "
+                          "below one step")
     if not 0.0 < cfg.diffusion.t_min < 1.0:
         raise ConfigError(f"diffusion.t_min must be in (0, 1), got {cfg.diffusion.t_min}")
     if cfg.diffusion.curriculum_steps < 0:

@@ -14,6 +14,8 @@ from fmlm.errors import ConfigError
 
 #: The seed's sampling sweep.
 STEPS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
+#: The sweep of the distilled discrete baselines (Duo + DCD, MDLM + SDTT).
+DISTILLED_STEPS = (1, 2, 4, 8, 16, 32, 64)
 
 
 @dataclass(frozen=True)
@@ -22,9 +24,11 @@ class Variant:
 
     Attributes:
         label: name in tables and plots (``FMLM``, ``FLM-uniform``, ...).
-        method: ``flm`` | ``semigroup`` | ``lagrangian`` | ``eulerian`` | ``mdlm`` | ``duo`` | ``ar``.
-        overrides: ``key=value`` on top of the preset's (and, for flow maps, its distill) overrides.
-        teacher: label of the FLM variant a flow map distils (``None`` with ``self_distill``).
+        method: ``flm`` | ``semigroup`` | ``lagrangian`` | ``eulerian`` | ``mdlm`` | ``duo`` | ``ar`` |
+            ``dcd`` (Duo + DCD) | ``sdtt`` (MDLM + SDTT).
+        overrides: ``key=value`` on top of the preset's (and, for distilled models, its distill) overrides.
+        teacher: label of the variant a distilled model distils (an FLM for flow maps, Duo for
+            ``dcd``, MDLM for ``sdtt``; ``None`` with ``self_distill``).
         self_distill: a flow map trained from scratch on the data, without a teacher.
         steps: the step counts to sample (default: the bench's sweep).
         sample: whether the bench samples it (a teacher only needed for distillation may be skipped).
@@ -43,6 +47,11 @@ class Variant:
 
     @property
     def distilled(self) -> bool:
+        """Trained by distillation (flow maps and the distilled discrete baselines): the distill budget."""
+        return self.method in ("semigroup", "lagrangian", "eulerian", "dcd", "sdtt")
+
+    @property
+    def flow_map(self) -> bool:
         return self.method in ("semigroup", "lagrangian", "eulerian")
 
 
@@ -69,6 +78,10 @@ MAIN = (
     Variant("FMLM", "semigroup", teacher="FLM"),
     Variant("MDLM", "mdlm"),
     Variant("Duo", "duo", curriculum=DUO_CURRICULUM),
+    # The distilled discrete baselines, on the flow map's distillation budget (the preset's distill
+    # overrides); their own sweep stops at 64 steps, past the few-step regime they are distilled for.
+    Variant("Duo+DCD", "dcd", teacher="Duo", steps=DISTILLED_STEPS),
+    Variant("MDLM+SDTT", "sdtt", teacher="MDLM", steps=DISTILLED_STEPS),
     Variant("AR", "ar"),
 )
 
@@ -92,7 +105,9 @@ PRESETS: dict[str, BenchPreset] = {
         num_samples=1024, scorer="none", sample_batch=256,
         notes=("Stage 1 (FLM, MDLM, Duo, AR): 1,000 steps of batch 128, the same token budget for all.",
                "FMLM: semigroup distillation of the FLM, 12,000 steps, a quarter of the off-diagonal pairs "
-               "at (s, t) = (0, 1)."),
+               "at (s, t) = (0, 1).",
+               "Duo+DCD (of the Duo) and MDLM+SDTT (of the MDLM): the same distillation budget and optimiser as "
+               "FMLM, in 6 rounds of step halving from 64 steps."),
     ),
     "shakespeare-cpu": BenchPreset(
         "shakespeare-cpu", "the embedded Shakespeare corpus, characters, L=128, mini DiT; about 2 h 20 min "

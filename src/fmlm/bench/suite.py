@@ -43,9 +43,10 @@ def variant_config(preset: BenchPreset, variant: Variant, overrides: list[str], 
                    distill_overrides: list[str] | None = None) -> RunConfig:
     """The run config of one variant: the preset's shared overrides, then the variant's.
 
-    Flow maps follow ``fmlm distill``: AdamW β2 = 0.95, a two-time backbone, one-step
-    samples, then the preset's distillation overrides, the variant's and the user's
-    (``overrides`` for every run, then ``distill_overrides`` for flow maps only).
+    Distilled models follow ``fmlm distill``: AdamW β2 = 0.95, one-step samples (flow maps:
+    a two-time backbone), then the preset's distillation overrides, the variant's and the
+    user's (``overrides`` for every run, then ``distill_overrides`` for distilled runs only:
+    flow maps and Duo + DCD, MDLM + SDTT get the same distillation budget).
     """
     shared = list(preset.overrides)
     if not variant.distilled:
@@ -59,7 +60,7 @@ def variant_config(preset: BenchPreset, variant: Variant, overrides: list[str], 
         for item in list(preset.distill) + list(variant.overrides) + list(overrides) + list(distill_overrides or []):
             k, v = item.split("=", 1)
             set_value(cfg, k.strip(), v)
-        cfg.model.two_time = True
+        cfg.model.two_time = variant.flow_map
         if variant.self_distill:
             cfg.distill.self_distill = True
             cfg.distill.teacher = ""
@@ -217,6 +218,13 @@ def parse_use(items: list[str] | None, labels: list[str]) -> dict[str, str]:
     return out
 
 
+def variant_steps(variant: Variant, steps: list[int]) -> list[int]:
+    """A variant's own sweep, restricted to the bench's where they overlap (``--steps 1,2,4,8``)."""
+    if not variant.steps:
+        return list(steps)
+    return [s for s in variant.steps if s in steps] or list(variant.steps)
+
+
 def run_bench(preset_name: str, ablation: str | None = None, overrides: list[str] | None = None,
               out_dir: str | Path | None = None, cache_dir: str | Path | None = None, use: list[str] | None = None,
               steps: list[int] | None = None, num_samples: int | None = None, seed: int = 0,
@@ -284,7 +292,15 @@ def run_bench(preset_name: str, ablation: str | None = None, overrides: list[str
         "metric": "gen_bpb" if score is not None else None, "notes": list(preset.notes),
         "variants": {}, "rows": [],
     }
-    settings = sum(1 if v.method == "ar" else len(v.steps or steps) for v in sampled if v.sample)
+    distilled = [v for v in variants if v.distilled and v.label in runs.done]
+    if distilled:
+        budgets = {}
+        for v in distilled:
+            t = variant_config(preset, v, overrides, "teacher", threads, device, distill_overrides).train
+            budgets.setdefault(f"{t.max_steps:,} steps of batch {t.batch_size}", []).append(v.label)
+        result["notes"].append("Distillation budget of this run: " + "; ".join(
+            f"{b} ({', '.join(labels)})" for b, labels in budgets.items()) + ".")
+    settings = sum(1 if v.method == "ar" else len(variant_steps(v, steps)) for v in sampled if v.sample)
     bar = tqdm(total=settings, desc="sample", unit="setting", disable=quiet, dynamic_ncols=True)
     data_entropy = None
     samples: list[dict] = []  # every decoded sample of every setting (samples.jsonl)
@@ -316,7 +332,7 @@ def run_bench(preset_name: str, ablation: str | None = None, overrides: list[str
         if v.label not in swept:
             continue
         warm_up(model, sample_batch)
-        vsteps = v.steps or steps
+        vsteps = variant_steps(v, steps)
         if v.method == "ar":
             vsteps = [model.config.data.seq_len]  # AR: one pass per position, sequentially
         for s in vsteps:
@@ -369,7 +385,7 @@ def add_arguments(p) -> None:
     p.add_argument("--use", action="append", metavar="LABEL=RUN",
                    help="reuse a finished run for a variant (its config must match the bench's)")
     p.add_argument("--distill-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override for the flow-map (distillation) runs only, e.g. max_steps=1000")
+                   help="override for the distilled runs only (flow maps, Duo+DCD, MDLM+SDTT), e.g. max_steps=1000")
     p.add_argument("--only", help="comma-separated variant labels to sample (their teachers are still trained)")
     p.add_argument("--no-train", action="store_true", help="fail instead of training a missing run")
     p.add_argument("--no-plots", action="store_true")

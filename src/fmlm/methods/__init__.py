@@ -93,6 +93,63 @@ def _build_duo(cfg, training: bool = False) -> nn.Module:
                greedy_of=dc.greedy_of, curriculum_steps=dc.curriculum_steps)
 
 
+#: Distilled discrete baselines: method -> the method its teacher must be.
+DISTILLED_BASELINES = {"dcd": "duo", "sdtt": "mdlm"}
+
+
+def load_discrete_teacher(cfg) -> dict:
+    """The EMA weights of the Duo/MDLM teacher of a ``dcd``/``sdtt`` run, checked against the student's config."""
+    from fmlm import checkpoint as ckpt
+    from fmlm.config import RunConfig
+
+    want, path = DISTILLED_BASELINES[cfg.train.method], cfg.distill.teacher
+    if not path:
+        raise ConfigError(f"method {cfg.train.method!r} distils a {want} run: use `fmlm distill --teacher RUN "
+                          f"method={cfg.train.method}`")
+    p = ckpt.resolve(path)
+    ckpt.verify(p, deep=True)
+    tcfg = RunConfig.from_dict(ckpt.read_json(p / "config.json"))
+    if tcfg.train.method != want:
+        raise ConfigError(f"method {cfg.train.method!r} needs a {want} teacher, got a {tcfg.train.method} "
+                          f"checkpoint: {path}")
+    for name, a, b in (("vocabulary", tcfg.model.vocab_size, cfg.model.vocab_size),
+                       ("sequence length", tcfg.model.max_seq_len, cfg.model.max_seq_len),
+                       ("diffusion.t_min", tcfg.diffusion.t_min, cfg.diffusion.t_min)):
+        if a != b:
+            raise ConfigError(f"teacher {name} ({a}) differs from the student's ({b}): {path}")
+    name = "ema.safetensors" if (p / "ema.safetensors").is_file() else "model.safetensors"
+    return ckpt.load_state(p, name)
+
+
+def _build_distilled_baseline(cfg, training: bool = False) -> nn.Module:
+    """Duo + DCD or MDLM + SDTT: the undistilled method's student with a frozen teacher copy."""
+    import dataclasses
+    import math
+
+    from fmlm.errors import CheckpointError
+    from fmlm.nn.dit import build_dit
+
+    d, dc = cfg.distill, cfg.diffusion
+    kw = dict(rounds=d.rounds, base_steps=d.base_steps, teacher_steps=d.teacher_steps,
+              round_steps=max(1, math.ceil(cfg.train.max_steps / d.rounds)), kind=d.divergence)
+    if cfg.train.method == "dcd":
+        from fmlm.methods.dcd import DCD
+
+        method = DCD(build_dit(dataclasses.replace(cfg.model, two_time=False)), t_min=dc.t_min,
+                     greedy_tail=dc.greedy_tail, greedy_of=dc.greedy_of, **kw)
+    else:
+        from fmlm.methods.sdtt import SDTT
+
+        method = SDTT(build_dit(dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size + 1, two_time=False)),
+                      t_min=dc.t_min, time_conditioning=dc.mdlm_time_conditioning, **kw)
+    if training:
+        try:
+            method.load_student(load_discrete_teacher(cfg))
+        except KeyError as e:
+            raise CheckpointError(f"teacher {cfg.distill.teacher} does not match the student: {e.args[0]}") from None
+    return method
+
+
 def _build_classifier(cfg, training: bool = False) -> nn.Module:
     """Reward classifier over soft sequences; its labels are derived from the text (label=, keyword=)."""
     import dataclasses
@@ -115,6 +172,8 @@ _BUILDERS = {
     "ar": _build_ar,
     "mdlm": _build_mdlm,
     "duo": _build_duo,
+    "dcd": _build_distilled_baseline,
+    "sdtt": _build_distilled_baseline,
     "classifier": _build_classifier,
 }
 METHODS = tuple(_BUILDERS)
