@@ -4,7 +4,8 @@
 * :mod:`fmlm.bench.scorers`: scorer LMs for generative perplexity.
 * :mod:`fmlm.bench.evaluate`: one checkpoint (``fmlm eval``).
 * :mod:`fmlm.bench.suite`: all methods side by side and the ablations (``fmlm bench PRESET``).
-* ``fmlm bench train`` (training throughput) lives in :mod:`fmlm.bench.throughput`.
+* ``fmlm bench train`` (training throughput) lives in :mod:`fmlm.bench.throughput`,
+  ``fmlm bench speed`` (sampling speed and FLOP utilisation) in :mod:`fmlm.bench.speed`.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ def dispatch(target: str, rest: list[str]) -> int:
     """
     from fmlm.cli import _Parser
 
-    if target == "train":
-        if importlib.util.find_spec("fmlm.bench.throughput") is None:
-            raise ConfigError("`fmlm bench train` (training throughput) is not part of this installation")
-        module = importlib.import_module("fmlm.bench.throughput")
-        parser = _Parser(prog="fmlm bench train", description=module.__doc__)
+    if target in ("train", "speed"):
+        name = {"train": "throughput", "speed": "speed"}[target]
+        if importlib.util.find_spec(f"fmlm.bench.{name}") is None:
+            raise ConfigError(f"`fmlm bench {target}` is not part of this installation")
+        module = importlib.import_module(f"fmlm.bench.{name}")
+        parser = _Parser(prog=f"fmlm bench {target}", description=module.__doc__)
         module.add_arguments(parser)
         return module.run(parser.parse_args(rest))
     from fmlm.bench import suite

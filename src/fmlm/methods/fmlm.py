@@ -40,7 +40,7 @@ from torch import nn
 
 from fmlm.errors import FmlmError
 from fmlm.guidance import Steering, check_weak, clamp_known, guided_logits, invert_known, known_tensors, replace_known
-from fmlm.methods.embedded import EmbeddedState, embedded_noise, run_net
+from fmlm.methods.embedded import EmbeddedState, draw_embedded, embedded_noise, noise_factor, run_net
 from fmlm.methods.flm import FLM, denoising_metrics, stratified_uniform
 from fmlm.schedule import Schedule
 
@@ -455,8 +455,18 @@ class FMLM(nn.Module):
         reward_scale: float = 0.1,
         reward_iters: int = 10,
         reward_temperature: float = 8.0,
+        noise: str = "embedded",
     ) -> torch.Tensor:
         """N flow-map steps on a uniform τ grid; the last returns δ_{s,1}, decoded by argmax.
+
+        ``noise="embedded"`` (the default) is the lean path, taken whenever no conditioning,
+        guidance or callback is asked for: the initial state is drawn directly as x0 @ E in the
+        d-dimensional embedding space (:func:`fmlm.methods.embedded.draw_embedded`, through a
+        Cholesky factor of EᵀE cached per set of weights), the states X = a·x + b·δ stay in that
+        form, and the last step takes the argmax of the logits (no softmax). Its tokens are those
+        of the reference path for the same x0; when d < V the x0 is drawn differently, so the
+        same seed gives other (equally distributed) samples. ``noise="vocab"`` is the reference:
+        (B, L, V) Gaussian, V-space states, argmax of δ.
 
         With ``gamma`` > 0 each intermediate step jumps further, to t̃ with
         1 − t̃ = (1 − t)·sqrt(1 − γ²), and adds fresh noise of std γ(1 − t), so the state's
@@ -480,7 +490,12 @@ class FMLM(nn.Module):
             raise ValueError("steps must be >= 1")
         device = next(self.parameters()).device
         dtype = torch.float64 if float64 else torch.float32
+        if noise not in ("embedded", "vocab"):
+            raise ValueError(f"unknown noise path {noise!r} (embedded or vocab)")
         known, mask = known_tensors(known, mask, num_samples, seq_len, self.vocab_size, device)
+        if noise == "embedded" and known is None and guide_weak is None and reward is None and callback is None:
+            h = draw_embedded(self.net.embed, (num_samples, seq_len), generator, self._noise_factor())
+            return self.sample_embedded(h.to(dtype), steps, generator, gamma)
         if guide_weak is not None:
             check_weak(self, guide_weak)
         z = torch.randn(num_samples, seq_len, self.vocab_size, generator=generator, device=device).to(dtype)
@@ -523,4 +538,48 @@ class FMLM(nn.Module):
             if gamma > 0:
                 eps = torch.randn(z.shape, generator=generator, device=device).to(dtype)
                 z = z + gamma * (1 - t) * eps
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _noise_factor(self) -> torch.Tensor | None:
+        """Cholesky factor of EᵀE for the lean sampler, recomputed only when the embedding changes."""
+        E = self.net.embed
+        key = (E.data_ptr(), E._version, E.dtype, E.device, tuple(E.shape))
+        cached = getattr(self, "_factor_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, noise_factor(E))
+            self._factor_cache = cached
+        return cached[1]
+
+    @torch.no_grad()
+    def sample_embedded(self, h: torch.Tensor, steps: int, generator: torch.Generator | None = None,
+                        gamma: float = 0.0) -> torch.Tensor:
+        """The lean sampler from an embedded initial state h = x0 @ E (B, L, d): token ids (B, L).
+
+        Each state is kept as its embedding h = x @ E (the flow map is affine in x:
+        X @ E = a·(x @ E) + b·(δ @ E)); the last step returns argmax of the logits, which is
+        argmax δ. Fresh noise of the stochastic variant (``gamma`` > 0) is drawn as ε @ E.
+        Given h = x0 @ E this computes the reference path's tokens for that x0 (the same
+        function, up to floating-point rounding of the states after the first step).
+        """
+        if steps < 1:
+            raise ValueError("steps must be >= 1")
+        B, device, dtype = h.shape[0], h.device, h.dtype
+        E = self.net.embed
+        taus = torch.linspace(0, 1, steps + 1, dtype=torch.float64, device=device)
+        ts = self.schedule.t(taus)
+        for i in range(steps):
+            tau_s = taus[i].float().expand(B)
+            if i == steps - 1:
+                return self.net(None, tau_s, taus[i + 1].float().expand(B), embedded=h.to(E.dtype)).argmax(-1)
+            s, t = ts[i], ts[i + 1]
+            t_jump = 1 - (1 - t) * (1 - gamma**2) ** 0.5 if gamma > 0 else t
+            tau_jump = self.schedule.tau(torch.as_tensor(t_jump, dtype=torch.float64, device=device))
+            logits = self.net(None, tau_s, tau_jump.float().expand(B), embedded=h.to(E.dtype))
+            d = logits.float().softmax(-1).to(dtype)
+            t_jump = torch.as_tensor(t_jump, device=device)
+            a, b = ((1 - t_jump) / (1 - s)).to(dtype), ((t_jump - s) / (1 - s)).to(dtype)
+            h = a * h + b * (d @ E.to(dtype))
+            if gamma > 0:
+                eps = draw_embedded(E, h.shape[:2], generator, self._noise_factor()).to(dtype)
+                h = h + gamma * (1 - t).to(dtype) * eps
         raise AssertionError("unreachable")  # pragma: no cover
