@@ -159,8 +159,8 @@ class EmbeddedState:
         return EmbeddedState(lambda E: a * self.embed(E) + b * (p.to(E.dtype) @ E).float())
 
 
-def run_net(net, x, *times: torch.Tensor) -> torch.Tensor:
-    """``net(x, *times)`` for a V-space tensor or an :class:`EmbeddedState`."""
+def run_net(net, x, *times: torch.Tensor, **kw) -> torch.Tensor:
+    """``net(x, *times, **kw)`` for a V-space tensor or an :class:`EmbeddedState`."""
     if isinstance(x, EmbeddedState):
-        return net(None, *times, embedded=x.embed(net.embed))
-    return net(x, *times)
+        return net(None, *times, embedded=x.embed(net.embed), **kw)
+    return net(x, *times, **kw)
