@@ -208,7 +208,7 @@ def test_bench_speed_counts_flops_exactly_and_writes_its_outputs(tmp_path):
     out = tmp_path / "speed"
     rc = dispatch("speed", ["--shape", "tiny:50:16:1,2", "--shape", "tiny:300:16:2", "--steps", "2",
                             "--repeats", "2", "--min-seconds", "0", "--gemm", "128", "--threads", "1",
-                            "--out", str(out)])
+                            "--profile", "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "speed.json").read_text())
     assert (out / "speed.md").read_text().count("### tiny") == 2
@@ -233,6 +233,9 @@ def test_bench_speed_counts_flops_exactly_and_writes_its_outputs(tmp_path):
             if r["method"] == "ar":
                 assert r["network_flops"] == _ar_flops(ar.net, r["batch"], 16)
         assert shape["peak_flop_per_s"] >= max(p["flop_per_s"] for p in shape["peaks"]) > 0
+        profiled = [r for r in shape["rows"] if "profile" in r]
+        assert sorted(r["method"] for r in profiled) == ["ar", "fmlm"]
+        assert all(abs(sum(r["profile"]["shares"].values()) - 1) < 1e-6 for r in profiled)
 
 
 def test_bench_speed_bad_input_is_a_config_error(tmp_path):
@@ -259,3 +262,21 @@ def test_gpu_check_runs_in_tiny_cpu_mode(tmp_path):
     rows = res["sampling"][0]["shapes"][0]["rows"]
     assert {r["method"] for r in rows} == {"fmlm", "fmlm-ref", "ar"}
     assert "| fmlm |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_bench_speed_times_a_checkpoint(tmp_path):
+    from test_cli import TINY  # the CLI tests' tiny preset
+
+    from fmlm.bench import dispatch
+    from fmlm.cli import main
+
+    run = tmp_path / "flm"
+    assert main(["train", *TINY, "method=flm", f"data.cache_dir={tmp_path / 'cache'}", "--run-dir", str(run),
+                 "--quiet", "--no-samples"]) == 0
+    out = tmp_path / "speed"
+    assert dispatch("speed", ["--ckpt", str(run), "--batches", "1,2", "--steps", "2", "--repeats", "1",
+                              "--min-seconds", "0", "--gemm", "128", "--threads", "1", "--no-plot",
+                              "--out", str(out)]) == 0
+    res = json.loads((out / "speed.json").read_text())
+    assert [(r["method"], r["batch"]) for r in res["shapes"][0]["rows"]] == [("flm", 1), ("flm", 2)]
+    assert res["settings"]["ckpt"] == str(run)

@@ -56,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench-speed", help="folder for speed.json, speed.md and speed.png")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="profile FMLM one step and AR at their best batch size: where the time goes")
 
 
 def parse_shape(text: str) -> dict:
@@ -180,6 +182,36 @@ def time_call(call, device, min_seconds: float) -> tuple[float, int]:
             return dt / n, n
 
 
+_MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmv", "aten::mv", "aten::dot"}
+
+
+def profile_breakdown(call, device) -> dict:
+    """Shares of the operator time of one ``call()``: matmuls, attention kernels, everything else.
+
+    Self time per operator from ``torch.profiler`` (device time on CUDA, CPU time otherwise);
+    ``other_top`` names the largest of the rest (elementwise work, copies, normalisation).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        call()
+        _sync(device)
+    times: dict[str, float] = {}
+    for e in prof.key_averages():
+        t = e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
+        if t > 0:
+            times[e.key] = times.get(e.key, 0.0) + t
+    total = sum(times.values()) or 1.0
+    cat = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for k, t in times.items():
+        cat["matmul" if k in _MATMUL_OPS else "attention" if "scaled_dot_product" in k else "other"] += t
+    rest = sorted(((k, t) for k, t in times.items() if k not in _MATMUL_OPS and "scaled_dot_product" not in k),
+                  key=lambda kt: -kt[1])[:6]
+    return {"shares": {k: v / total for k, v in cat.items()}, "operator_seconds": total / 1e6,
+            "other_top": [{"op": k, "share": t / total} for k, t in rest]}
+
+
 def run_shape(shape: dict, args, device, amp, progress) -> dict:
     import contextlib
 
@@ -230,6 +262,14 @@ def run_shape(shape: dict, args, device, amp, progress) -> dict:
         rows.append({**cell, "seconds_per_call": best, "seconds_per_sample": best / cell["batch"],
                      "samples_per_s": cell["batch"] / best, "passes": steps,
                      "network_flop_per_s": flops_s, "utilisation": flops_s / peak, "load_at_best": cell["load"][i]})
+    if getattr(args, "profile", False):
+        for name in ("fmlm", "ar"):
+            cand = [r for r in rows if r["method"] == name]
+            if cand:
+                best_row = max(cand, key=lambda r: r["utilisation"])
+                with ctx():
+                    best_row["profile"] = profile_breakdown(
+                        _sampler(name, models[name][0], best_row["batch"], L, args.steps, args.seed, device), device)
     return {"shape": shape, "peaks": peaks, "peak_flop_per_s": peak, "rows": rows,
             "parameters": {name: sum(p.numel() for p in models[name][1].parameters()) for name in methods}}
 
@@ -355,6 +395,14 @@ def markdown(result: dict) -> str:
         if sm["fmlm_vs_ar"]:
             lines.append("AR / FMLM one-step time per sample: " + ", ".join(
                 f"{v:.1f}× (batch {b})" for b, v in sm["fmlm_vs_ar"].items()) + ".")
+        for row in r["rows"]:
+            pr = row.get("profile")
+            if pr:
+                sh_ = pr["shares"]
+                top = ", ".join(f"{o['op'].replace('aten::', '')} {o['share']:.0%}" for o in pr["other_top"][:4])
+                lines.append(f"Where the time goes ({LABELS[row['method']]}, batch {row['batch']}; operator self "
+                             f"time): matmuls {sh_['matmul']:.0%}, attention kernels {sh_['attention']:.0%}, "
+                             f"the rest {sh_['other']:.0%} ({top}).")
         goals = []
         if "fmlm_goal_met" in sm:
             goals.append(f"FMLM one step ≥ 50%: {'met' if sm['fmlm_goal_met'] else 'NOT met'}")
