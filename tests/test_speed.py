@@ -181,29 +181,9 @@ def test_ar_cached_decoder_same_tokens_as_full_recompute(opts):
     assert all(torch.equal(s, a[:, :s.shape[1]]) for s in seen)
 
 
-def _dit_flops(net, B: int, L: int, embedded_input: bool) -> int:
-    """Matmul + attention FLOPs of one DiT forward, by hand."""
-    d, V, C = net.embed.shape[1], net.vocab_size, net.time1.mlp[0].out_features
-    n_layers = len(net.blocks)
-    hidden = net.blocks[0].mlp[0].out_features
-    per_token_layer = 2 * d * 3 * d + 2 * d * d + 2 * 2 * d * hidden + 2 * 2 * L * d  # qkv, proj, mlp, attention
-    per_token = n_layers * per_token_layer + 2 * d * V + (0 if embedded_input else 2 * V * d)
-    times = 2 if net.two_time else 1
-    per_sample = times * 2 * (256 * C + C * C) + n_layers * 2 * C * 6 * d + 2 * C * 2 * d
-    return B * (L * per_token + per_sample)
-
-
-def _ar_flops(net, B: int, L: int) -> int:
-    d, V = net.embed.weight.shape[1], net.vocab_size
-    hidden = net.blocks[0].mlp[0].out_features
-    total = 0
-    for P in range(1, L + 1):  # the P-th pass attends to P keys
-        total += len(net.blocks) * (2 * d * 3 * d + 2 * d * d + 2 * 2 * d * hidden + 2 * 2 * P * d) + 2 * d * V
-    return B * total
-
-
 def test_bench_speed_counts_flops_exactly_and_writes_its_outputs(tmp_path):
     from fmlm.bench import dispatch
+    from fmlm.bench.speed import ar_flops, dit_flops
 
     out = tmp_path / "speed"
     rc = dispatch("speed", ["--shape", "tiny:50:16:1,2", "--shape", "tiny:300:16:2", "--steps", "2",
@@ -227,15 +207,26 @@ def test_bench_speed_counts_flops_exactly_and_writes_its_outputs(tmp_path):
         for r in shape["rows"]:
             assert len(r["seconds"]) == 2 and r["utilisation"] > 0 and r["seconds_per_sample"] > 0
             if r["method"] == "fmlm":  # the lean path: no input product inside the network
-                assert r["network_flops"] == _dit_flops(fm.net, r["batch"], 16, embedded_input=True)
+                assert r["network_flops"] == dit_flops(fm.net, r["batch"], 16, embedded_input=True)
             if r["method"] == "fmlm-ref":
-                assert r["network_flops"] == _dit_flops(fm.net, r["batch"], 16, embedded_input=False)
+                assert r["network_flops"] == dit_flops(fm.net, r["batch"], 16, embedded_input=False)
             if r["method"] == "ar":
-                assert r["network_flops"] == _ar_flops(ar.net, r["batch"], 16)
+                assert r["network_flops"] == ar_flops(ar.net, r["batch"], 16)
         assert shape["peak_flop_per_s"] >= max(p["flop_per_s"] for p in shape["peaks"]) > 0
         profiled = [r for r in shape["rows"] if "profile" in r]
         assert sorted(r["method"] for r in profiled) == ["ar", "fmlm"]
         assert all(abs(sum(r["profile"]["shares"].values()) - 1) < 1e-6 for r in profiled)
+
+
+def test_analytic_flops_equal_the_counter():
+    from fmlm.bench.speed import _models, _sampler, analytic_flops, count_network_flops
+
+    cpu = torch.device("cpu")
+    names = ["fmlm", "fmlm-ref", "flm", "duo", "ar"]
+    for name, (method, net) in _models({"size": "tiny", "vocab": 70, "seq_len": 16}, names, cpu, None).items():
+        for B in (1, 3):
+            counted = count_network_flops(_sampler(name, method, B, 16, 2, 0, cpu), net)["network_flops"]
+            assert analytic_flops(name, net, B, 16, 2)["network_flops"] == counted, (name, B)
 
 
 def test_bench_speed_bad_input_is_a_config_error(tmp_path):
