@@ -12,3 +12,19 @@ def shared_dir() -> Path:
     if not path.is_dir():
         pytest.skip("../shared is not available")
     return path
+
+
+@pytest.fixture
+def randn_shapes(monkeypatch) -> list:
+    """Records the shape of every ``torch.randn`` call (the draws still happen as usual)."""
+    import torch
+
+    shapes: list = []
+    real = torch.randn
+
+    def spy(*size, **kw):
+        shapes.append(tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list)) else size)
+        return real(*size, **kw)
+
+    monkeypatch.setattr(torch, "randn", spy)
+    return shapes

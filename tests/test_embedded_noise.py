@@ -44,16 +44,9 @@ def test_equal_embeddings_get_equal_noise_and_small_vocabularies_draw_x0():
     assert torch.allclose(y, x0 @ big, atol=1e-5)
 
 
-def test_embedded_path_never_draws_vocab_sized_noise(monkeypatch):
+def test_embedded_path_never_draws_vocab_sized_noise(randn_shapes):
     flm = _flm()
-    shapes = []
-    real = torch.randn
-
-    def spy(*size, **kw):
-        shapes.append(tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list)) else size)
-        return real(*size, **kw)
-
-    monkeypatch.setattr(torch, "randn", spy)
+    shapes = randn_shapes
     flm.noise = "embedded"
     flm.loss(torch.randint(V, (2, L)), torch.Generator().manual_seed(0))
     assert shapes and all(s[-1] != V for s in shapes), shapes

@@ -391,15 +391,16 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="side-by-side benchmark of all methods (or `bench train`: throughput)",
                        description="fmlm bench PRESET [options]: train or reuse FLM, FMLM, MDLM, Duo and AR on "
                                    "the same data and sweep the number of steps; `fmlm bench PRESET --help` "
-                                   "lists the options. fmlm bench train: training throughput. fmlm bench report "
-                                   "DIR: rewrite a finished bench's table, headline and plots from its results.json. "
+                                   "lists the options. fmlm bench train: training throughput. fmlm bench speed: "
+                                   "sampling speed and FLOP utilisation. fmlm bench report DIR: rewrite a finished "
+                                   "bench's table, headline and plots from its results.json. "
                                    "fmlm bench rescore DIR --scorer NAME: score its saved samples under another "
                                    "scorer. fmlm bench scaling [PRESET] --budgets ...: the comparison at several "
                                    "training budgets and widths.",
                        add_help=True)
-    b.add_argument("target", metavar="PRESET|train|report|rescore|scaling",
-                   help="bench preset (phrases, shakespeare-cpu, lm1b-cpu, lm1b, owt, tiny), `train`, `report`, "
-                        "`rescore` or `scaling`")
+    b.add_argument("target", metavar="PRESET|train|speed|report|rescore|scaling",
+                   help="bench preset (phrases, shakespeare-cpu, lm1b-cpu, lm1b, owt, tiny), `train`, `speed`, "
+                        "`report`, `rescore` or `scaling`")
     b.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     b.set_defaults(func=cmd_bench)
 

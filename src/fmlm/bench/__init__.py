@@ -7,7 +7,8 @@
 * :mod:`fmlm.bench.scaling`: the comparison at several budgets and widths (``fmlm bench scaling``).
 * :mod:`fmlm.bench.report`: a bench's headline, tables, plots, saved samples and re-scoring
   (``fmlm bench report DIR``, ``fmlm bench rescore DIR --scorer NAME``).
-* ``fmlm bench train`` (training throughput) lives in :mod:`fmlm.bench.throughput`.
+* ``fmlm bench train`` (training throughput) lives in :mod:`fmlm.bench.throughput`,
+  ``fmlm bench speed`` (sampling speed and FLOP utilisation) in :mod:`fmlm.bench.speed`.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ def dispatch(target: str, rest: list[str]) -> int:
     """
     from fmlm.cli import _Parser
 
-    if target == "train":
-        if importlib.util.find_spec("fmlm.bench.throughput") is None:
-            raise ConfigError("`fmlm bench train` (training throughput) is not part of this installation")
-        module = importlib.import_module("fmlm.bench.throughput")
-        parser = _Parser(prog="fmlm bench train", description=module.__doc__)
+    if target in ("train", "speed"):
+        name = {"train": "throughput", "speed": "speed"}[target]
+        if importlib.util.find_spec(f"fmlm.bench.{name}") is None:
+            raise ConfigError(f"`fmlm bench {target}` is not part of this installation")
+        module = importlib.import_module(f"fmlm.bench.{name}")
+        parser = _Parser(prog=f"fmlm bench {target}", description=module.__doc__)
         module.add_arguments(parser)
         return module.run(parser.parse_args(rest))
     from fmlm.bench import report, suite

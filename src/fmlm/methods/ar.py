@@ -160,19 +160,18 @@ class AR(nn.Module):
             if not bool(kmask[:, :n_prefix].all()) or bool(kmask[:, n_prefix:].any()):
                 raise ValueError("an autoregressive model can only be conditioned on a prefix "
                                  "(the same leading positions in every row)")
-        tokens = torch.full((B, 1), self.net.bos_id, dtype=torch.long, device=device)  # (B, 1 + l)
+        # Preallocated: BOS then the L drawn tokens; the cache holds every position's keys/values.
+        tokens = torch.full((B, 1 + seq_len), self.net.bos_id, dtype=torch.long, device=device)
         cache = self.net.new_cache(B, device) if use_cache else None
         for l in range(seq_len):
             if cache is not None:
-                logits = self.net(tokens[:, -1:], cache)[:, -1]  # (B, V): only the newest position
+                logits = self.net(tokens[:, l:l + 1], cache)[:, -1]  # (B, V): only the newest position
             else:
-                logits = self.net(tokens)[:, -1]  # (B, V): the whole prefix again
+                logits = self.net(tokens[:, :l + 1])[:, -1]  # (B, V): the whole prefix again
             nxt = self._draw(logits, generator, float64, T, k, p)  # (B,)
-            if l < n_prefix:
-                nxt = known[:, l]
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            tokens[:, l + 1] = known[:, l] if l < n_prefix else nxt
             if callback is not None:
-                callback(l, tokens[:, 1:], logits)
+                callback(l, tokens[:, 1:l + 2], logits)
         return tokens[:, 1:]
 
 

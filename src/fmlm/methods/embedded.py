@@ -108,6 +108,32 @@ def embedded_noise(embeds: Sequence[torch.Tensor], shape: Sequence[int], generat
     return [ys[j] for j in where]
 
 
+def noise_factor(E: torch.Tensor) -> torch.Tensor | None:
+    """Lower Cholesky factor C of EᵀE (d x d, float32), so that z @ Cᵀ ~ x0 @ E for z ~ N(0, I_d).
+
+    None when d ≥ V: x0 itself is then the cheaper and exact draw (as in :func:`embedded_noise`).
+    The factor depends only on E; a sampler computes it once per set of weights.
+    """
+    V, d = E.shape
+    if d >= V:
+        return None
+    with torch.no_grad(), torch.autocast(E.device.type, enabled=False):
+        W = E.detach().float()
+        return cholesky_psd((W.t() @ W).double()).float()
+
+
+def draw_embedded(E: torch.Tensor, shape: Sequence[int], generator: torch.Generator | None,
+                  factor: torch.Tensor | None) -> torch.Tensor:
+    """x0 @ E for x0 ~ N(0, I_V) per position, float32 (*shape, d), drawn as :func:`embedded_noise`
+    draws it for one network (the same random stream); ``factor`` from :func:`noise_factor`."""
+    with torch.no_grad(), torch.autocast(E.device.type, enabled=False):
+        if factor is None:
+            x0 = torch.randn(*shape, E.shape[0], generator=generator, device=E.device)
+            return x0 @ E.detach().float()
+        z = torch.randn(*shape, E.shape[1], generator=generator, device=E.device)
+        return z @ factor.t()
+
+
 class EmbeddedState:
     """A state x in R^{L×V} known through x @ E for whichever input embedding E reads it."""
 
@@ -133,8 +159,8 @@ class EmbeddedState:
         return EmbeddedState(lambda E: a * self.embed(E) + b * (p.to(E.dtype) @ E).float())
 
 
-def run_net(net, x, *times: torch.Tensor) -> torch.Tensor:
-    """``net(x, *times)`` for a V-space tensor or an :class:`EmbeddedState`."""
+def run_net(net, x, *times: torch.Tensor, **kw) -> torch.Tensor:
+    """``net(x, *times, **kw)`` for a V-space tensor or an :class:`EmbeddedState`."""
     if isinstance(x, EmbeddedState):
-        return net(None, *times, embedded=x.embed(net.embed))
-    return net(x, *times)
+        return net(None, *times, embedded=x.embed(net.embed), **kw)
+    return net(x, *times, **kw)

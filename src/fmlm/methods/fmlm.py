@@ -40,7 +40,7 @@ from torch import nn
 
 from fmlm.errors import FmlmError
 from fmlm.guidance import Steering, check_weak, clamp_known, guided_logits, invert_known, known_tensors, replace_known
-from fmlm.methods.embedded import EmbeddedState, embedded_noise, run_net
+from fmlm.methods.embedded import EmbeddedState, draw_embedded, embedded_noise, noise_factor, run_net
 from fmlm.methods.flm import FLM, denoising_metrics, stratified_uniform
 from fmlm.schedule import Schedule
 
@@ -66,6 +66,68 @@ def sparsemax(z: torch.Tensor, dim: int = -1) -> torch.Tensor:
 def kl_rows(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """KL(p ‖ q) over the last dim, with 0·log 0 = 0. p: probs, log_q: log-probs. -> (…)."""
     return (torch.xlogy(p, p) - p * log_q).sum(-1)
+
+
+def softmax_(z: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dim, in place (no (…, V) temporaries): for targets computed without a graph."""
+    z.sub_(z.amax(-1, keepdim=True)).exp_()
+    return z.div_(z.sum(-1, keepdim=True))
+
+
+def _row_chunks(n: int, v: int):
+    rows = max(1, (1 << 21) // max(v, 1))  # about 8 MB of float32 per temporary
+    return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
+
+
+class _CappedKL(torch.autograd.Function):
+    """Rows of KL(p ‖ softmax(cap·tanh(z / cap))) and their gradient in z, by chunks of rows.
+
+    Equal to ``kl_rows(p, (cap·tanh(z/cap)).log_softmax(-1))`` (cap 0: no cap), but without a
+    (N, V) temporary besides the gradient itself: KL = Σ p log p − Σ p·y + (Σ p)·logsumexp(y),
+    ∂KL/∂y = (Σ p)·softmax(y) − p, ∂y/∂z = 1 − tanh²(z / cap).
+    """
+
+    @staticmethod
+    def forward(ctx, p: torch.Tensor, z: torch.Tensor, cap: float) -> torch.Tensor:
+        N, V = z.shape
+        out = torch.empty(N, device=z.device, dtype=torch.float32)
+        lse, psum = torch.empty_like(out), torch.empty_like(out)
+        for c in _row_chunks(N, V):
+            y = z[c].float()
+            if cap > 0:
+                y = (y / cap).tanh_().mul_(cap)
+            pc = p[c].float()
+            lse[c] = torch.logsumexp(y, -1)
+            psum[c] = pc.sum(-1)
+            out[c] = torch.xlogy(pc, pc).sum(-1) - (pc * y).sum(-1) + psum[c] * lse[c]
+        ctx.save_for_backward(p, z, lse, psum)
+        ctx.cap = cap
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        p, z, lse, psum = ctx.saved_tensors
+        cap = ctx.cap
+        N, V = z.shape
+        grad = torch.empty(z.shape, device=z.device, dtype=z.dtype)
+        g = g.float()
+        for c in _row_chunks(N, V):
+            y = z[c].float()
+            th = None
+            if cap > 0:
+                th = (y / cap).tanh_()
+                y = th * cap
+            d = y.sub_(lse[c, None]).exp_().mul_((psum[c] * g[c])[:, None]).addcmul_(p[c].float(), g[c, None], value=-1)
+            if th is not None:
+                d.mul_(th.square_().neg_().add_(1))
+            grad[c] = d
+        return None, grad, None
+
+
+def kl_capped(p: torch.Tensor, z: torch.Tensor, cap: float) -> torch.Tensor:
+    """KL(p ‖ softmax(cap·tanh(z / cap))) over the last dim for raw logits z (…, V); cap 0: no cap."""
+    shape = z.shape[:-1]
+    return _CappedKL.apply(p.reshape(-1, p.shape[-1]), z.reshape(-1, z.shape[-1]), float(cap)).view(shape)
 
 
 def flow_map(x, delta: torch.Tensor, t_s: torch.Tensor, t_t: torch.Tensor):
@@ -119,6 +181,9 @@ class FMLM(nn.Module):
             D_s + c·J); see :meth:`eulerian_target`.
         noise: ``embedded`` (draw the noise of I_s jointly in the embedding spaces of every network
             that reads it, see :mod:`fmlm.methods.embedded`) or ``vocab`` (V-space, the reference).
+        fused: compute the KL losses with the logit cap fused in, by chunks of rows
+            (:func:`kl_capped`), and the semigroup target in place; ``False`` is the reference
+            (autograd through log_softmax, out-of-place target): the same values up to rounding.
     """
 
     def __init__(
@@ -136,8 +201,10 @@ class FMLM(nn.Module):
         max_gap: float = 1.0,
         eulerian_form: str = "relaxed",
         noise: str = "vocab",
+        fused: bool = True,
     ):
         super().__init__()
+        self.fused = fused
         if noise not in ("vocab", "embedded"):
             raise ValueError(f"unknown noise path {noise!r}")
         self.noise = noise  # set by the trainer from train.noise
@@ -194,9 +261,19 @@ class FMLM(nn.Module):
         return cls(net, teacher.schedule, teacher=teacher, **kw)
 
     # ------------------------------------------------------------------ the model
-    def logits(self, x: torch.Tensor, tau_s: torch.Tensor, tau_t: torch.Tensor, net: nn.Module | None = None):
-        out = run_net(self.net if net is None else net, x, tau_s, tau_t)
+    def logits(self, x: torch.Tensor, tau_s: torch.Tensor, tau_t: torch.Tensor, net: nn.Module | None = None,
+               cap: bool = True):
+        out = run_net(self.net if net is None else net, x, tau_s, tau_t, **({} if cap else {"cap": False}))
         return out if out.dtype == torch.float64 else out.float()
+
+    def _kl_to(self, p: torch.Tensor, x, tau_s: torch.Tensor, tau_t: torch.Tensor) -> torch.Tensor:
+        """Σ KL(p ‖ δ̂_{s,t}(x)) over rows and positions, fused with the logit cap (:func:`kl_capped`)."""
+        if not self.fused:
+            return kl_rows(p, self.logits(x, tau_s, tau_t).log_softmax(-1)).sum()
+        cap = getattr(self.net, "logit_cap", None)  # None: a backbone without the DiT's soft cap
+        if cap is None:
+            return kl_capped(p, self.logits(x, tau_s, tau_t), 0.0).sum()
+        return kl_capped(p, self.logits(x, tau_s, tau_t, cap=False), cap).sum()
 
     def delta(self, x: torch.Tensor, tau_s: torch.Tensor, tau_t: torch.Tensor) -> torch.Tensor:
         """δ_{s,t}(x) on the simplex, (B, L, V) float32; τ_s ≤ τ_t required."""
@@ -240,14 +317,18 @@ class FMLM(nn.Module):
         """δ̄ = λ·δ̂_{s,u}(x) + (1 − λ)·δ̂_{u,t}(X_{s,u}(x)), on the simplex."""
         net = self._target
         ts, tu, tt = self._t(tau_s), self._t(tau_u), self._t(tau_t)
-        d_su = self.logits(x, tau_s, tau_u, net).softmax(-1)
+        # In place throughout: no graph is kept, and each (B, L, V) temporary costs a full pass.
+        soft = softmax_ if self.fused else (lambda z: z.softmax(-1))
+        d_su = soft(self.logits(x, tau_s, tau_u, net))
         x_u = flow_map(x, d_su, ts, tu)
-        d_ut = self.logits(x_u, tau_u, tau_t, net).softmax(-1)
+        d_ut = soft(self.logits(x_u, tau_u, tau_t, net))
         gap = (tt - ts).clamp_min(1e-12)
         lam = ((1 - tt) * (tu - ts) / ((1 - tu).clamp_min(1e-12) * gap))
         # s = t (gap 0) makes λ 0/0; the target is then δ_{s,s} either way.
         lam = torch.where(tt - ts > 1e-12, lam, torch.zeros_like(lam)).clamp(0, 1)[:, None, None]
-        return lam * d_su + (1 - lam) * d_ut
+        if not self.fused:
+            return lam * d_su + (1 - lam) * d_ut
+        return d_ut.lerp_(d_su, lam.to(d_ut.dtype))  # λ·δ_su + (1 − λ)·δ_ut
 
     def _jvp(self, fn: Callable, primals: tuple, tangents: tuple):
         # Fused SDPA kernels (flash, memory-efficient) have no forward-mode derivative;
@@ -337,13 +418,13 @@ class FMLM(nn.Module):
         if n_diag:
             tau = stratified_uniform(n_diag, generator, ids.device)
             x = states(slice(0, n_diag), self._t(tau))
-            log_q = self.logits(x, tau, tau).log_softmax(-1)
             if self.teacher is None:
+                log_q = self.logits(x, tau, tau).log_softmax(-1)
                 diag = F.nll_loss(log_q.flatten(0, 1), ids[:n_diag].flatten(), reduction="sum")
             else:
                 with torch.no_grad():
                     p = self.teacher.denoise(x, tau)
-                diag = kl_rows(p, log_q).sum()
+                diag = self._kl_to(p, x, tau, tau)
             total = total + diag
             metrics["loss_diag"] = diag.detach() / (n_diag * L)
 
@@ -356,10 +437,11 @@ class FMLM(nn.Module):
                 target = self.lagrangian_target(x, tau_s, tau_t)
             else:
                 target = self.eulerian_target(x, tau_s, tau_t)
-            logits = self.logits(x, tau_s, tau_t)
-            if self.objective == "eulerian" and self.eulerian_loss == "mse" and self.eulerian_form == "relaxed":
+            mse = self.objective == "eulerian" and self.eulerian_loss == "mse"
+            logits = self.logits(x, tau_s, tau_t) if mse else None
+            if mse and self.eulerian_form == "relaxed":
                 off = (logits.softmax(-1) - target).pow(2).sum()
-            elif self.objective == "eulerian" and self.eulerian_loss == "mse":
+            elif mse:
                 # The target's JVP coefficient c = (1−s)(t−s)/(1−t) diverges as t → 1; weighting each
                 # pair by 1/(1 + c²) keeps the regression bounded (weight 1 near the diagonal).
                 ts_, tt_ = self._t(tau_s), self._t(tau_t)
@@ -367,7 +449,7 @@ class FMLM(nn.Module):
                 w = (1.0 / (1.0 + c**2))[:, None, None]
                 off = (w * (logits.softmax(-1) - target).pow(2)).sum()
             else:
-                off = kl_rows(target, logits.log_softmax(-1)).sum()
+                off = self._kl_to(target, x, tau_s, tau_t)
             total = total + off
             metrics["loss_off"] = off.detach() / (n_off * L)
 
@@ -455,8 +537,18 @@ class FMLM(nn.Module):
         reward_scale: float = 0.1,
         reward_iters: int = 10,
         reward_temperature: float = 8.0,
+        noise: str = "embedded",
     ) -> torch.Tensor:
         """N flow-map steps on a uniform τ grid; the last returns δ_{s,1}, decoded by argmax.
+
+        ``noise="embedded"`` (the default) is the lean path, taken whenever no conditioning,
+        guidance or callback is asked for: the initial state is drawn directly as x0 @ E in the
+        d-dimensional embedding space (:func:`fmlm.methods.embedded.draw_embedded`, through a
+        Cholesky factor of EᵀE cached per set of weights), the states X = a·x + b·δ stay in that
+        form, and the last step takes the argmax of the logits (no softmax). Its tokens are those
+        of the reference path for the same x0; when d < V the x0 is drawn differently, so the
+        same seed gives other (equally distributed) samples. ``noise="vocab"`` is the reference:
+        (B, L, V) Gaussian, V-space states, argmax of δ.
 
         With ``gamma`` > 0 each intermediate step jumps further, to t̃ with
         1 − t̃ = (1 − t)·sqrt(1 − γ²), and adds fresh noise of std γ(1 − t), so the state's
@@ -480,7 +572,12 @@ class FMLM(nn.Module):
             raise ValueError("steps must be >= 1")
         device = next(self.parameters()).device
         dtype = torch.float64 if float64 else torch.float32
+        if noise not in ("embedded", "vocab"):
+            raise ValueError(f"unknown noise path {noise!r} (embedded or vocab)")
         known, mask = known_tensors(known, mask, num_samples, seq_len, self.vocab_size, device)
+        if noise == "embedded" and known is None and guide_weak is None and reward is None and callback is None:
+            h = draw_embedded(self.net.embed, (num_samples, seq_len), generator, self._noise_factor())
+            return self.sample_embedded(h.to(dtype), steps, generator, gamma)
         if guide_weak is not None:
             check_weak(self, guide_weak)
         z = torch.randn(num_samples, seq_len, self.vocab_size, generator=generator, device=device).to(dtype)
@@ -523,4 +620,48 @@ class FMLM(nn.Module):
             if gamma > 0:
                 eps = torch.randn(z.shape, generator=generator, device=device).to(dtype)
                 z = z + gamma * (1 - t) * eps
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _noise_factor(self) -> torch.Tensor | None:
+        """Cholesky factor of EᵀE for the lean sampler, recomputed only when the embedding changes."""
+        E = self.net.embed
+        key = (E.data_ptr(), E._version, E.dtype, E.device, tuple(E.shape))
+        cached = getattr(self, "_factor_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, noise_factor(E))
+            self._factor_cache = cached
+        return cached[1]
+
+    @torch.no_grad()
+    def sample_embedded(self, h: torch.Tensor, steps: int, generator: torch.Generator | None = None,
+                        gamma: float = 0.0) -> torch.Tensor:
+        """The lean sampler from an embedded initial state h = x0 @ E (B, L, d): token ids (B, L).
+
+        Each state is kept as its embedding h = x @ E (the flow map is affine in x:
+        X @ E = a·(x @ E) + b·(δ @ E)); the last step returns argmax of the logits, which is
+        argmax δ. Fresh noise of the stochastic variant (``gamma`` > 0) is drawn as ε @ E.
+        Given h = x0 @ E this computes the reference path's tokens for that x0 (the same
+        function, up to floating-point rounding of the states after the first step).
+        """
+        if steps < 1:
+            raise ValueError("steps must be >= 1")
+        B, device, dtype = h.shape[0], h.device, h.dtype
+        E = self.net.embed
+        taus = torch.linspace(0, 1, steps + 1, dtype=torch.float64, device=device)
+        ts = self.schedule.t(taus)
+        for i in range(steps):
+            tau_s = taus[i].float().expand(B)
+            if i == steps - 1:
+                return self.net(None, tau_s, taus[i + 1].float().expand(B), embedded=h.to(E.dtype)).argmax(-1)
+            s, t = ts[i], ts[i + 1]
+            t_jump = 1 - (1 - t) * (1 - gamma**2) ** 0.5 if gamma > 0 else t
+            tau_jump = self.schedule.tau(torch.as_tensor(t_jump, dtype=torch.float64, device=device))
+            logits = self.net(None, tau_s, tau_jump.float().expand(B), embedded=h.to(E.dtype))
+            d = logits.float().softmax(-1).to(dtype)
+            t_jump = torch.as_tensor(t_jump, device=device)
+            a, b = ((1 - t_jump) / (1 - s)).to(dtype), ((t_jump - s) / (1 - s)).to(dtype)
+            h = a * h + b * (d @ E.to(dtype))
+            if gamma > 0:
+                eps = draw_embedded(E, h.shape[:2], generator, self._noise_factor()).to(dtype)
+                h = h + gamma * (1 - t).to(dtype) * eps
         raise AssertionError("unreachable")  # pragma: no cover

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmlm.errors import FmlmError
-from fmlm.nn.dit import Rotary, apply_rotary
+from fmlm.nn.dit import Rotary, rotary_qkv
 
 
 class KVCache:
@@ -53,6 +53,7 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.max_len = max_len
         self.length = 0
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (max_len, hd/2) tables, set by the model
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H, n, hd) at positions [P, P + n); return all keys/values (B, H, P + n, hd).
@@ -86,9 +87,7 @@ class CausalBlock(nn.Module):
     def attention(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                   cache: KVCache | None, layer: int) -> torch.Tensor:
         B, n, D = h.shape
-        q, k, v = self.qkv(h).view(B, n, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # 3 x (B,H,n,hd)
-        cos, sin = rope  # (n, hd/2): the tables of the absolute positions [P, P + n)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = rotary_qkv(self.qkv(h), self.n_heads, rope)  # 3 x (B,H,n,hd); rope: positions [P, P + n)
         p = self.dropout if self.training else 0.0
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B,H,n,hd)
@@ -96,8 +95,13 @@ class CausalBlock(nn.Module):
             P = cache.length
             k, v = cache.update(layer, k, v)  # (B,H,P+n,hd)
             k, v = k.to(q.dtype), v.to(q.dtype)
-            if n == 1:
-                # One new query may see every cached key: no mask needed.
+            if n == 1 and p == 0.0:
+                # One new query may see every cached key: no mask needed. Two batched products
+                # (the math kernel): the fused CPU kernels carry a fixed cost per call that
+                # dominates at one query.
+                att = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B,H,1,P+1)
+                out = att.softmax(-1) @ v
+            elif n == 1:
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
             else:
                 # SDPA's is_causal aligns the mask to the top-left corner, which is wrong once
@@ -169,8 +173,10 @@ class CausalTransformer(nn.Module):
                   dtype: torch.dtype | None = None) -> KVCache:
         """An empty cache for ``batch`` sequences of up to ``max_seq_len`` positions."""
         w = self.embed.weight
-        return KVCache(len(self.blocks), batch, self.n_heads, self.head_dim, self.max_seq_len,
-                       device or w.device, dtype or w.dtype)
+        cache = KVCache(len(self.blocks), batch, self.n_heads, self.head_dim, self.max_seq_len,
+                        device or w.device, dtype or w.dtype)
+        cache.rope = self.rotary(self.max_seq_len, device or w.device, w.dtype)
+        return cache
 
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Next-token logits (B, n, V) for ids (B, n) in [0, V] (V = BOS).
@@ -183,8 +189,11 @@ class CausalTransformer(nn.Module):
         if start + n > self.max_seq_len:
             raise FmlmError(f"sequence length {start + n} exceeds the model's maximum {self.max_seq_len}")
         h = self.embed(ids)  # (B, n, D)
-        cos, sin = self.rotary(start + n, h.device, h.dtype)
-        rope = (cos[start:], sin[start:])  # (n, hd/2)
+        if cache is not None and cache.rope is not None and cache.rope[0].dtype == h.dtype:
+            cos, sin = cache.rope  # computed once per cache
+        else:
+            cos, sin = self.rotary(start + n, h.device, h.dtype)
+        rope = (cos[start:start + n], sin[start:start + n])  # (n, hd/2)
         for i, block in enumerate(self.blocks):
             h = block(h, rope, cache, i)
         if cache is not None:
