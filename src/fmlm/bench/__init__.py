@@ -6,7 +6,8 @@
 * :mod:`fmlm.bench.suite`: all methods side by side and the ablations (``fmlm bench PRESET``).
 * :mod:`fmlm.bench.scaling`: the comparison at several budgets and widths (``fmlm bench scaling``).
 * :mod:`fmlm.bench.report`: a bench's headline, tables, plots, saved samples and re-scoring
-  (``fmlm bench report DIR``, ``fmlm bench rescore DIR --scorer NAME``).
+  (``fmlm bench report DIR``); :mod:`fmlm.bench.rescore` re-scores saved samples
+  (``fmlm bench rescore DIR --scorer NAME``).
 * ``fmlm bench train`` (training throughput) lives in :mod:`fmlm.bench.throughput`,
   ``fmlm bench speed`` (sampling speed and FLOP utilisation) in :mod:`fmlm.bench.speed`.
 """
@@ -66,10 +67,12 @@ def dispatch(target: str, rest: list[str]) -> int:
         parser.add_argument("--quiet", action="store_true")
         args = parser.parse_args(rest)
         log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-        report.read_samples(args.folder)  # fail on a missing file before loading a scorer
+        from fmlm.bench import rescore
+
+        rescore.read_samples(args.folder)  # fail on a missing file before loading a scorer
         scorer = load_scorer(args.scorer, batch_size=args.scorer_batch, device=args.device)
         command = "fmlm bench rescore " + " ".join(shlex.quote(a) for a in rest)
-        result, dest = report.rescore(args.folder, scorer, args.out, plots=not args.no_plots, command=command,
+        result, dest = rescore.rescore(args.folder, scorer, args.out, plots=not args.no_plots, command=command,
                                       log=log)
         log(f"wrote {dest / 'results.json'}, {dest / 'results.md'}")
         print(report.markdown(result))

@@ -24,16 +24,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from fmlm.bench.report import (
-    ENTROPY_TOLERANCE,
-    _collapsed,
-    _fmt,
-    _slug,
-    _write_atomic,
-    headline,
-    read_result,
-    rescore,
-)
+from fmlm.bench.report import ENTROPY_TOLERANCE, _collapsed, _fmt, _write_atomic, headline, read_result
+from fmlm.bench.rescore import _slug, rescore
 from fmlm.errors import ConfigError
 
 #: The study's step sweep (AR: its L sequential passes).
