@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from fmlm.errors import DataError
+from fmlm.io import write_atomic, write_text
 
 __all__ = [
     "EOS_TOKEN",
@@ -252,10 +253,8 @@ class Tokenizer(abc.ABC):
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Write ``text`` to ``path`` atomically (:func:`fmlm.io.write_text`)."""
+    write_text(path, text)
 
 
 # --------------------------------------------------------------------- symbols
@@ -466,9 +465,7 @@ class HFTokenizer(Tokenizer):
         return _hash_hex(self.backend.to_str())
 
     def _save_files(self, directory: Path) -> dict[str, Any]:
-        tmp = directory / f".tokenizer.json.{uuid.uuid4().hex}.tmp"
-        self.backend.save(str(tmp))
-        os.replace(tmp, directory / "tokenizer.json")
+        write_atomic(directory / "tokenizer.json", lambda tmp: self.backend.save(str(tmp)))
         return {"space_joined": self._space_joined}
 
 
