@@ -88,7 +88,10 @@ def test_generate_is_deterministic_and_timed(client):
     (b'{"model": "gpt"}', 404, "unknown model"),
     (b'{"gamma": 0.5}', 400, "gamma does not apply to model 'flm'"),
     (b'{"model": "semigroup", "gamma": 1.5}', 400, "gamma must be a number in [0, 1)"),
-    (b'{"prefix": "zogu"}', 400, "prefix is not supported by this build"),
+    (b'{"prefix": "notaword"}', 400, "cannot tokenise"),
+    (b'{"model": "ar", "suffix": "a"}', 400, "suffix does not apply to model 'ar' (method ar; it takes prefix)"),
+    (b'{"model": "ar", "infill": "[MASK] a"}', 400, "infill does not apply to model 'ar'"),
+    (b'{"prefix": "a", "infill": "[MASK] a"}', 400, "either infill or prefix/suffix"),
     (b'{"prefix": 3}', 400, "prefix must be a string"),
     (json.dumps({"prefix": "x" * 101}).encode(), 413, "prefix has 101 characters; the limit is 100"),
     (json.dumps({"seed": 1, "pad": "x" * 3000}).encode(), 413, "the limit is 2048"),
@@ -230,3 +233,21 @@ def test_cli_serve_bad_checkpoint_is_one_line(argv, match, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("model", ["flm", "semigroup", "mdlm", "duo", "ar"])
+def test_prefix_suffix_and_infill_requests_are_honoured(client, models, model):
+    """The documented conditioning fields reach the sampler: known tokens come back exactly."""
+    tok = models[0].model.tokenizer
+    word = tok.decode([3]).strip()
+    cond = client.get("/health").json()["models"][model]["conditioning"]
+    assert cond == (["prefix"] if model == "ar" else ["prefix", "suffix", "infill"])
+    for field, value, pos in (("prefix", word, 0), ("suffix", word, -1), ("infill", f"[MASK] {word}", 1)):
+        for path in ("/v1/generate", "/v1/stream"):
+            r = client.post(path, json={"model": model, "steps": 2, field: value})
+            if field not in cond:
+                assert r.status_code == 400 and "does not apply" in r.json()["error"]
+                continue
+            assert r.status_code == 200, r.text
+            ids = r.json()["ids"][0] if path == "/v1/generate" else events(r.text)[-1][1]["ids"][0]
+            assert ids[pos] == 3, (field, path, ids)

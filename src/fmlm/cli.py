@@ -329,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic tasks: print valid rate and coverage (and the target rate with --reward)")
     g = s.add_argument_group("conditioning and guidance (FLM, FMLM; prefix/infill also MDLM, Duo, AR)")
     g.add_argument("--prefix", help="text the samples start with (tokenised with the model's tokenizer)")
+    g.add_argument("--suffix", help="text the samples end with (alone or with --prefix; not AR)")
     g.add_argument("--infill", help='template with gaps, e.g. "The [MASK:5] of York" ([MASK] = one token)')
     g.add_argument("--guide-weak", metavar="RUN", help="autoguidance: a weaker model of the same data")
     g.add_argument("--guide-weight", type=float, metavar="W", help="autoguidance weight w (default 1)")
