@@ -166,16 +166,22 @@ def load_training_state(path: str | Path, name: str) -> Any:
     if not legacy.is_file():
         raise CheckpointError(f"checkpoint file missing: {d / name}")
     try:
-        with torch.serialization.safe_globals(_legacy_safe_globals()):
+        with torch.serialization.safe_globals(_legacy_safe_globals()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error below says it all
             return torch.load(legacy, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError, EOFError, ... all mean: not a plain state file
-        first = (str(e).splitlines() or [type(e).__name__])[0]
-        if "Weights only load failed" in first or "Unsupported" in first or "GLOBAL" in str(e):
+        text = str(e)
+        with open(legacy, "rb") as f:
+            head = f.read(2)
+        if "GLOBAL" in text or "Unsupported global" in text or head[:1] == b"\x80" or head == b"PK":
+            # A pickle (raw, or torch.save's zip) that wants more than tensors and plain containers.
             raise CheckpointError(
                 f"refusing to unpickle {legacy}: it holds objects other than tensors and plain containers "
                 "(a checkpoint must not run code); resume from another checkpoint, or start over with --restart"
             ) from None
-        raise CheckpointError(f"corrupt checkpoint file {legacy}: {first[:200]}") from None
+        why = next((line.strip() for line in text.splitlines() if "Unsupported" in line),
+                   (text.splitlines() or [type(e).__name__])[0])
+        raise CheckpointError(f"corrupt checkpoint file {legacy} (read as plain tensors only): {why[:200]}") from None
 
 
 def save_checkpoint(

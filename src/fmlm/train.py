@@ -31,6 +31,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -417,9 +418,10 @@ class Trainer:
     def _find_resume_point(self) -> Path | None:
         """The newest valid checkpoint; an error (changing nothing) if there are checkpoints but none is valid."""
         found, skipped = ckpt.newest_valid(self.run_dir, deep=True)
-        for why in skipped:
-            self.log(f"skipping {why}")
-        if found is None and skipped:
+        if found is not None:
+            for why in skipped:
+                warnings.warn(f"skipping {why}", stacklevel=3)
+        elif skipped:
             n = len(skipped)
             raise CheckpointError(
                 f"none of the {n} checkpoint{'s' * (n > 1)} in {self.run_dir / 'checkpoints'} is valid (newest: "
