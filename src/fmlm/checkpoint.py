@@ -298,24 +298,26 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: (step_of(p), p.name))
 
 
-_VERIFIED: dict[tuple, bool] = {}  # (path, manifest mtime/size) -> deep check passed, per process
+_VERIFIED: set[tuple] = set()  # checkpoints whose deep check passed (this process), with their files' stats
 
 
 def is_valid(path: Path, deep: bool = True) -> bool:
-    """Whether ``path`` passes :func:`verify`; a deep pass is remembered for an unchanged manifest."""
+    """Whether ``path`` passes :func:`verify`; a deep pass is remembered while no file of the checkpoint
+    changes size or modification time (so pruning hashes each checkpoint once)."""
     try:
-        st = (path / MANIFEST).stat()
-        key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+        key = (str(path.resolve()),) + tuple(
+            (str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(path.rglob("*")) if p.is_file())
     except OSError:
         return False
-    if _VERIFIED.get(key):
+    if key in _VERIFIED:
         return True
     try:
         verify(path, deep=deep)
     except CheckpointError:
         return False
     if deep:
-        _VERIFIED[key] = True
+        _VERIFIED.add(key)
     return True
 
 
