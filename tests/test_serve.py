@@ -392,12 +392,12 @@ def test_a_disconnected_clients_request_is_dropped(models):
             httpx.post(f"{url}/v1/generate", json={"seed": 1, "steps": 2}, timeout=600).status_code))
         first.start()
         _wait_until(lambda: seeds == [1])  # the worker is busy with the first request
-        for seed in (2, 3):  # two clients send a request and leave
+        for waiting, seed in enumerate((2, 3), start=1):  # two clients send a request and leave
             body = json.dumps({"seed": seed, "steps": 2}).encode()
             s = socket.create_connection(("127.0.0.1", port))
             s.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            _wait_until(lambda: worker.queue.qsize() >= seed - 1)
+            _wait_until(lambda n=waiting: worker.queue.qsize() >= n)
             s.close()
         _wait_until(lambda: all(job.cancelled.is_set() for job in list(worker.queue.queue)))
         gate.set()

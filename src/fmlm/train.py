@@ -627,7 +627,7 @@ class Trainer:
         main = self.env.is_main
         log_f = None
         if main:
-            check_run_dir(self.run_dir)  # again: it may have changed since the constructor
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.json")
             _truncate_log(self.run_dir / "log.jsonl", st.step)
             log_f = open(self.run_dir / "log.jsonl", "a")

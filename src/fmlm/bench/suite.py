@@ -27,6 +27,7 @@ from fmlm.bench.metrics import reference_entropy, validation_metrics
 from fmlm.bench.presets import ABLATIONS, PRESETS, BenchPreset, Variant, get_preset, variants_for
 from fmlm.config import RunConfig, build_config, set_value, validate
 from fmlm.errors import ConfigError, FmlmError
+from fmlm.io import write_json
 from fmlm.train import RESUMABLE_KEYS, Trainer, _flatten, default_cache_dir
 
 # Keys that do not change what a run learns (bookkeeping, placement, paths).
@@ -536,7 +537,7 @@ def write_outputs(result: dict, out: Path, plots: bool = True) -> None:
         result["headline"] = h
     if plots:
         result["plots"] = [p.name for p in plot(result, out)]
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out / "results.json", result)
     (out / "results.md").write_text(markdown(result))
 
 

@@ -246,15 +246,10 @@ class Tokenizer(abc.ABC):
             "fingerprint": self.fingerprint,
             **extra,
         }
-        _write_text_atomic(directory / _META, json.dumps(meta, indent=2))
+        write_text(directory / _META, json.dumps(meta, indent=2))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(spec={self.spec!r}, vocab_size={self.vocab_size})"
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (:func:`fmlm.io.write_text`)."""
-    write_text(path, text)
 
 
 # --------------------------------------------------------------------- symbols
@@ -290,7 +285,7 @@ class _SymbolTokenizer(Tokenizer):
 
     def _save_files(self, directory: Path) -> dict[str, Any]:
         vocab = {"symbols": self.symbols[: self.num_base], "add_unk": self.unk_id is not None}
-        _write_text_atomic(directory / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+        write_text(directory / "vocab.json", json.dumps(vocab, ensure_ascii=False))
         return {}
 
 
