@@ -408,3 +408,14 @@ def test_a_disconnected_clients_request_is_dropped(models):
         gate.set()
         server.should_exit = True
         t.join(60)
+
+
+def test_prefix_and_suffix_together(client, models):
+    tok = models[0].model.tokenizer
+    a, b = tok.decode([3]).strip(), tok.decode([5]).strip()
+    for model in ("flm", "semigroup", "mdlm", "duo"):
+        r = client.post("/v1/generate", json={"model": model, "steps": 2, "prefix": a, "suffix": b, "num_samples": 2})
+        assert r.status_code == 200, r.text
+        assert all(row[0] == 3 and row[-1] == 5 for row in r.json()["ids"]), (model, r.json()["ids"])
+    r = client.post("/v1/generate", json={"prefix": f"{a} {a}", "suffix": b})
+    assert r.status_code == 400 and "more than the sequence length" in r.json()["error"]
