@@ -360,10 +360,66 @@ def test_binding_beyond_loopback_warns(capsys):
     assert "warning" not in capsys.readouterr().err
 
 
+def _post_and_leave(port: int, body: dict):
+    """Send a request on a raw connection (the caller closes it without reading the answer)."""
+    data = json.dumps(body).encode()
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    return s
+
+
+def _server(app):
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    _wait_until(lambda: server.started)
+    return server, t, port
+
+
+def test_a_running_request_stops_when_its_client_leaves(models):
+    """A JSON request whose client disconnects mid-sampling stops at the next network evaluation."""
+    gate, started, calls = threading.Event(), threading.Event(), []
+    base_model = models[0].model
+
+    class Watched:  # the real model; its sampler callback is counted and held at the first evaluation
+        config, tokenizer, path, method = base_model.config, base_model.tokenizer, base_model.path, base_model.method
+        conditioning = base_model.conditioning
+        decode = base_model.decode
+
+        def sample_ids(self, n, steps, seed, callback=None, **k):
+            def counted(i, z, d):
+                calls.append(i)
+                if len(calls) == 1:
+                    started.set()
+                    gate.wait(600)
+                callback(i, z, d)
+
+            return base_model.sample_ids(n, steps, seed, callback=counted, **k)
+
+    app = create_app([wrap_model("watched", Watched())], ServeLimits())
+    server, t, port = _server(app)
+    worker = app.state.worker
+    try:
+        s = _post_and_leave(port, {"steps": 1024})
+        assert started.wait(600)
+        s.close()
+        _wait_until(lambda: worker.current is not None and worker.current.cancelled.is_set())
+        gate.set()
+        _wait_until(lambda: worker.dropped_requests == 1 and not worker.busy)
+        assert calls == [0]  # 1 of 1,024 network evaluations, not all of them
+    finally:
+        gate.set()
+        server.should_exit = True
+        t.join(60)
+
+
 def test_a_disconnected_clients_request_is_dropped(models):
     """A request whose client has gone while it waited in the queue is never computed."""
     import httpx
-    import uvicorn
 
     gate, seeds = threading.Event(), []
     base_model = models[0].model
@@ -379,13 +435,9 @@ def test_a_disconnected_clients_request_is_dropped(models):
             return base_model.sample_ids(n, steps, seed, **k)
 
     app = create_app([wrap_model("gated", Gated())], ServeLimits())
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
+    server, t, port = _server(app)
     worker = app.state.worker
     try:
-        _wait_until(lambda: server.started)
         url = f"http://127.0.0.1:{port}"
         results = []
         first = threading.Thread(target=lambda: results.append(
@@ -393,10 +445,7 @@ def test_a_disconnected_clients_request_is_dropped(models):
         first.start()
         _wait_until(lambda: seeds == [1])  # the worker is busy with the first request
         for waiting, seed in enumerate((2, 3), start=1):  # two clients send a request and leave
-            body = json.dumps({"seed": seed, "steps": 2}).encode()
-            s = socket.create_connection(("127.0.0.1", port))
-            s.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            s = _post_and_leave(port, {"seed": seed, "steps": 2})
             _wait_until(lambda n=waiting: worker.queue.qsize() >= n)
             s.close()
         _wait_until(lambda: all(job.cancelled.is_set() for job in list(worker.queue.queue)))

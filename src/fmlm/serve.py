@@ -311,6 +311,7 @@ class Worker:
         self.threads = threads
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=limits.max_queue)
         self.busy = False
+        self.current: Job | None = None  # the job being computed
         self.served_requests = 0
         self.dropped_requests = 0  # clients that left before their result
         self._thread = threading.Thread(target=self._run, name="fmlm-serve-worker", daemon=True)
@@ -346,7 +347,7 @@ class Worker:
             if job.cancelled.is_set():  # the client left while the job waited: drop it
                 self.dropped_requests += 1
                 continue
-            self.busy = True
+            self.busy, self.current = True, job
             try:
                 result = self._execute(job)
                 self._deliver(job, "done", result)
@@ -357,7 +358,7 @@ class Worker:
             except Exception as e:  # a bug must not kill the worker; the client gets a 500
                 self._deliver(job, "error", {"error": f"internal error: {type(e).__name__}: {e}", "status": 500})
             finally:
-                self.busy = False
+                self.busy, self.current = False, None
                 self.served_requests += 1
 
     def _execute(self, job: Job) -> dict:
