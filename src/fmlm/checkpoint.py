@@ -27,6 +27,7 @@ numpy's RNG arrays; anything else is refused with a one-line error.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -165,8 +166,14 @@ def load_training_state(path: str | Path, name: str) -> Any:
     legacy = d / LEGACY[name]
     if not legacy.is_file():
         raise CheckpointError(f"checkpoint file missing: {d / name}")
+    allowed = _legacy_safe_globals()
+    if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.5: allowed for this load only
+        scope = torch.serialization.safe_globals(allowed)
+    else:  # torch 2.4
+        torch.serialization.add_safe_globals(allowed)
+        scope = contextlib.nullcontext()
     try:
-        with torch.serialization.safe_globals(_legacy_safe_globals()), warnings.catch_warnings():
+        with scope, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error below says it all
             return torch.load(legacy, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError, EOFError, ... all mean: not a plain state file
@@ -177,7 +184,8 @@ def load_training_state(path: str | Path, name: str) -> Any:
             # A pickle (raw, or torch.save's zip) that wants more than tensors and plain containers.
             raise CheckpointError(
                 f"refusing to unpickle {legacy}: it holds objects other than tensors and plain containers "
-                "(a checkpoint must not run code); resume from another checkpoint, or start over with --restart"
+                "(a checkpoint must not run code); delete that checkpoint to resume from an older one, or start over "
+                "with --restart"
             ) from None
         why = next((line.strip() for line in text.splitlines() if "Unsupported" in line),
                    (text.splitlines() or [type(e).__name__])[0])
