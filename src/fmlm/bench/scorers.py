@@ -25,6 +25,7 @@ import importlib
 import importlib.util
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -282,7 +283,7 @@ def load_scorer(name: str = DEFAULT_SCORER, batch_size: int | None = None, devic
     p = Path(name)
     if p.is_file() and p.suffix == ".gguf":
         return HFScorer(name, str(p.parent), gguf_file=p.name, batch_size=batch_size or 4, device=device)
-    if not p.exists() and (_hub_offline() or not _hub_reachable()):
+    if not p.exists() and _HUB_ID.fullmatch(name) and (_hub_offline() or not _hub_reachable()):
         # Offline, transformers would retry the Hub for a minute and print a page of warnings;
         # use the local Hub cache if it has the model, else say so in one line.
         local = _hub_cached(name)
@@ -291,6 +292,9 @@ def load_scorer(name: str = DEFAULT_SCORER, batch_size: int | None = None, devic
                             ".gguf file, and the Hugging Face Hub cannot be reached to download it (offline)")
         return HFScorer(name, local, batch_size=batch_size or 8, device=device)
     return HFScorer(name, name, batch_size=batch_size or 8, device=device)
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # what could be a Hub model id (not a path)
 
 
 def _hub_offline() -> bool:
