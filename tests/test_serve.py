@@ -88,7 +88,10 @@ def test_generate_is_deterministic_and_timed(client):
     (b'{"model": "gpt"}', 404, "unknown model"),
     (b'{"gamma": 0.5}', 400, "gamma does not apply to model 'flm'"),
     (b'{"model": "semigroup", "gamma": 1.5}', 400, "gamma must be a number in [0, 1)"),
-    (b'{"prefix": "zogu"}', 400, "prefix is not supported by this build"),
+    (b'{"prefix": "notaword"}', 400, "cannot tokenise"),
+    (b'{"model": "ar", "suffix": "a"}', 400, "suffix does not apply to model 'ar' (method ar; it takes prefix)"),
+    (b'{"model": "ar", "infill": "[MASK] a"}', 400, "infill does not apply to model 'ar'"),
+    (b'{"prefix": "a", "infill": "[MASK] a"}', 400, "either infill or prefix/suffix"),
     (b'{"prefix": 3}', 400, "prefix must be a string"),
     (json.dumps({"prefix": "x" * 101}).encode(), 413, "prefix has 101 characters; the limit is 100"),
     (json.dumps({"seed": 1, "pad": "x" * 3000}).encode(), 413, "the limit is 2048"),
@@ -158,6 +161,14 @@ def test_worker_queue_is_bounded(models):
     assert e.value.status == 503
 
 
+def _wait_until(cond, timeout: float = 600.0) -> None:
+    """Poll ``cond`` (a state of the server, not a guess at how long something takes) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.01)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -177,7 +188,7 @@ def test_full_queue_answers_503_over_http(models):
         config, tokenizer, path, method = slow.model.config, slow.model.tokenizer, slow.model.path, slow.model.method
 
         def sample_ids(self, *a, **k):
-            gate.wait(10)
+            gate.wait(600)  # released by the test; the timeout only keeps a broken test from hanging
             return orig(*a, **k)
 
         decode = slow.model.decode
@@ -189,25 +200,20 @@ def test_full_queue_answers_503_over_http(models):
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
     try:
-        for _ in range(100):
-            if server.started:
-                break
-            time.sleep(0.05)
+        _wait_until(lambda: server.started)
         url = f"http://127.0.0.1:{port}"
         results = []
 
         def post():
-            results.append(httpx.post(f"{url}/v1/generate", json={"steps": 2}, timeout=20).status_code)
+            results.append(httpx.post(f"{url}/v1/generate", json={"steps": 2}, timeout=600).status_code)
 
         first = threading.Thread(target=post)
         first.start()
-        while not httpx.get(f"{url}/health").json()["queue"]["busy"]:
-            time.sleep(0.02)
+        _wait_until(lambda: httpx.get(f"{url}/health").json()["queue"]["busy"])
         second = threading.Thread(target=post)
         second.start()
-        while httpx.get(f"{url}/health").json()["queue"]["waiting"] < 1:
-            time.sleep(0.02)
-        r = httpx.post(f"{url}/v1/generate", json={"steps": 2}, timeout=20)
+        _wait_until(lambda: httpx.get(f"{url}/health").json()["queue"]["waiting"] >= 1)
+        r = httpx.post(f"{url}/v1/generate", json={"steps": 2}, timeout=600)
         assert r.status_code == 503 and "server busy" in r.json()["error"]
         assert r.headers["retry-after"] == "1"
         gate.set()
@@ -230,3 +236,235 @@ def test_cli_serve_bad_checkpoint_is_one_line(argv, match, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("model", ["flm", "semigroup", "mdlm", "duo", "ar"])
+def test_prefix_suffix_and_infill_requests_are_honoured(client, models, model):
+    """The documented conditioning fields reach the sampler: known tokens come back exactly."""
+    tok = models[0].model.tokenizer
+    word = tok.decode([3]).strip()
+    cond = client.get("/health").json()["models"][model]["conditioning"]
+    assert cond == (["prefix"] if model == "ar" else ["prefix", "suffix", "infill"])
+    for field, value, pos in (("prefix", word, 0), ("suffix", word, -1), ("infill", f"[MASK] {word}", 1)):
+        for path in ("/v1/generate", "/v1/stream"):
+            r = client.post(path, json={"model": model, "steps": 2, field: value})
+            if field not in cond:
+                assert r.status_code == 400 and "does not apply" in r.json()["error"]
+                continue
+            assert r.status_code == 200, r.text
+            ids = r.json()["ids"][0] if path == "/v1/generate" else events(r.text)[-1][1]["ids"][0]
+            assert ids[pos] == 3, (field, path, ids)
+
+
+# ----------------------------------------------------------------------------- hostile bodies
+def _nested(open_: str, close: str, depth: int) -> bytes:
+    return (open_ * depth + close * depth).encode()
+
+
+#: Malformed bodies, each answered 4xx (with one line) on both endpoints and never 500. The server under
+#: test has the default limits (16 KiB bodies); the table of test_bad_requests_get_clear_4xx adds more.
+MALFORMED = [
+    b'{"steps": ' + b"9" * 5000 + b"}",  # an integer of 5,000 digits (Python refuses > 4,300)
+    b'{"seed": ' + b"1" * 4000 + b"}",
+    b'{"num_samples": -' + b"7" * 100 + b"}",
+    b'{"gamma": 0.' + b"5" * 5000 + b"}",  # a float of 5,000 digits
+    b'{"gamma": 1e999}',  # overflows to inf
+    b'{"gamma": -1e999}',
+    b'{"gamma": NaN}', b'{"gamma": Infinity}', b'{"steps": -Infinity}',
+    _nested("[", "]", 8000),  # arrays nested 8,000 deep within 16 KB
+    b'{"prefix": ' + _nested("[", "]", 7000) + b"}",
+    b'{"a":' * 2000 + b"1" + b"}" * 2000,  # objects nested 2,000 deep
+    b'{"steps": [[[[[[1]]]]]]}',
+    b"\xff\xfe\x00garbage", b'{"prefix": "\xff\xfe"}', b"\x00" * 100,
+    b"null", b"true", b"123", b'"a string"', b"[]", b'[{"steps": 1}]',
+    b'{"steps": 4', b'{"steps": 4} x', b"{'steps': 4}", b'{"steps": 4,}', b'{/* comment */}', b'{"steps"}',
+    b'{"": 1}', b'{"' + b"k" * 1000 + b'": 1}', b'{"steps": 1, "steps": "two"}',
+    b'{"steps": 1.5}', b'{"steps": "1"}', b'{"steps": {}}', b'{"steps": null, "seq_len": 0}', b'{"seq_len": 1e300}',
+    b'{"num_samples": 0}', b'{"num_samples": 100000}', b'{"seed": 1e30}', b'{"seed": -0.5}',
+    b'{"max_events": 0}', b'{"max_events": 10000}', b'{"model": 3}', b'{"model": ["flm"]}', b'{"model": "nope"}',
+    b'{"gamma": "0.5"}', b'{"gamma": true}', b'{"gamma": 0.5}', b'{"model": "semigroup", "gamma": -0.1}',
+    b'{"prefix": ["a"]}', b'{"prefix": {"a": 1}}', b'{"prefix": "notaword"}', b'{"prefix": "\\ud800"}',
+    b'{"suffix": 1}', b'{"infill": "no mask"}', b'{"infill": "a [MASK:x]"}', b'{"infill": "[MASK:999999999999]"}',
+    b'{"infill": "[MASK:' + b"9" * 3000 + b']"}', b'{"prefix": "zogu", "infill": "[MASK]"}',
+    b'{"model": "ar", "suffix": "zogu"}', b'{"model": "ar", "infill": "[MASK] zogu"}',
+    b'{"prefix": "' + b"zogu " * 3 + b'"}',  # longer than the sequence (2 tokens)
+    b'{"prefix": "' + b"x" * 5000 + b'"}',  # over the 4,096-character text limit
+    b'{"pad": "' + b"x" * 20000 + b'"}',  # over the 16 KiB body limit
+]
+
+
+@pytest.fixture(scope="module")
+def default_client(models):
+    with TestClient(create_app(models, ServeLimits())) as c:
+        yield c
+
+
+def test_every_malformed_body_gets_a_4xx_never_a_500(default_client):
+    statuses = []
+    for body in MALFORMED:
+        for path in ("/v1/generate", "/v1/stream"):
+            r = default_client.post(path, content=body, headers={"Content-Type": "application/json"})
+            statuses.append(r.status_code)
+            assert 400 <= r.status_code < 500, (path, body[:80], r.status_code, r.text[:200])
+            msg = r.json()["error"]
+            assert msg and "\n" not in msg and "internal error" not in msg
+    assert len(statuses) == 2 * len(MALFORMED) >= 120
+    assert default_client.get("/health").json()["status"] == "ok"
+
+
+def test_mutated_bodies_are_answered_200_or_4xx(default_client):
+    """Seeded random byte edits of valid bodies: every answer is a result or a 4xx, never a 5xx."""
+    import random
+
+    rng = random.Random(15)
+    valid = [b'{"model": "flm", "steps": 2, "seed": 1}', b'{"model": "semigroup", "gamma": 0.25, "steps": 1}',
+             b'{"model": "mdlm", "prefix": "zogu", "steps": 2}', b'{"infill": "[MASK] zogu", "steps": 2}',
+             b'{"model": "ar", "num_samples": 2, "seq_len": 2}']
+    alphabet = b'{}[]":,0123456789.eE+-\\ntrufalsNI \x00\xff'
+    codes = []
+    for i in range(200):
+        body = bytearray(rng.choice(valid))
+        for _ in range(rng.randint(1, 4)):
+            j = rng.randrange(len(body))
+            op = rng.random()
+            if op < 0.4:
+                body[j] = rng.choice(alphabet)
+            elif op < 0.7:
+                body.insert(j, rng.choice(alphabet))
+            else:
+                del body[j]
+        r = default_client.post("/v1/generate", content=bytes(body), headers={"Content-Type": "application/json"})
+        codes.append(r.status_code)
+        assert r.status_code == 200 or 400 <= r.status_code < 500, (bytes(body), r.status_code, r.text[:200])
+    assert codes.count(200) < len(codes)  # some edits broke the body: they were refused, not crashed on
+
+
+def test_docs_and_schema_only_with_the_flag(models):
+    with TestClient(create_app(models)) as c:
+        assert c.get("/docs").status_code == 404 and c.get("/openapi.json").status_code == 404
+    with TestClient(create_app(models, docs=True)) as c:
+        assert c.get("/docs").status_code == 200 and c.get("/openapi.json").status_code == 200
+
+
+def test_binding_beyond_loopback_warns(capsys):
+    from fmlm.errors import FmlmError
+    from fmlm.serve import is_loopback, serve
+
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2")
+    with pytest.raises(FmlmError, match="checkpoint not found"):
+        serve(["/nonexistent/run"], host="0.0.0.0", port=0)
+    assert "warning: listening on 0.0.0.0" in capsys.readouterr().err
+    with pytest.raises(FmlmError, match="checkpoint not found"):
+        serve(["/nonexistent/run"], host="127.0.0.1", port=0)
+    assert "warning" not in capsys.readouterr().err
+
+
+def _post_and_leave(port: int, body: dict):
+    """Send a request on a raw connection (the caller closes it without reading the answer)."""
+    data = json.dumps(body).encode()
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    return s
+
+
+def _server(app):
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    _wait_until(lambda: server.started)
+    return server, t, port
+
+
+def test_a_running_request_stops_when_its_client_leaves(models):
+    """A JSON request whose client disconnects mid-sampling stops at the next network evaluation."""
+    gate, started, calls = threading.Event(), threading.Event(), []
+    base_model = models[0].model
+
+    class Watched:  # the real model; its sampler callback is counted and held at the first evaluation
+        config, tokenizer, path, method = base_model.config, base_model.tokenizer, base_model.path, base_model.method
+        conditioning = base_model.conditioning
+        decode = base_model.decode
+
+        def sample_ids(self, n, steps, seed, callback=None, **k):
+            def counted(i, z, d):
+                calls.append(i)
+                if len(calls) == 1:
+                    started.set()
+                    gate.wait(600)
+                callback(i, z, d)
+
+            return base_model.sample_ids(n, steps, seed, callback=counted, **k)
+
+    app = create_app([wrap_model("watched", Watched())], ServeLimits())
+    server, t, port = _server(app)
+    worker = app.state.worker
+    try:
+        s = _post_and_leave(port, {"steps": 1024})
+        assert started.wait(600)
+        s.close()
+        _wait_until(lambda: worker.current is not None and worker.current.cancelled.is_set())
+        gate.set()
+        _wait_until(lambda: worker.dropped_requests == 1 and not worker.busy)
+        assert calls == [0]  # 1 of 1,024 network evaluations, not all of them
+    finally:
+        gate.set()
+        server.should_exit = True
+        t.join(60)
+
+
+def test_a_disconnected_clients_request_is_dropped(models):
+    """A request whose client has gone while it waited in the queue is never computed."""
+    import httpx
+
+    gate, seeds = threading.Event(), []
+    base_model = models[0].model
+
+    class Gated:  # a stand-in whose sampling waits for the test and records what it was asked for
+        config, tokenizer, path, method = base_model.config, base_model.tokenizer, base_model.path, base_model.method
+        conditioning = base_model.conditioning
+        decode = base_model.decode
+
+        def sample_ids(self, n, steps, seed, **k):
+            seeds.append(seed)
+            gate.wait(600)
+            return base_model.sample_ids(n, steps, seed, **k)
+
+    app = create_app([wrap_model("gated", Gated())], ServeLimits())
+    server, t, port = _server(app)
+    worker = app.state.worker
+    try:
+        url = f"http://127.0.0.1:{port}"
+        results = []
+        first = threading.Thread(target=lambda: results.append(
+            httpx.post(f"{url}/v1/generate", json={"seed": 1, "steps": 2}, timeout=600).status_code))
+        first.start()
+        _wait_until(lambda: seeds == [1])  # the worker is busy with the first request
+        for waiting, seed in enumerate((2, 3), start=1):  # two clients send a request and leave
+            s = _post_and_leave(port, {"seed": seed, "steps": 2})
+            _wait_until(lambda n=waiting: worker.queue.qsize() >= n)
+            s.close()
+        _wait_until(lambda: all(job.cancelled.is_set() for job in list(worker.queue.queue)))
+        gate.set()
+        first.join()
+        _wait_until(lambda: worker.dropped_requests == 2 and worker.queue.qsize() == 0)
+        assert results == [200] and seeds == [1]  # the abandoned requests never reached the model
+    finally:
+        gate.set()
+        server.should_exit = True
+        t.join(60)
+
+
+def test_prefix_and_suffix_together(client, models):
+    tok = models[0].model.tokenizer
+    a, b = tok.decode([3]).strip(), tok.decode([5]).strip()
+    for model in ("flm", "semigroup", "mdlm", "duo"):
+        r = client.post("/v1/generate", json={"model": model, "steps": 2, "prefix": a, "suffix": b, "num_samples": 2})
+        assert r.status_code == 200, r.text
+        assert all(row[0] == 3 and row[-1] == 5 for row in r.json()["ids"]), (model, r.json()["ids"])
+    r = client.post("/v1/generate", json={"prefix": f"{a} {a}", "suffix": b})
+    assert r.status_code == 400 and "more than the sequence length" in r.json()["error"]

@@ -44,6 +44,17 @@ class Model:
             self._task = PhrasesTask.from_config(self.config.data)
         return self._task
 
+    @property
+    def conditioning(self) -> tuple[str, ...]:
+        """Which of ``prefix``, ``suffix`` and ``infill`` this model's sampler can condition on
+        (every sampler that takes known tokens; an autoregressive one only a prefix)."""
+        sample = getattr(self.method, "sample", None)
+        if sample is None or "known" not in inspect.signature(sample).parameters:
+            return ()
+        if self.config.train.method == "ar" or "mask" not in inspect.signature(sample).parameters:
+            return ("prefix",)
+        return ("prefix", "suffix", "infill")
+
     @torch.no_grad()
     def sample_ids(self, num_samples: int = 4, steps: int | None = None, seed: int = 0,
                    seq_len: int | None = None, float64: bool = False, batch_size: int = 256,
@@ -56,9 +67,11 @@ class Model:
 
         Conditioning and guidance (:mod:`fmlm.guidance`):
 
-        * ``prefix``: text or token ids the samples start with; ``infill``: a template such
-          as ``"The [MASK:5] of York"``; or ``known`` ids with a boolean ``mask`` of the
+        * ``prefix``: text or token ids the samples start with; ``suffix``: text they end
+          with (alone or with a prefix); ``infill``: a template such as
+          ``"The [MASK:5] of York"``; or ``known`` ids with a boolean ``mask`` of the
           positions they fix, (L,) or (num_samples, L). Known tokens are kept exactly.
+          :attr:`conditioning` says which of these a model takes (AR: a prefix only).
         * ``guide_weak`` (a :class:`Model` or a run directory) and ``guide_weight`` w:
           autoguidance, log D + w·(log D − log D_weak) (FLM and FMLM).
         * ``classifier`` (a classifier :class:`Model` or run directory) and ``target``
@@ -97,15 +110,27 @@ class Model:
                 raise FmlmError(str(e)) from None
         return torch.cat(out)
 
+    def check_conditioning(self, seq_len: int | None = None, **options) -> None:
+        """Raise FmlmError (one line) if ``prefix``/``suffix``/``infill`` cannot be used at ``seq_len``
+        (e.g. an unknown word, a template too long); tokenises only, samples nothing."""
+        self._guidance_options(options, self.config.data.seq_len if seq_len is None else seq_len)
+
     def _guidance_options(self, options: dict, seq_len: int) -> dict:
         """Turn the user-level conditioning/guidance options into the samplers' arguments."""
         from fmlm import guidance
 
         options = dict(options)
         prefix, infill = options.pop("prefix", None), options.pop("infill", None)
-        if sum(x is not None for x in (prefix, infill, options.get("known"))) > 1:
-            raise FmlmError("give only one of prefix, infill and known")
-        if prefix is not None:
+        suffix = options.pop("suffix", None)
+        if sum(x is not None for x in (prefix or suffix, infill, options.get("known"))) > 1:
+            raise FmlmError("give only one of prefix (and/or suffix), infill and known")
+        for name, v in (("prefix", prefix), ("suffix", suffix), ("infill", infill)):
+            if v is not None and name not in self.conditioning:
+                raise FmlmError(f"{name} conditioning does not apply to method {self.config.train.method!r}"
+                                + (f" (it takes: {', '.join(self.conditioning)})" if self.conditioning else ""))
+        if suffix is not None:
+            options["known"], options["mask"] = guidance.prefix_suffix(prefix, suffix, self.tokenizer, seq_len)
+        elif prefix is not None:
             options["known"] = (guidance.prefix_ids(prefix, self.tokenizer, seq_len)
                                 if isinstance(prefix, str) else prefix)
         if infill is not None:
@@ -196,8 +221,10 @@ def load(path: str | Path, device: str | torch.device | None = None, ema: bool =
     """
     from fmlm.data import load_tokenizer
 
-    p = ckpt.resolve(path)
-    ckpt.verify(p, deep=True)
+    dev = pick_device("auto" if device is None else device, what="device")
+    p = ckpt.resolve(path, deep=True)  # a run directory: its newest checkpoint that passes the deep check
+    if p == Path(path):  # named directly: not checked yet
+        ckpt.verify(p, deep=True)
     cfg = RunConfig.from_dict(ckpt.read_json(p / "config.json"))
     tok = tokenizer if tokenizer is not None else load_tokenizer(p / "tokenizer")
     if tok.vocab_size != cfg.model.vocab_size:
@@ -206,6 +233,5 @@ def load(path: str | Path, device: str | torch.device | None = None, ema: bool =
     method = build_method(cfg)
     name = "ema.safetensors" if ema and (p / "ema.safetensors").is_file() else "model.safetensors"
     ckpt.load_into(method, ckpt.load_state(p, name), f"{p / name}")
-    dev = pick_device("auto") if device is None else torch.device(device)
     method.to(dev).eval()
     return Model(cfg, method, tok, p)

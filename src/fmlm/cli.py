@@ -34,6 +34,16 @@ def _steps_list(text: str) -> list[int]:
     return steps
 
 
+def _port(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is in 0..65535, got {v}")
+    return v
+
+
 def _positive(text: str) -> int:
     try:
         v = int(text)
@@ -64,7 +74,7 @@ def _fit_and_report(cfg, args, tokenizer=None) -> int:
 
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.preset
     log = (lambda *a, **k: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    trainer = Trainer(cfg, run_dir, resume=not args.no_resume, progress=not args.quiet, log=log,
+    trainer = Trainer(cfg, run_dir, restart=args.restart, progress=not args.quiet, log=log,
                       tokenizer=tokenizer)
     summary = trainer.fit()
     if summary["rank"] != 0:  # torchrun: rank 0 reports
@@ -269,7 +279,8 @@ def cmd_serve(args) -> int:
     from fmlm.serve import ServeLimits, serve
 
     limits = ServeLimits(max_steps=args.max_steps, max_samples=args.max_samples, max_queue=args.max_queue)
-    serve(args.ckpt, host=args.host, port=args.port, threads=args.threads, limits=limits, device=args.device)
+    serve(args.ckpt, host=args.host, port=args.port, threads=args.threads, limits=limits, device=args.device,
+          docs=args.docs)
     return 0
 
 
@@ -294,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "checkpoint in the run directory.")
     t.add_argument("config", nargs="*", metavar="PRESET|FILE.toml|key=value")
     t.add_argument("--run-dir", help="run directory (default: runs/<preset>)")
-    t.add_argument("--no-resume", action="store_true", help="start over even if the run directory has checkpoints")
+    t.add_argument("--restart", "--no-resume", dest="restart", action="store_true",
+                   help="start over on purpose: the old log and checkpoints move to RUN_DIR/archive/ (a re-run "
+                        "otherwise resumes, and refuses to start over when every checkpoint is corrupt)")
     t.add_argument("--no-samples", action="store_true", help="do not sample at the end")
     t.add_argument("--quiet", action="store_true", help="no progress bar or log lines; print only the summary")
     t.set_defaults(func=cmd_train)
@@ -311,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--self", dest="self_distill", action="store_true",
                     help="self-distillation: no teacher; PRESET gives the data and backbone")
     ds.add_argument("--run-dir", help="run directory (default: runs/<preset>-<method>)")
-    ds.add_argument("--no-resume", action="store_true")
+    ds.add_argument("--restart", "--no-resume", dest="restart", action="store_true",
+                    help="start over on purpose (the old log and checkpoints are archived)")
     ds.add_argument("--no-samples", action="store_true")
     ds.add_argument("--quiet", action="store_true")
     ds.set_defaults(func=cmd_distill)
@@ -336,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic tasks: print valid rate and coverage (and the target rate with --reward)")
     g = s.add_argument_group("conditioning and guidance (FLM, FMLM; prefix/infill also MDLM, Duo, AR)")
     g.add_argument("--prefix", help="text the samples start with (tokenised with the model's tokenizer)")
+    g.add_argument("--suffix", help="text the samples end with (alone or with --prefix; not AR)")
     g.add_argument("--infill", help='template with gaps, e.g. "The [MASK:5] of York" ([MASK] = one token)')
     g.add_argument("--guide-weak", metavar="RUN", help="autoguidance: a weaker model of the same data")
     g.add_argument("--guide-weight", type=float, metavar="W", help="autoguidance weight w (default 1)")
@@ -355,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--ckpt", action="append", required=True, metavar="[NAME=]PATH",
                     help="checkpoint or run directory; repeat to serve several models side by side")
     sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=_port, default=8000, help="TCP port (0: any free port)")
+    sv.add_argument("--docs", action="store_true", help="also serve the OpenAPI schema and /docs (off by default)")
     sv.add_argument("--threads", type=_positive, default=1, help="CPU threads of the model worker")
     sv.add_argument("--device", help="cpu, cuda, mps (default: cpu)")
     sv.add_argument("--max-steps", type=_positive, default=1024, help="largest steps a request may ask for")

@@ -19,6 +19,7 @@ import math
 import copy
 import dataclasses
 import json
+import math
 import sys
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -255,7 +256,9 @@ class RunConfig:
         return cfg
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        from fmlm.io import write_json
+
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":
@@ -353,7 +356,10 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if typ is float:
             if isinstance(value, bool):
                 raise ValueError(value)
-            return float(value)
+            f = float(value.replace("_", "") if isinstance(value, str) else value)
+            if not math.isfinite(f):  # nan would slip through every range check below
+                raise ConfigError(f"bad value for {key}: {value!r} is not a finite number")
+            return f
         if typ is str:
             return str(value)
     except (TypeError, ValueError):
@@ -465,6 +471,14 @@ def validate(cfg: RunConfig) -> None:
         if value not in options:
             raise ConfigError(f"bad value for {name}: {value!r} (choose from {', '.join(options)})")
 
+    for sec in SECTIONS:  # also for configs built in Python, not through set_value
+        section = getattr(cfg, sec)
+        for f in fields(section):
+            v = getattr(section, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"bad value for {sec}.{f.name}: {v!r} is not a finite number")
+    if not d.dataset.strip():
+        raise ConfigError("data.dataset is empty: name a dataset (shakespeare, phrases, lm1b, ...) or a file or folder")
     choice("train.loss", t.loss, LOSSES)
     choice("train.time", t.time, TIMES)
     choice("data.packing", d.packing, PACKINGS)

@@ -15,6 +15,7 @@ same code runs as one process.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from contextlib import contextmanager, nullcontext
@@ -62,6 +63,10 @@ def setup(device_name: str = "auto") -> tuple[DistEnv, str]:
     if not dist.is_initialized():
         # Long timeout: the other ranks wait in a barrier while rank 0 evaluates or saves.
         dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
+        # Whatever way the process ends (an error before fit(), sys.exit, ...), destroy the group while
+        # the interpreter is alive: gloo's worker threads outliving it abort the process at exit
+        # ("terminate called without an active exception").
+        atexit.register(_destroy_quietly)
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, enabled=True, backend=backend), device_name
 
 
@@ -218,6 +223,26 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return full.to(like.device, like.dtype)
 
 
-def cleanup(env: DistEnv) -> None:
-    if env.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+def _destroy_quietly() -> None:
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # pragma: no cover - already torn down by a peer's failure
+            pass
+
+
+def cleanup(env: DistEnv, ok: bool = True) -> None:
+    """Destroy the process group (every path out of training calls this).
+
+    ``ok``: the ranks are in step (training finished or stopped together), so they first meet in
+    a barrier and no rank tears its connections down while a peer still talks to it; after an
+    error a peer may be gone, so the group is destroyed at once.
+    """
+    if not (env.enabled and dist.is_initialized()):
+        return
+    if ok:
+        try:
+            dist.barrier()
+        except Exception:  # pragma: no cover - a peer died; destroy anyway
+            pass
+    _destroy_quietly()

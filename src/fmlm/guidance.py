@@ -259,14 +259,20 @@ def parse_infill(text: str, tokenizer, seq_len: int) -> tuple[list[int], list[bo
     for m in re.finditer(r"\[MASK[^\]\[]*\]?", text):
         if not _MASK.fullmatch(m.group(0)):
             raise FmlmError(f"bad mask syntax {m.group(0)!r}: write [MASK] or [MASK:n] with n a positive number")
+    pieces = _MASK.split(text)  # text, n, text, n, ..., text
+    counts = [1 if c is None else (int(c) if len(c) <= 9 else seq_len + 1) for c in pieces[1::2]]
+    if sum(counts) > seq_len:  # checked before anything of that size is allocated
+        raise FmlmError(f"the infill template masks more tokens than the sequence length {seq_len}")
     ids: list[int] = []
     mask: list[bool] = []
-    pieces = _MASK.split(text)  # text, n, text, n, ..., text
     for j, piece in enumerate(pieces):
         if j % 2:  # a mask's count (None for a bare [MASK])
-            n = 1 if piece is None else int(piece)
+            n = 1 if piece is None else (int(piece) if len(piece) <= 9 else seq_len + 1)
             if n < 1:
                 raise FmlmError(f"[MASK:{n}] must mask at least one token")
+            if len(ids) + n > seq_len:  # checked before anything of that size is allocated
+                raise FmlmError(f"[MASK:{piece}] does not fit: the infill template would be longer than the "
+                                f"sequence length {seq_len}")
             ids += [0] * n
             mask += [False] * n
         elif piece and (piece.strip() or not _is_word_level(tokenizer)):
@@ -300,15 +306,32 @@ def prefix_ids(text: str, tokenizer, seq_len: int) -> list[int]:
     return ids
 
 
+def prefix_suffix(prefix, suffix: str, tokenizer, seq_len: int) -> tuple[list[int], list[bool]]:
+    """Known ids and mask (length ``seq_len``) for a suffix the samples end with, and an optional
+    prefix (text or ids) they start with; the positions between are free."""
+    head = [] if prefix is None else (prefix_ids(prefix, tokenizer, seq_len) if isinstance(prefix, str)
+                                      else [int(i) for i in prefix])
+    tail = encode_text(suffix, tokenizer)
+    if not tail:
+        raise FmlmError("the suffix is empty after tokenisation")
+    if len(head) + len(tail) > seq_len:
+        raise FmlmError(f"the prefix and suffix are {len(head) + len(tail)} tokens long, more than the sequence "
+                        f"length {seq_len}")
+    free = seq_len - len(head) - len(tail)
+    return head + [0] * free + tail, [True] * len(head) + [False] * free + [True] * len(tail)
+
+
 def cli_options(args, model) -> dict:
     """``fmlm sample`` conditioning/guidance flags -> :meth:`fmlm.api.Model.sample_ids` options."""
     from fmlm.api import load
 
     out: dict = {}
-    if args.prefix is not None and args.infill is not None:
-        raise FmlmError("give either --prefix or --infill, not both")
+    if (args.prefix is not None or getattr(args, "suffix", None) is not None) and args.infill is not None:
+        raise FmlmError("give either --prefix/--suffix or --infill, not both")
     if args.prefix is not None:
         out["prefix"] = args.prefix
+    if getattr(args, "suffix", None) is not None:
+        out["suffix"] = args.suffix
     if args.infill is not None:
         out["infill"] = args.infill
     if args.guide_weak is not None:

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fmlm.api import Model, load
+from fmlm.io import write_json
 
 
 def sample_entropy(ids: torch.Tensor) -> float:
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = a.name or a.task
-    (out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
+    write_json(out / f"{stem}.json", res)
     (out / f"{stem}.md").write_text(_markdown(res))
     _plot(res, out / f"{stem}.png")
     print(_markdown(res))

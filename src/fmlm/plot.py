@@ -10,13 +10,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 from fmlm.errors import FmlmError
+from fmlm.io import write_json
 
 _COLOURS = ((0.85, 0.20, 0.20), (0.20, 0.55, 0.85), (0.25, 0.70, 0.30))  # tokens a, b, c
 
@@ -290,7 +290,7 @@ def plot_simplex(out: Path, seed: int = 0, flm_steps: int = 1000, fmlm_steps: in
     files = plot_field(task, flm, out, res=res) + plot_trajectories(task, flm, out)
     files += plot_flow_vs_map(task, flm, fmlm, out, metrics)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "simplex-metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(out / "simplex-metrics.json", metrics)
     return {"files": files + [str(out / "simplex-metrics.json")], "metrics": metrics}
 
 

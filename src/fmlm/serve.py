@@ -15,17 +15,30 @@ queue: a request that finds the queue full is answered 503 at once, so the serve
 unbounded work. Requests are not merged into one batch: each keeps its own seed, so the same
 request always gives the same text. The event loop only parses, validates and waits.
 
-Prefix / infill: the fields ``prefix``, ``suffix`` and ``infill`` are passed to
-:meth:`fmlm.api.Model.sample_ids` when that method takes a keyword of the same name;
-otherwise the request is answered 400 "... is not supported by this build".
+Conditioning: ``prefix`` (text the sample starts with), ``suffix`` (text it ends with; with or
+without a prefix) and ``infill`` (a template such as ``"The [MASK:5] of York"``) go to
+:meth:`fmlm.api.Model.sample_ids`. FLM, FMLM, MDLM and Duo take all three, AR only a prefix; a
+field the model cannot take is answered 400 "... does not apply to model ...".
+
+Hostile input: every malformed body gets a 4xx with one line, never a 500: bodies over
+``max_body_bytes`` (413), JSON nested deeper than ``max_json_depth``, numbers longer than
+``max_number_chars`` characters, NaN/Infinity, wrong types and ranges (400). A request whose
+client disconnects while it waits or runs is dropped (the worker skips it, or stops it at the
+next network evaluation). ``/docs`` and ``/openapi.json`` exist only with ``docs=True``
+(``fmlm serve --docs``). There is no authentication: bind beyond loopback only on a network you
+trust (``fmlm serve`` warns).
 """
 
 
 import asyncio
+import errno
 import inspect
+import ipaddress
 import json
 import math
 import queue
+import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -49,6 +62,8 @@ class ServeLimits:
     max_text_chars: int = 4_096
     max_queue: int = 8
     max_events: int = 64
+    max_json_depth: int = 4
+    max_number_chars: int = 32
 
 
 class BadRequest(Exception):
@@ -94,8 +109,8 @@ def _separator(tokenizer) -> str:
 
 
 def wrap_model(name: str, model) -> Served:
-    accepted = inspect.signature(model.sample_ids).parameters
-    return Served(name, model, tuple(f for f in CONDITIONING_FIELDS if f in accepted))
+    """A model to serve, with the conditioning fields its sampler takes (:attr:`Model.conditioning`)."""
+    return Served(name, model, tuple(f for f in CONDITIONING_FIELDS if f in getattr(model, "conditioning", ())))
 
 
 def parse_ckpt_args(items: list[str]) -> list[tuple[str, str]]:
@@ -160,17 +175,59 @@ class Job:
     enqueued: float = 0.0
 
 
+def json_depth(raw: bytes, limit: int) -> None:
+    """Raise BadRequest if arrays/objects nest deeper than ``limit`` (before the recursive parser
+    sees them: 8,000 nested brackets fit in 16 KB and overflow Python's recursion)."""
+    depth, in_string, escaped = 0, False, False
+    for b in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif b == 0x5C:  # backslash
+                escaped = True
+            elif b == 0x22:  # quote
+                in_string = False
+        elif b == 0x22:
+            in_string = True
+        elif b in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                raise BadRequest(f"request body nests deeper than {limit} levels")
+        elif b in (0x5D, 0x7D):
+            depth -= 1
+
+
+def parse_json(raw: bytes, limits: ServeLimits) -> Any:
+    """``json.loads`` with limits on nesting and number length, and no NaN/Infinity."""
+    json_depth(raw, limits.max_json_depth)
+    n = limits.max_number_chars
+
+    def number(kind):
+        def parse(text: str):
+            if len(text) > n:
+                raise BadRequest(f"a number in the request body has {len(text)} characters; the limit is {n}")
+            v = kind(text)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise BadRequest(f"number out of range in the request body: {text}")
+            return v
+        return parse
+
+    def constant(name: str):
+        raise BadRequest(f"request body is not valid JSON: {name} is not a number")
+
+    try:
+        return json.loads(raw, parse_int=number(int), parse_float=number(float), parse_constant=constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"request body is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # belt and braces: nothing malformed may become a 500
+        raise BadRequest(f"request body is not valid JSON: {type(e).__name__}") from None
+
+
 def parse_request(raw: bytes, models: dict[str, Served], limits: ServeLimits, stream: bool) -> Job:
     """Validate a request body; raises :class:`BadRequest` with the message for the client."""
     if len(raw) > limits.max_body_bytes:
         raise BadRequest(f"request body is {len(raw)} bytes; the limit is {limits.max_body_bytes}", 413)
-    if not raw.strip():
-        body: Any = {}
-    else:
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BadRequest(f"request body is not valid JSON: {e}") from None
+    body: Any = {} if not raw.strip() else parse_json(raw, limits)
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     unknown = sorted(set(body) - _FIELDS)
@@ -207,8 +264,18 @@ def parse_request(raw: bytes, models: dict[str, Served], limits: ServeLimits, st
         if len(v) > limits.max_text_chars:
             raise BadRequest(f"{key} has {len(v)} characters; the limit is {limits.max_text_chars}", 413)
         if key not in served.conditioning:
-            raise BadRequest(f"{key} is not supported by this build (model {served.name!r})")
+            takes = f"; it takes {', '.join(served.conditioning)}" if served.conditioning else ""
+            raise BadRequest(f"{key} does not apply to model {served.name!r} (method {served.method}{takes})")
         options[key] = v
+    if "infill" in options and len(options) > 1 + ("gamma" in options):
+        raise BadRequest("give either infill or prefix/suffix, not both")
+    cond = {k: v for k, v in options.items() if k in CONDITIONING_FIELDS}
+    check = getattr(served.model, "check_conditioning", None)
+    if cond and check is not None:
+        try:  # tokenising is cheap: a bad text is a 400 before a stream starts
+            check(seq_len, **cond)
+        except FmlmError as e:
+            raise BadRequest(str(e)) from None
     return Job(served, num_samples, steps, seed, seq_len, options, stream=stream, max_events=max_events)
 
 
@@ -244,7 +311,9 @@ class Worker:
         self.threads = threads
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=limits.max_queue)
         self.busy = False
+        self.current: Job | None = None  # the job being computed
         self.served_requests = 0
+        self.dropped_requests = 0  # clients that left before their result
         self._thread = threading.Thread(target=self._run, name="fmlm-serve-worker", daemon=True)
 
     def start(self) -> None:
@@ -275,18 +344,21 @@ class Worker:
             job = self.queue.get()
             if job is None:
                 return
-            self.busy = True
+            if job.cancelled.is_set():  # the client left while the job waited: drop it
+                self.dropped_requests += 1
+                continue
+            self.busy, self.current = True, job
             try:
                 result = self._execute(job)
                 self._deliver(job, "done", result)
             except _Cancelled:
-                pass
+                self.dropped_requests += 1
             except FmlmError as e:
                 self._deliver(job, "error", {"error": str(e), "status": 400})
             except Exception as e:  # a bug must not kill the worker; the client gets a 500
                 self._deliver(job, "error", {"error": f"internal error: {type(e).__name__}: {e}", "status": 500})
             finally:
-                self.busy = False
+                self.busy, self.current = False, None
                 self.served_requests += 1
 
     def _execute(self, job: Job) -> dict:
@@ -311,6 +383,12 @@ class Worker:
                                              "seconds": time.perf_counter() - started})
                 elif method == "ar":
                     snapshot(method, state, i, z, d)  # AR keeps every drawn token's probability
+
+            kw["callback"] = callback
+        else:
+            def callback(i, z, d):  # the client of a JSON request may go away too
+                if job.cancelled.is_set():
+                    raise _Cancelled()
 
             kw["callback"] = callback
         ids = model.sample_ids(job.num_samples, job.steps, job.seed, seq_len=job.seq_len, **kw)
@@ -342,8 +420,10 @@ def _page() -> str:
     return resources.files("fmlm").joinpath("web/index.html").read_text(encoding="utf-8")
 
 
-def create_app(models: list[Served], limits: ServeLimits | None = None, threads: int = 1):
-    """The ASGI application (FastAPI). The worker thread starts and stops with the app."""
+def create_app(models: list[Served], limits: ServeLimits | None = None, threads: int = 1, docs: bool = False):
+    """The ASGI application (FastAPI). The worker thread starts and stops with the app.
+
+    ``docs``: also serve the OpenAPI schema (``/openapi.json``) and ``/docs``."""
     try:
         from fastapi import FastAPI, Request
         from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -361,7 +441,8 @@ def create_app(models: list[Served], limits: ServeLimits | None = None, threads:
         yield
         worker.stop()
 
-    app = FastAPI(title="fmlm", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="fmlm", lifespan=lifespan, docs_url="/docs" if docs else None, redoc_url=None,
+                  openapi_url="/openapi.json" if docs else None)
     app.state.worker = worker
 
     def error(e: BadRequest) -> JSONResponse:
@@ -385,7 +466,7 @@ def create_app(models: list[Served], limits: ServeLimits | None = None, threads:
     async def health():
         return {"status": "ok", "models": {s.name: s.info() for s in models},
                 "queue": {"waiting": worker.queue.qsize(), "max": limits.max_queue, "busy": worker.busy},
-                "served_requests": worker.served_requests,
+                "served_requests": worker.served_requests, "dropped_requests": worker.dropped_requests,
                 "limits": {"max_steps": limits.max_steps, "max_samples": limits.max_samples,
                            "max_body_bytes": limits.max_body_bytes, "max_text_chars": limits.max_text_chars}}
 
@@ -401,7 +482,16 @@ def create_app(models: list[Served], limits: ServeLimits | None = None, threads:
             worker.submit(job)
         except BadRequest as e:
             return error(e)
-        kind, data = await job.future
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({job.future, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not job.future.done():  # the client left (or the server is stopping): drop the work
+                job.cancelled.set()
+            gone.cancel()
+        if not job.future.done():
+            return JSONResponse({"error": "client disconnected"}, status_code=499)
+        kind, data = job.future.result()
         if kind == "error":
             return JSONResponse({"error": data["error"]}, status_code=data["status"])
         return data
@@ -440,16 +530,69 @@ def create_app(models: list[Served], limits: ServeLimits | None = None, threads:
     return app
 
 
+async def _disconnected(request) -> None:
+    """Returns when the client of ``request`` (whose body has been read) disconnects."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on (host, port); every failure is one line (FmlmError)."""
+    if not 0 <= port <= 65535:
+        raise FmlmError(f"port must be in 0..65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise FmlmError(f"cannot listen on {host}:{port}: unknown host ({e})") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        why = "the port is in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+        raise FmlmError(f"cannot listen on {host}:{port}: {why}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(ckpts: list[str], host: str = "127.0.0.1", port: int = 8000, threads: int = 1,
-          limits: ServeLimits | None = None, device: str | None = None, log_level: str = "info") -> None:
-    """Load the models and serve them until interrupted (``fmlm serve``)."""
+          limits: ServeLimits | None = None, device: str | None = None, log_level: str = "info",
+          docs: bool = False) -> None:
+    """Load the models and serve them until interrupted (``fmlm serve``).
+
+    The socket is bound before the models are loaded, so a port in use or a bad host is one
+    line at once; binding beyond loopback prints a warning (there is no authentication).
+    """
     try:
         import uvicorn
     except ImportError:
         raise FmlmError("fmlm serve needs the serve extra: pip install 'fmlm[serve]'") from None
     import torch
 
-    torch.set_num_threads(threads)
-    models = load_models(ckpts, device)
-    app = create_app(models, limits, threads)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    sock = bind_socket(host, port)
+    try:
+        if not is_loopback(host):
+            sys.stderr.write(f"fmlm serve: warning: listening on {host}:{port}, beyond this machine; the API has "
+                             "no authentication, so anyone who can reach this address can use it\n")
+        torch.set_num_threads(threads)
+        models = load_models(ckpts, device)
+        app = create_app(models, limits, threads, docs=docs)
+        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
+        server.run(sockets=[sock])
+    finally:
+        sock.close()

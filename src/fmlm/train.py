@@ -26,10 +26,14 @@ import json
 import math
 import os
 import random
+import shutil
+import signal
 import sys
+import threading
 import time
+import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +43,8 @@ import torch
 from fmlm import checkpoint as ckpt
 from fmlm import distributed as dist_
 from fmlm.config import RunConfig
-from fmlm.errors import ConfigError, FmlmError
+from fmlm.errors import CheckpointError, ConfigError, FmlmError
+from fmlm.io import write_json, write_text
 from fmlm.methods import build_method
 from fmlm.methods.flm import global_strata
 
@@ -58,12 +63,27 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("FMLM_CACHE", Path.home() / ".cache" / "fmlm"))
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name != "auto":
+def pick_device(name: str | torch.device | None = "auto", what: str = "train.device") -> torch.device:
+    """The device ``name`` names (``auto``: cuda, then mps, then cpu), checked to exist in this build."""
+    if name is None:
+        name = "auto"
+    if isinstance(name, torch.device) or name != "auto":
         try:
-            return torch.device(name)
-        except RuntimeError:
-            raise ConfigError(f"bad value for train.device: {name!r}") from None
+            dev = torch.device(name)
+        except (RuntimeError, TypeError, ValueError):
+            raise ConfigError(f"bad value for {what}: {str(name)!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError(f"{what}={dev} but this PyTorch build has no usable CUDA device; use cpu")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise ConfigError(f"{what}={dev} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+        elif dev.type == "mps":
+            mps = getattr(torch.backends, "mps", None)
+            if mps is None or not mps.is_available():
+                raise ConfigError(f"{what}={dev} but MPS is not available on this machine; use cpu")
+        elif dev.type != "cpu":
+            raise ConfigError(f"{what}={dev}: fmlm runs on cpu, cuda or mps")
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -208,18 +228,127 @@ class TrainState:
     bad_steps: int = 0
     last_val: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_dict(cls, d: dict, where: Path | str = "trainer_state.json") -> "TrainState":
+        """Strict: unknown keys, wrong types or negative counts raise CheckpointError (one line)."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise CheckpointError(f"corrupt checkpoint file {where}: unknown key {unknown[0]!r}")
+        out = cls()
+        for k, v in d.items():
+            if k == "last_val":
+                ok = isinstance(v, dict) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                 for x in v.values())
+            elif k == "elapsed":
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+            else:
+                ok = type(v) is int and v >= 0
+            if not ok:
+                raise CheckpointError(f"corrupt checkpoint file {where}: bad value for {k}: {json.dumps(v)[:40]}")
+            setattr(out, k, float(v) if k == "elapsed" else v)
+        return out
+
+
+class _Shadow(torch.nn.Module):
+    """Lets :func:`fmlm.checkpoint.load_into` check EMA weights against the EMA's own keys and shapes."""
+
+    def __init__(self, shadow: dict[str, torch.Tensor]):
+        super().__init__()
+        self._shadow = shadow
+
+    def state_dict(self, *a, **k):  # type: ignore[override]
+        return self._shadow
+
+    def load_state_dict(self, state, strict=True, assign=False):  # type: ignore[override]
+        return None  # checked only; EMA.load_state_dict copies
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """The run directory (and its checkpoints/) can be created and written to, before any work."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir} is a file, not a directory")
+    for d in (run_dir, run_dir / "checkpoints"):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            probe = d / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise FmlmError(f"cannot write in {d}: {e.strerror or e}; training would be lost at the first "
+                            "checkpoint (use another --run-dir)") from None
+
+
+def _free_space_note(path: Path) -> str:
+    try:
+        return f" ({shutil.disk_usage(path).free / 2**20:.0f} MiB free)"
+    except OSError:
+        return ""
+
+
+def check_free_space(run_dir: Path, method: torch.nn.Module) -> None:
+    """Refuse to start when the disk cannot hold even one more checkpoint (weights, EMA, Adam moments)."""
+    n_bytes = sum(p.numel() * p.element_size() for p in method.parameters())
+    need = 4 * n_bytes + 4 * 2**20  # model + EMA + two moments, plus tokenizer and JSON
+    try:
+        free = shutil.disk_usage(run_dir).free
+    except OSError:
+        return
+    if free < need:
+        raise FmlmError(f"not enough free space in {run_dir}: {free / 2**20:.1f} MiB free, a checkpoint needs "
+                        f"about {need / 2**20:.1f} MiB; free some space or use another --run-dir")
+
+
+def archive_run(run_dir: Path, log=print) -> Path | None:
+    """Move a run's log, checkpoints, config and summary into ``archive/<UTC time>/`` (``--restart``)."""
+    names = [n for n in ("log.jsonl", "checkpoints", "config.json", "summary.json") if (run_dir / n).exists()]
+    ck = run_dir / "checkpoints"
+    if names == ["checkpoints"] and not any(ck.iterdir()):
+        return None  # nothing but the (empty) checkpoints/ made by check_run_dir
+    if not names:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    dest = run_dir / "archive" / stamp
+    k = 1
+    while dest.exists():
+        k += 1
+        dest = run_dir / "archive" / f"{stamp}-{k}"
+    try:
+        dest.mkdir(parents=True)
+        for n in names:
+            os.replace(run_dir / n, dest / n)
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+    except OSError as e:
+        raise FmlmError(f"cannot archive the old run in {run_dir}: {e.strerror or e}") from None
+    log(f"restart: the previous run's {', '.join(names)} moved to {dest}")
+    return dest
+
 
 class Trainer:
-    """Trains the method of ``cfg`` in ``run_dir``; ``fit()`` resumes when a checkpoint is there."""
+    """Trains the method of ``cfg`` in ``run_dir``; ``fit()`` resumes when a checkpoint is there.
+
+    A run never silently starts over: if the run directory has checkpoints and none of them is
+    valid, the constructor raises :class:`CheckpointError` and changes nothing. ``restart=True``
+    (``fmlm train --restart``) starts over on purpose, after moving the old log, checkpoints and
+    summary into ``archive/<time>/`` of the run directory.
+    """
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = True, progress: bool = True,
-                 log=print, tokenizer=None):
+                 log=print, tokenizer=None, restart: bool = False):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         t = cfg.train
         if t.threads > 0:
             torch.set_num_threads(t.threads)
         self.env, device_name = dist_.setup(t.device)
+        try:
+            self._init(cfg, resume and not restart, progress, log, tokenizer, device_name)
+        except BaseException:
+            dist_.cleanup(self.env, ok=False)  # every path out destroys the process group
+            raise
+
+    def _init(self, cfg: RunConfig, resume: bool, progress: bool, log, tokenizer, device_name: str) -> None:
+        t = cfg.train
         main = self.env.is_main
         self.progress = progress and main
         self.log = log if main else (lambda *a, **k: None)
@@ -229,14 +358,26 @@ class Trainer:
                                                                self.env.world_size)
 
         # deep=True: a checkpoint with a flipped byte is skipped (with a warning) like a partial one.
-        # Rank 0 chooses, so every rank resumes from the same checkpoint.
-        found = None
-        if resume and main:
-            found = ckpt.latest_checkpoint(self.run_dir, deep=True)
-        found = dist_.broadcast_object(self.env, None if found is None else str(found))
+        # Rank 0 chooses, so every rank resumes from the same checkpoint (or fails with the same error).
+        found, problem = None, None
+        if main:
+            try:
+                check_run_dir(self.run_dir)
+                if resume:
+                    found = self._find_resume_point()
+                else:
+                    archive_run(self.run_dir, self.log)
+            except FmlmError as e:
+                problem = (type(e).__name__, str(e))
+        found, problem = dist_.broadcast_object(self.env, (None if found is None else str(found), problem))
+        if problem is not None:
+            raise {"CheckpointError": CheckpointError, "ConfigError": ConfigError}.get(problem[0], FmlmError)(
+                problem[1])
         self.resume_from = None if found is None else Path(found)
         if self.resume_from is not None:
             saved = ckpt.read_json(self.resume_from / "config.json")
+            if not isinstance(saved.get("model"), dict):
+                raise CheckpointError(f"corrupt checkpoint file {self.resume_from / 'config.json'}: no model section")
             check_resumable({k: v for k, v in saved.items() if k != "model"},
                             {k: v for k, v in cfg.to_dict().items() if k != "model"})
             from fmlm.data import load_tokenizer
@@ -260,6 +401,8 @@ class Trainer:
             self.method.noise = t.noise
         if t.compile:
             self.method.net.compile()
+        if main:
+            check_free_space(self.run_dir, self.method)
         self.model = dist_.wrap(self.method, self.env, t.distributed, self.device)
         self.opt = torch.optim.AdamW(self.method.parameters(), lr=t.lr, betas=(t.beta1, t.beta2),
                                      weight_decay=t.weight_decay)
@@ -272,6 +415,20 @@ class Trainer:
         if self.resume_from is not None:
             self._load(self.resume_from)
 
+    def _find_resume_point(self) -> Path | None:
+        """The newest valid checkpoint; an error (changing nothing) if there are checkpoints but none is valid."""
+        found, skipped = ckpt.newest_valid(self.run_dir, deep=True)
+        if found is not None:
+            for why in skipped:
+                warnings.warn(f"skipping {why}", stacklevel=3)
+        elif skipped:
+            n = len(skipped)
+            raise CheckpointError(
+                f"none of the {n} checkpoint{'s' * (n > 1)} in {self.run_dir / 'checkpoints'} is valid (newest: "
+                f"{skipped[0]}); nothing was changed: rerun with --restart to start over (the old log and "
+                "checkpoints are archived), or use another --run-dir")
+        return found
+
     @property
     def sharded(self) -> bool:
         return self.env.enabled and self.cfg.train.distributed == "fsdp"
@@ -281,38 +438,57 @@ class Trainer:
         ckpt.verify(path, deep=True)
         weights = ckpt.load_state(path, "model.safetensors")
         ema = ckpt.load_state(path, "ema.safetensors")
+        opt = ckpt.load_training_state(path, ckpt.OPTIMIZER)  # no pickle: tensors and plain containers
+        rng = ckpt.load_training_state(path, ckpt.RNG)
+        state = TrainState.from_dict(ckpt.read_json(path / "trainer_state.json"), path / "trainer_state.json")
         try:
-            opt = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=False)
+            if not isinstance(opt, dict) or not isinstance(rng, dict):
+                raise ValueError("not a state dictionary")
             if self.sharded:
                 dist_.load_full_state(self.method, weights, self.opt, opt["optimizer"])
                 for k, v in ema.items():
                     self.ema.shadow[k] = dist_.shard_like(v.float(), self.ema.shadow[k])
             else:
                 ckpt.load_into(self.method, weights, "checkpoint weights")
+                ckpt.load_into(_Shadow(self.ema.shadow), ema, "checkpoint EMA weights")
                 self.ema.load_state_dict(ema)
                 self.opt.load_state_dict(opt["optimizer"])
             self.sched.load_state_dict(opt["scheduler"])
-            set_rng_state(torch.load(path / "rng.pt", weights_only=False), self.gen, self.env)
-        except (OSError, RuntimeError, KeyError, ValueError) as e:
-            raise FmlmError(f"cannot resume from {path}: {str(e).splitlines()[0]}") from None
-        self.state = TrainState(**ckpt.read_json(path / "trainer_state.json"))
+            set_rng_state(rng, self.gen, self.env)
+        except CheckpointError:
+            raise
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+            msg = (str(e).splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"cannot resume from {path}: {type(e).__name__}: {msg[:200]}") from None
+        self.state = state
         self.log(f"resumed from {path} at step {self.state.step}")
 
     def save(self) -> Path:
-        """Write a checkpoint (rank 0; under FSDP every rank helps gather the state)."""
+        """Write a checkpoint (rank 0; under FSDP every rank helps gather the state).
+
+        A failure to write (disk full, read-only folder) is one line (FmlmError) on every rank;
+        the checkpoints already on disk are untouched.
+        """
         path = self.run_dir / "checkpoints" / f"{ckpt.PREFIX}{self.state.step:08d}"
         model_state, optim_state = dist_.full_state(self.method, self.opt)
         ema_state = {k: dist_.full_tensor(v) for k, v in self.ema.state_dict().items()}
         rng = rng_state(self.gen, self.env)
+        problem = None
         if self.env.is_main:
-            ckpt.save_checkpoint(
-                path, self.cfg.to_dict(), model_state, tokenizer=self.data.tokenizer,
-                ema_state=ema_state,
-                optimizer_state={"optimizer": optim_state, "scheduler": self.sched.state_dict()},
-                trainer_state=self.state.__dict__, rng_state=rng,
-            )
-            ckpt.prune(self.run_dir, self.cfg.train.keep_last)
-        dist_.barrier(self.env)
+            try:
+                ckpt.save_checkpoint(
+                    path, self.cfg.to_dict(), model_state, tokenizer=self.data.tokenizer,
+                    ema_state=ema_state,
+                    optimizer_state={"optimizer": optim_state, "scheduler": self.sched.state_dict()},
+                    trainer_state=self.state.__dict__, rng_state=rng,
+                )
+                ckpt.prune(self.run_dir, self.cfg.train.keep_last)
+            except OSError as e:
+                problem = (f"cannot write checkpoint {path}: {e.strerror or e}{_free_space_note(path.parent)}; "
+                           "the checkpoints already saved are intact")
+        problem = dist_.broadcast_object(self.env, problem)  # also the barrier after the save
+        if problem is not None:
+            raise FmlmError(problem)
         return path
 
     # ---------------------------------------------------------------- data
@@ -425,10 +601,24 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def fit(self) -> dict:
+        """Train to ``max_steps`` (or the time budget); Ctrl-C finishes the current step, evaluation or
+        save, writes a checkpoint and returns with ``interrupted`` set (a second Ctrl-C stops at once)."""
+        ok = False
         try:
-            return self._fit()
+            with _GracefulInterrupt(self) as self._interrupt:
+                out = self._fit()
+            ok = True
+            return out
+        except OSError as e:  # the log, config or summary could not be written (disk full, read-only)
+            where = f" {e.filename}" if getattr(e, "filename", None) else f" in {self.run_dir}"
+            raise FmlmError(f"cannot write{where}: {e.strerror or e}{_free_space_note(self.run_dir)}") from None
         finally:
-            dist_.cleanup(self.env)
+            dist_.cleanup(self.env, ok=ok)
+
+    def _stop_requested(self) -> bool:
+        """Whether Ctrl-C was pressed (rank 0's word counts, so all ranks stop at the same step)."""
+        flag = self._interrupt.requested
+        return bool(dist_.broadcast_object(self.env, flag)) if self.env.enabled else flag
 
     def _fit(self) -> dict:
         from tqdm.auto import tqdm
@@ -466,6 +656,10 @@ class Trainer:
 
         try:
             while st.step < t.max_steps and st.elapsed < budget:
+                if self._stop_requested():
+                    interrupted = True
+                    self.log("interrupted: saving a checkpoint")
+                    break
                 self.opt.zero_grad(set_to_none=True)
                 metrics, gnorm = self._forward_backward()
                 if not torch.isfinite(metrics.pop(" objective")):
@@ -507,9 +701,6 @@ class Trainer:
                 if st.step % t.save_every == 0:
                     self.save()
                     last_saved = st.step
-        except KeyboardInterrupt:
-            interrupted = True
-            self.log("interrupted: saving a checkpoint")
         finally:
             bar.close()
         has_ckpt = bool(ckpt.list_checkpoints(self.run_dir)) if main else True
@@ -518,6 +709,7 @@ class Trainer:
                 st.last_val = self._evaluate_ranks()
                 write({"step": st.step, **st.last_val})
             self.save()
+        interrupted = interrupted or self._stop_requested()  # Ctrl-C during the final evaluation or save
         if log_f is not None:
             log_f.close()
         summary = {
@@ -527,7 +719,7 @@ class Trainer:
             "rank": self.env.rank, **st.last_val,
         }
         if main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_json(self.run_dir / "summary.json", summary)
         return summary
 
     def _bad_step(self, what: str) -> None:
@@ -551,6 +743,33 @@ def _truncate_log(path: Path, step: int) -> None:
             continue
         if rec.get("step", 0) <= step:
             keep.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(l + "\n" for l in keep))
-    os.replace(tmp, path)
+    write_text(path, "".join(l + "\n" for l in keep))
+
+
+class _GracefulInterrupt:
+    """While training, the first SIGINT only sets ``requested`` (the loop stops at the next step
+    boundary and saves); a second one raises KeyboardInterrupt at once. Outside the main thread
+    (where Python cannot install signal handlers) Ctrl-C keeps its default behaviour."""
+
+    def __init__(self, trainer: "Trainer"):
+        self.trainer = trainer
+        self.requested = False
+        self._installed = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.trainer.log("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to stop now)")
+
+    def __enter__(self) -> "_GracefulInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+            self._installed = False

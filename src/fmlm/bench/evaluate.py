@@ -21,6 +21,7 @@ from fmlm.bench.metrics import (
     validation_metrics,
 )
 from fmlm.errors import ConfigError
+from fmlm.io import write_text
 
 
 def measure(model, steps: int, num_samples: int, seed: int = 0, batch_size: int = 256, scorer=None,
@@ -148,7 +149,7 @@ def run(args) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+        write_text(out, text + "\n")  # atomic: a killed run never leaves half a JSON file
         log(f"wrote {out}")
     print(text)
     return 0

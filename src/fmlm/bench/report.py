@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import uuid
 from pathlib import Path
 
 from fmlm.errors import ConfigError
+from fmlm.io import write_text
 
 #: Every decoded sample of a bench, one JSON object per line.
 SAMPLES = "samples.jsonl"
@@ -48,12 +47,6 @@ def _rate(x) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
     return format(x, ".0f") if x >= 100 else format(x, ".3g")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def quality_metric(result: dict) -> str | None:
@@ -309,12 +302,12 @@ def write_outputs(result: dict, out: Path, plots: bool = True, samples: list[dic
     if h is not None:
         result["headline"] = h
     if samples is not None:
-        _write_atomic(out / SAMPLES, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+        write_text(out / SAMPLES, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
         result["samples_file"] = SAMPLES
     if plots:
         result["plots"] = [p.name for p in plot(result, out)]
-    _write_atomic(out / "results.json", json.dumps(result, indent=2) + "\n")
-    _write_atomic(out / "results.md", markdown(result))
+    write_text(out / "results.json", json.dumps(result, indent=2) + "\n")
+    write_text(out / "results.md", markdown(result))
 
 
 def read_result(folder: str | Path) -> dict:

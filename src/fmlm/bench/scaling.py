@@ -24,9 +24,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from fmlm.bench.report import ENTROPY_TOLERANCE, _collapsed, _fmt, _write_atomic, headline, read_result
+from fmlm.bench.report import ENTROPY_TOLERANCE, _collapsed, _fmt, headline, read_result
 from fmlm.bench.rescore import _slug, rescore
 from fmlm.errors import ConfigError
+from fmlm.io import write_text
 
 #: The study's step sweep (AR: its L sequential passes).
 STEPS = (1, 2, 4, 8, 32, 1024)
@@ -314,8 +315,8 @@ def run(args, argv: list[str]) -> int:
     study["command"] = command
     if not args.no_plots:
         study["plots"] = [p.name for p in plot(study, out)]
-    _write_atomic(out / "scaling.json", json.dumps(study, indent=2) + "\n")
+    write_text(out / "scaling.json", json.dumps(study, indent=2) + "\n")
     md = markdown(study, command)
-    _write_atomic(out / "scaling.md", md)
+    write_text(out / "scaling.md", md)
     print(md)
     return 0

@@ -24,6 +24,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -281,4 +283,43 @@ def load_scorer(name: str = DEFAULT_SCORER, batch_size: int | None = None, devic
     p = Path(name)
     if p.is_file() and p.suffix == ".gguf":
         return HFScorer(name, str(p.parent), gguf_file=p.name, batch_size=batch_size or 4, device=device)
+    if not p.exists() and _HUB_ID.fullmatch(name) and (_hub_offline() or not _hub_reachable()):
+        # Offline, transformers would retry the Hub for a minute and print a page of warnings;
+        # use the local Hub cache if it has the model, else say so in one line.
+        local = _hub_cached(name)
+        if local is None:
+            raise FmlmError(f"scorer {name!r} is not gemma-3-270m, smollm2-135m, ar:RUN, a local directory or a "
+                            ".gguf file, and the Hugging Face Hub cannot be reached to download it (offline)")
+        return HFScorer(name, local, batch_size=batch_size or 8, device=device)
     return HFScorer(name, name, batch_size=batch_size or 8, device=device)
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # what could be a Hub model id (not a path)
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection attempt to the Hub (seconds at most), instead of the Hub client's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_cached(name: str) -> str | None:
+    """The local snapshot folder of a Hub model already downloaded, or None (no network)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, local_files_only=True)
+    except Exception:  # not cached, a name the Hub client rejects, or no huggingface_hub
+        return None

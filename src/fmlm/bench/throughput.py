@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from fmlm.errors import ConfigError
+from fmlm.io import write_json
 
 CONFIGS = ("flm-vocab", "flm-embedded", "fmlm", "fmlm-ref", "mdlm")
 
@@ -231,7 +232,7 @@ def run(args) -> int:
     table = markdown(result)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out / "bench.json", result)
     (out / "bench.md").write_text(table + "\n")
     print(table)
     print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}", file=sys.stderr)

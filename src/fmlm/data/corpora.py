@@ -424,6 +424,8 @@ def load_corpus(
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    if not str(name_or_path).strip():  # "" would be the current directory, read recursively
+        raise DataError("the dataset name is empty: give a dataset (shakespeare, lm1b, ...) or a file or folder")
     kind, path = _parse(name_or_path)
     name = corpus_identity(name_or_path, text_field)
     cache_dir = Path(cache_dir)

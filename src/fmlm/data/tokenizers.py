@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from fmlm.errors import DataError
+from fmlm.io import write_atomic, write_text
 
 __all__ = [
     "EOS_TOKEN",
@@ -245,17 +246,10 @@ class Tokenizer(abc.ABC):
             "fingerprint": self.fingerprint,
             **extra,
         }
-        _write_text_atomic(directory / _META, json.dumps(meta, indent=2))
+        write_text(directory / _META, json.dumps(meta, indent=2))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(spec={self.spec!r}, vocab_size={self.vocab_size})"
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------- symbols
@@ -291,7 +285,7 @@ class _SymbolTokenizer(Tokenizer):
 
     def _save_files(self, directory: Path) -> dict[str, Any]:
         vocab = {"symbols": self.symbols[: self.num_base], "add_unk": self.unk_id is not None}
-        _write_text_atomic(directory / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+        write_text(directory / "vocab.json", json.dumps(vocab, ensure_ascii=False))
         return {}
 
 
@@ -466,9 +460,7 @@ class HFTokenizer(Tokenizer):
         return _hash_hex(self.backend.to_str())
 
     def _save_files(self, directory: Path) -> dict[str, Any]:
-        tmp = directory / f".tokenizer.json.{uuid.uuid4().hex}.tmp"
-        self.backend.save(str(tmp))
-        os.replace(tmp, directory / "tokenizer.json")
+        write_atomic(directory / "tokenizer.json", lambda tmp: self.backend.save(str(tmp)))
         return {"space_joined": self._space_joined}
 
 

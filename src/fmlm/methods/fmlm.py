@@ -278,8 +278,11 @@ class FMLM(nn.Module):
     def delta(self, x: torch.Tensor, tau_s: torch.Tensor, tau_t: torch.Tensor) -> torch.Tensor:
         """δ_{s,t}(x) on the simplex, (B, L, V) float32; τ_s ≤ τ_t required."""
         tau_s, tau_t = torch.as_tensor(tau_s), torch.as_tensor(tau_t)
-        if bool((tau_s > tau_t + 1e-7).any()):
-            raise FmlmError("flow map needs s <= t")
+        # One check (one device sync): 0 <= s <= t <= 1, and no NaN (every comparison with NaN fails).
+        if not bool(((tau_s <= tau_t + 1e-7) & (tau_s >= 0) & (tau_t <= 1)).all()):
+            if bool(((tau_s >= 0) & (tau_s <= 1) & (tau_t >= 0) & (tau_t <= 1)).all()):
+                raise FmlmError("flow map needs s <= t")
+            raise FmlmError("flow-map times must be in [0, 1] (and not NaN)")
         return self.logits(x, tau_s, tau_t).softmax(-1)
 
     def flow_map(self, x: torch.Tensor, tau_s: torch.Tensor, tau_t: torch.Tensor) -> torch.Tensor:
