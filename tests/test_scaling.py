@@ -56,10 +56,11 @@ def test_gpu_study_script_at_tiny_size_on_cpu(tmp_path):
     bench = tmp_path / "out" / "tiny-2"
     r = json.loads((bench / "results.json").read_text())
     assert r["scorer"] is None and r["overrides"][-2:] == ["model.size=tiny", "max_steps=2"]
-    assert r["distill_overrides"] == ["max_steps=1"] and set(r["variants"]) == {"FLM", "FMLM", "MDLM", "Duo", "AR"}
-    assert r["variants"]["Duo"]["step"] == 2
+    assert r["distill_overrides"] == ["max_steps=1"]
+    assert set(r["variants"]) == {"FLM", "FMLM", "MDLM", "Duo", "Duo+DCD", "MDLM+SDTT", "AR"}
+    assert r["variants"]["Duo"]["step"] == 2 and r["variants"]["Duo+DCD"]["step"] == 1
     lines = (bench / "samples.jsonl").read_text().splitlines()
-    assert len(lines) == 4 * (2 * 4 + 1 + 2)  # FLM, FMLM, MDLM, Duo at 2 step counts, AR, and the 2 references
+    assert len(lines) == 4 * (2 * 6 + 1 + 2)  # six diffusion models at 2 step counts, AR, the 2 references
     before = (bench / "results.json").read_bytes()
     # Scoring later (where the scorers are): the sampled bench is reused, its samples scored.
     env["SCORERS"] = str(tmp_path / "scorer")
@@ -69,6 +70,7 @@ def test_gpu_study_script_at_tiny_size_on_cpu(tmp_path):
     study = json.loads((tmp_path / "out" / "scaling.json").read_text())
     (point,) = study["points"]
     assert point["folder"].startswith("tiny-2-") and point["data_bpb"] > 0 and point["shuffled_bpb"] > 0
+    assert point["tokens"] == 2 * 4 * 16  # stage-1 steps x batch x length, not the distillation's
     assert all(row["gen_bpb"] > 0 for row in point["rows"])
     assert set(point["claims"]) == {"one_step", "speed"}  # no 1,024-step setting in this sweep
     assert "### " in (tmp_path / "out" / "scaling.md").read_text()

@@ -29,6 +29,8 @@ from fmlm.bench.rescore import _slug, rescore
 from fmlm.errors import ConfigError
 from fmlm.io import write_text
 
+#: Methods trained by distillation (their budget is the distillation's, on top of stage 1).
+DISTILLED = ("semigroup", "lagrangian", "eulerian", "dcd", "sdtt")
 #: The study's step sweep (AR: its L sequential passes).
 STEPS = (1, 2, 4, 8, 32, 1024)
 #: The flow map's distillation budget as a fraction of the stage-1 budget (shakespeare-cpu: 800 / 1,500).
@@ -142,7 +144,8 @@ def aggregate(folders: list[tuple[str, int, Path]]) -> dict:
     points = []
     for size, budget, folder in folders:
         r = read_result(folder)
-        tokens = max((v.get("tokens") or 0) for k, v in r["variants"].items() if not k.startswith("FMLM"))
+        # Stage-1 training tokens (the distilled models' own tokens are distillation steps on top).
+        tokens = max((v.get("tokens") or 0) for v in r["variants"].values() if v.get("method") not in DISTILLED)
         points.append({
             "size": size, "budget": budget, "tokens": tokens, "folder": folder.name,
             "scorer": (r.get("scorer") or {}).get("name"), "data_bpb": r.get("data_bpb"),
