@@ -231,8 +231,8 @@ def markdown(result: dict) -> str:
 
 
 # ------------------------------------------------------------------ plots
-def plot(result: dict, out: Path) -> list[Path]:
-    """quality vs steps, quality vs seconds per sample (log x), entropy vs steps."""
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend, or ``None`` (with a one-line note) when it is missing."""
     try:
         import matplotlib
 
@@ -240,6 +240,14 @@ def plot(result: dict, out: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         print('fmlm: matplotlib is not installed; no plots (pip install "fmlm[eval]")', file=sys.stderr)
+        return None
+    return plt
+
+
+def plot(result: dict, out: Path) -> list[Path]:
+    """quality vs steps, quality vs seconds per sample (log x), entropy vs steps."""
+    plt = pyplot()
+    if plt is None:
         return []
     rows = result["rows"]
     metric = quality_metric(result) or "valid_rate"

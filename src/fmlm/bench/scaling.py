@@ -24,7 +24,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from fmlm.bench.report import ENTROPY_TOLERANCE, _collapsed, _fmt, headline, read_result
+from fmlm.bench.report import ENTROPY_TOLERANCE, _collapsed, _fmt, headline, pyplot, read_result
 from fmlm.bench.rescore import _slug, rescore
 from fmlm.errors import ConfigError
 from fmlm.io import write_text
@@ -53,7 +53,8 @@ def _scorer_name(result: dict) -> str | None:
 
 
 def run_point(preset: str, size: str, budget: int, overrides: list[str], out: Path, steps: list[int], n: int,
-              scorers: list[str], distill_ratio: float, cache_dir, threads, device, quiet: bool, log) -> list[Path]:
+              scorers: list[str], distill_ratio: float, cache_dir, threads, device, quiet: bool, log,
+              load=None) -> list[Path]:
     """One point of the study: the bench and a scored folder per scorer; returns the scored folders.
 
     The bench folder ``OUT/SIZE-BUDGET`` is reused when it holds a finished bench sampled
@@ -62,8 +63,13 @@ def run_point(preset: str, size: str, budget: int, overrides: list[str], out: Pa
     sampled on a GPU machine without scorers) re-scores its saved samples into
     ``OUT/SIZE-BUDGET-SCORER``. ``none`` as the only scorer samples without scoring.
     """
-    from fmlm.bench.scorers import load_scorer
     from fmlm.bench.suite import run_bench
+
+    if load is None:
+        from fmlm.bench.scorers import load_scorer
+
+        def load(name):
+            return load_scorer(name, device=device)
 
     ov = list(overrides) + point_overrides(size, budget)
     distill = [f"max_steps={max(1, round(distill_ratio * budget))}"]
@@ -91,7 +97,7 @@ def run_point(preset: str, size: str, budget: int, overrides: list[str], out: Pa
             log(f"{dest}: already re-scored, reused")
         else:
             log(f"re-scoring {folder} under {name} -> {dest}")
-            rescore(folder, load_scorer(name, device=device), dest,
+            rescore(folder, load(name), dest,
                     command=f"fmlm bench rescore {folder} --scorer {name} --out {dest}", log=log)
         folders.append(dest)
     return folders
@@ -201,13 +207,8 @@ def markdown(study: dict, command: str | None = None) -> str:
 
 
 def plot(study: dict, out: Path) -> list[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print('fmlm: matplotlib is not installed; no plots (pip install "fmlm[eval]")', file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return []
     files = []
     for scorer in dict.fromkeys(p["scorer"] for p in study["points"]):
@@ -304,6 +305,15 @@ def run(args, argv: list[str]) -> int:
         raise ConfigError("--sizes and --scorers need at least one name each")
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     out = Path(args.out)
+    loaded: dict = {}
+
+    def load(name):  # each re-scoring scorer is loaded once for the whole study, not once per point
+        from fmlm.bench.scorers import load_scorer
+
+        if name not in loaded:
+            loaded[name] = load_scorer(name, device=args.device)
+        return loaded[name]
+
     done: list[tuple[str, int, Path]] = []
     total = len(sizes) * len(args.budgets)
     for i, size in enumerate(sizes):
@@ -311,7 +321,7 @@ def run(args, argv: list[str]) -> int:
             log(f"[point {i * len(args.budgets) + j + 1}/{total}] {size}, {budget} steps")
             for folder in run_point(args.preset, size, budget, args.overrides, out, list(args.steps),
                                     args.num_samples, scorers, args.distill_ratio, args.cache_dir, args.threads,
-                                    args.device, args.quiet, log):
+                                    args.device, args.quiet, log, load):
                 done.append((size, budget, folder))
     study = aggregate(done)
     command = "fmlm bench scaling " + " ".join(shlex.quote(a) for a in argv)

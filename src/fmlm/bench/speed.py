@@ -455,13 +455,10 @@ def markdown(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> None:
     """Utilisation against batch size, one panel per shape, one line per sampler (needs matplotlib)."""
-    try:
-        import matplotlib
+    from fmlm.bench.report import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     shapes = result["shapes"]
     fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.6), squeeze=False)
