@@ -75,7 +75,8 @@ DUO_CURRICULUM = 0.5
 
 MAIN = (
     Variant("FLM", "flm"),
-    Variant("FMLM", "semigroup", teacher="FLM"),
+    # A flow map is distilled for few steps: its sweep stops at 64, like the distilled baselines'.
+    Variant("FMLM", "semigroup", teacher="FLM", steps=DISTILLED_STEPS),
     Variant("MDLM", "mdlm"),
     Variant("Duo", "duo", curriculum=DUO_CURRICULUM),
     # The distilled discrete baselines, on the flow map's distillation budget (the preset's distill
