@@ -7,11 +7,10 @@ from pathlib import Path
 
 import torch
 
-from fmlm import checkpoint as ckpt
 from fmlm.config import RunConfig
-from fmlm.errors import CheckpointError, FmlmError
-from fmlm.methods import build_method
-from fmlm.train import pick_device
+from fmlm.errors import FmlmError
+from fmlm.methods.registry import load_method
+from fmlm.runtime import pick_device
 
 
 class Model:
@@ -219,19 +218,6 @@ def load(path: str | Path, device: str | torch.device | None = None, ema: bool =
         ema: use the EMA weights when the checkpoint has them.
         tokenizer: optional replacement tokenizer (must have the model's vocabulary size).
     """
-    from fmlm.data import load_tokenizer
-
     dev = pick_device("auto" if device is None else device, what="device")
-    p = ckpt.resolve(path, deep=True)  # a run directory: its newest checkpoint that passes the deep check
-    if p == Path(path):  # named directly: not checked yet
-        ckpt.verify(p, deep=True)
-    cfg = RunConfig.from_dict(ckpt.read_json(p / "config.json"))
-    tok = tokenizer if tokenizer is not None else load_tokenizer(p / "tokenizer")
-    if tok.vocab_size != cfg.model.vocab_size:
-        raise CheckpointError(f"tokenizer vocabulary ({tok.vocab_size}) does not match the checkpoint's "
-                              f"({cfg.model.vocab_size})")
-    method = build_method(cfg)
-    name = "ema.safetensors" if ema and (p / "ema.safetensors").is_file() else "model.safetensors"
-    ckpt.load_into(method, ckpt.load_state(p, name), f"{p / name}")
-    method.to(dev).eval()
+    cfg, method, tok, p = load_method(path, dev, ema=ema, tokenizer=tokenizer)
     return Model(cfg, method, tok, p)

@@ -13,45 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+from fmlm.argtypes import Parser as _Parser
+from fmlm.argtypes import port as _port
+from fmlm.argtypes import positive as _positive
+from fmlm.argtypes import steps_list as _steps_list
 from fmlm.errors import FmlmError
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as one line (exit code 2)."""
-
-    def error(self, message: str):  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
-        raise SystemExit(2)
-
-
-def _steps_list(text: str) -> list[int]:
-    try:
-        steps = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"steps must be integers, got {text!r}") from None
-    if not steps or any(s < 1 for s in steps):
-        raise argparse.ArgumentTypeError(f"steps must be >= 1, got {text!r}")
-    return steps
-
-
-def _port(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is in 0..65535, got {v}")
-    return v
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
 
 
 def _split_preset(items: list[str]) -> tuple[str | None, list[str]]:
@@ -206,9 +172,8 @@ def cmd_sample(args) -> int:
 
         tokenizer = load_tokenizer(args.tokenizer)
     model = load(args.ckpt, device=args.device, ema=not args.no_ema, tokenizer=tokenizer)
-    from fmlm.guidance import cli_options
 
-    args.guidance = cli_options(args, model)
+    args.guidance = guidance_options(args, model)
     steps_list = args.steps or [model.config.sample.steps]
     if args.json or args.check:
         results = _report_samples(model, steps_list, args.num_samples, args.seed, args.float64, show=False,
@@ -231,6 +196,40 @@ def cmd_sample(args) -> int:
             print(text)
             print()
     return 0
+
+
+def guidance_options(args, model) -> dict:
+    """``fmlm sample`` conditioning/guidance flags -> :meth:`fmlm.api.Model.sample_ids` options."""
+    from fmlm.api import load
+
+    out: dict = {}
+    if (args.prefix is not None or getattr(args, "suffix", None) is not None) and args.infill is not None:
+        raise FmlmError("give either --prefix/--suffix or --infill, not both")
+    if args.prefix is not None:
+        out["prefix"] = args.prefix
+    if getattr(args, "suffix", None) is not None:
+        out["suffix"] = args.suffix
+    if args.infill is not None:
+        out["infill"] = args.infill
+    if args.guide_weak is not None:
+        out["guide_weak"] = load(args.guide_weak, device=model.device)
+        out["guide_weight"] = 1.0 if args.guide_weight is None else args.guide_weight
+    elif args.guide_weight is not None:
+        raise FmlmError("--guide-weight needs --guide-weak RUN")
+    if args.reward is not None:
+        out["classifier"] = load(args.reward, device=model.device)
+        out["target"] = args.reward_target
+        if args.reward_scale is not None:
+            out["reward_scale"] = args.reward_scale
+        if args.reward_iters is not None:
+            out["reward_iters"] = args.reward_iters
+        if args.reward_temperature is not None:
+            out["reward_temperature"] = args.reward_temperature
+    elif any(v is not None for v in (args.reward_target, args.reward_scale, args.reward_iters,
+                                      args.reward_temperature)):
+        raise FmlmError("--reward-target, --reward-scale, --reward-iters and --reward-temperature need "
+                        "--reward RUN")
+    return out
 
 
 def cmd_eval(args) -> int:

@@ -14,8 +14,6 @@ when the key name exists in one section only (``lr=1e-3``, ``loss=mse_denoiser``
 
 from __future__ import annotations
 
-import math
-
 import copy
 import dataclasses
 import json
@@ -541,3 +539,15 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}")
     if t.warmup_steps < 0 or t.max_minutes < 0 or t.grad_clip < 0:
         raise ConfigError("train.warmup_steps, train.max_minutes and train.grad_clip must be >= 0")
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested sections -> dotted keys: ``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

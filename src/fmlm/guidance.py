@@ -319,37 +319,3 @@ def prefix_suffix(prefix, suffix: str, tokenizer, seq_len: int) -> tuple[list[in
                         f"length {seq_len}")
     free = seq_len - len(head) - len(tail)
     return head + [0] * free + tail, [True] * len(head) + [False] * free + [True] * len(tail)
-
-
-def cli_options(args, model) -> dict:
-    """``fmlm sample`` conditioning/guidance flags -> :meth:`fmlm.api.Model.sample_ids` options."""
-    from fmlm.api import load
-
-    out: dict = {}
-    if (args.prefix is not None or getattr(args, "suffix", None) is not None) and args.infill is not None:
-        raise FmlmError("give either --prefix/--suffix or --infill, not both")
-    if args.prefix is not None:
-        out["prefix"] = args.prefix
-    if getattr(args, "suffix", None) is not None:
-        out["suffix"] = args.suffix
-    if args.infill is not None:
-        out["infill"] = args.infill
-    if args.guide_weak is not None:
-        out["guide_weak"] = load(args.guide_weak, device=model.device)
-        out["guide_weight"] = 1.0 if args.guide_weight is None else args.guide_weight
-    elif args.guide_weight is not None:
-        raise FmlmError("--guide-weight needs --guide-weak RUN")
-    if args.reward is not None:
-        out["classifier"] = load(args.reward, device=model.device)
-        out["target"] = args.reward_target
-        if args.reward_scale is not None:
-            out["reward_scale"] = args.reward_scale
-        if args.reward_iters is not None:
-            out["reward_iters"] = args.reward_iters
-        if args.reward_temperature is not None:
-            out["reward_temperature"] = args.reward_temperature
-    elif any(v is not None for v in (args.reward_target, args.reward_scale, args.reward_iters,
-                                      args.reward_temperature)):
-        raise FmlmError("--reward-target, --reward-scale, --reward-iters and --reward-temperature need "
-                        "--reward RUN")
-    return out

@@ -35,18 +35,18 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from fmlm import checkpoint as ckpt
 from fmlm import distributed as dist_
-from fmlm.config import RunConfig
+from fmlm.config import RunConfig, flatten
 from fmlm.errors import CheckpointError, ConfigError, FmlmError
 from fmlm.io import write_json, write_text
 from fmlm.methods import build_method
 from fmlm.methods.flm import global_strata
+from fmlm.runtime import autocast_dtype, default_cache_dir, pick_device  # noqa: F401 (also fmlm.train API)
 
 # Keys that may change between a run and its resumption (budget and bookkeeping only).
 RESUMABLE_KEYS = {
@@ -57,51 +57,6 @@ RESUMABLE_KEYS = {
     # a run may resume on another number of devices.
     "train.micro_batch_size", "train.distributed", "train.compile", "train.noise",
 }
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("FMLM_CACHE", Path.home() / ".cache" / "fmlm"))
-
-
-def pick_device(name: str | torch.device | None = "auto", what: str = "train.device") -> torch.device:
-    """The device ``name`` names (``auto``: cuda, then mps, then cpu), checked to exist in this build."""
-    if name is None:
-        name = "auto"
-    if isinstance(name, torch.device) or name != "auto":
-        try:
-            dev = torch.device(name)
-        except (RuntimeError, TypeError, ValueError):
-            raise ConfigError(f"bad value for {what}: {str(name)!r} (use auto, cpu, cuda, cuda:N or mps)") from None
-        if dev.type == "cuda":
-            if not torch.cuda.is_available():
-                raise ConfigError(f"{what}={dev} but this PyTorch build has no usable CUDA device; use cpu")
-            if dev.index is not None and dev.index >= torch.cuda.device_count():
-                raise ConfigError(f"{what}={dev} but only {torch.cuda.device_count()} CUDA device(s) are visible")
-        elif dev.type == "mps":
-            mps = getattr(torch.backends, "mps", None)
-            if mps is None or not mps.is_available():
-                raise ConfigError(f"{what}={dev} but MPS is not available on this machine; use cpu")
-        elif dev.type != "cpu":
-            raise ConfigError(f"{what}={dev}: fmlm runs on cpu, cuda or mps")
-        return dev
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where the device supports it (``auto``); None means full fp32."""
-    if precision == "fp32":
-        return None
-    if precision == "fp16":
-        return torch.float16
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None  # CPU autocast in bf16 is slower than fp32 on most CPUs
 
 
 def load_data(cfg: RunConfig, tokenizer=None):
@@ -162,22 +117,11 @@ def lr_lambda(cfg: RunConfig):
     return f
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def check_resumable(saved: dict, current: dict) -> None:
     # A key the saved config lacks (written by an older version) counts as its default.
-    defaults = _flatten(RunConfig().to_dict())
-    a = {**{k: v for k, v in defaults.items() if k in _flatten(current)}, **_flatten(saved)}
-    b = _flatten(current)
+    defaults = flatten(RunConfig().to_dict())
+    a = {**{k: v for k, v in defaults.items() if k in flatten(current)}, **flatten(saved)}
+    b = flatten(current)
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_KEYS and k != "preset")
     if diff:
         k = diff[0]

@@ -29,14 +29,14 @@ def dispatch(target: str, rest: list[str]) -> int:
     ``rescore DIR --scorer NAME`` scores its saved samples under another scorer, anything
     else is a preset.
     """
-    from fmlm.cli import _Parser
+    from fmlm.argtypes import Parser
 
     if target in ("train", "speed"):
         name = {"train": "throughput", "speed": "speed"}[target]
         if importlib.util.find_spec(f"fmlm.bench.{name}") is None:
             raise ConfigError(f"`fmlm bench {target}` is not part of this installation")
         module = importlib.import_module(f"fmlm.bench.{name}")
-        parser = _Parser(prog=f"fmlm bench {target}", description=module.__doc__)
+        parser = Parser(prog=f"fmlm bench {target}", description=module.__doc__)
         module.add_arguments(parser)
         return module.run(parser.parse_args(rest))
     from fmlm.bench import report, suite
@@ -44,7 +44,7 @@ def dispatch(target: str, rest: list[str]) -> int:
     if target == "scaling":
         from fmlm.bench import scaling
 
-        parser = _Parser(prog="fmlm bench scaling", description=scaling.__doc__)
+        parser = Parser(prog="fmlm bench scaling", description=scaling.__doc__)
         scaling.add_arguments(parser)
         return scaling.run(parser.parse_intermixed_args(rest), rest)
     if target == "rescore":
@@ -52,15 +52,15 @@ def dispatch(target: str, rest: list[str]) -> int:
         import sys
 
         from fmlm.bench.scorers import load_scorer
-        from fmlm.cli import _positive
+        from fmlm.argtypes import positive
 
-        parser = _Parser(prog="fmlm bench rescore",
+        parser = Parser(prog="fmlm bench rescore",
                          description="Score the saved samples (samples.jsonl) of a finished bench under another "
                                      "scorer LM, without sampling again; writes results.json, results.md and "
                                      "plots to DIR-<scorer> (or --out).")
         parser.add_argument("folder", metavar="DIR", help="the output folder of `fmlm bench PRESET`")
         parser.add_argument("--scorer", required=True, help="gemma-3-270m, smollm2-135m, ar:RUN, a HF name or dir")
-        parser.add_argument("--scorer-batch", type=_positive, help="texts per scorer forward pass")
+        parser.add_argument("--scorer-batch", type=positive, help="texts per scorer forward pass")
         parser.add_argument("--out", help="output folder (default: DIR-<scorer>; DIR itself rewrites it)")
         parser.add_argument("--device", help="cpu, cuda, mps (default: best available)")
         parser.add_argument("--no-plots", action="store_true")
@@ -78,7 +78,7 @@ def dispatch(target: str, rest: list[str]) -> int:
         print(report.markdown(result))
         return 0
     if target == "report":
-        parser = _Parser(prog="fmlm bench report",
+        parser = Parser(prog="fmlm bench report",
                          description="Rewrite results.md, the headline and the plots of a finished bench "
                                      "from its results.json (after an upgrade, or on another machine).")
         parser.add_argument("folder", metavar="DIR", help="the output folder of `fmlm bench PRESET`")
@@ -86,7 +86,7 @@ def dispatch(target: str, rest: list[str]) -> int:
         args = parser.parse_args(rest)
         print(report.markdown(report.report(args.folder, plots=not args.no_plots)))
         return 0
-    parser = _Parser(prog="fmlm bench", description=suite.__doc__)
+    parser = Parser(prog="fmlm bench", description=suite.__doc__)
     suite.add_arguments(parser)
     args = parser.parse_intermixed_args([target, *rest])
     return suite.run(args, [target, *rest])

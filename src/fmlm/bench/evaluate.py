@@ -157,21 +157,22 @@ def run(args) -> int:
 
 def add_arguments(p) -> None:
     """Options of ``fmlm eval`` (kept here so cli.py stays a thin dispatcher)."""
-    from fmlm.cli import _positive, _steps_list
+    from fmlm.argtypes import positive
+    from fmlm.argtypes import steps_list
 
     p.add_argument("--ckpt", required=True, help="checkpoint or run directory")
-    p.add_argument("--steps", type=_steps_list, help="comma-separated step counts (default: the run's)")
-    p.add_argument("--num-samples", "-n", type=_positive, default=256)
+    p.add_argument("--steps", type=steps_list, help="comma-separated step counts (default: the run's)")
+    p.add_argument("--num-samples", "-n", type=positive, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scorer", default="auto",
                    help="gen-PPL scorer: gemma-3-270m (default for text), smollm2-135m, ar:RUN, a Hugging Face "
                         "name or local directory, or none (default for the phrases task: valid rate instead)")
-    p.add_argument("--scorer-batch", type=_positive, help="texts per scorer forward pass (default 4 for gemma)")
+    p.add_argument("--scorer-batch", type=positive, help="texts per scorer forward pass (default 4 for gemma)")
     p.add_argument("--val-batches", type=int, default=8, help="validation batches for the likelihood (0: skip)")
-    p.add_argument("--batch-size", type=_positive, default=256, help="samples per sampling call")
+    p.add_argument("--batch-size", type=positive, default=256, help="samples per sampling call")
     p.add_argument("--gamma", type=float, help="flow-map models: stochastic re-noising in [0, 1)")
     p.add_argument("--float64", action="store_true", help="integrate the flow in float64")
     p.add_argument("--device", help="cpu, cuda, mps (default: best available)")
-    p.add_argument("--threads", type=_positive, help="CPU threads")
+    p.add_argument("--threads", type=positive, help="CPU threads")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--quiet", action="store_true", help="no log lines on stderr")

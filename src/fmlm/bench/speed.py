@@ -340,7 +340,7 @@ def run(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from fmlm.train import autocast_dtype, pick_device
+    from fmlm.runtime import autocast_dtype, pick_device
 
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in names if m not in METHODS]

@@ -27,9 +27,10 @@ from fmlm.bench.evaluate import environment, measure, warm_up
 from fmlm.bench.metrics import reference_entropy, reference_texts, score_references, validation_metrics
 from fmlm.bench.report import SAMPLES, add_references, markdown, write_outputs
 from fmlm.bench.presets import ABLATIONS, PRESETS, BenchPreset, Variant, get_preset, variants_for
-from fmlm.config import RunConfig, build_config, set_value, validate
+from fmlm.config import RunConfig, build_config, flatten, set_value, validate
 from fmlm.errors import ConfigError, FmlmError
-from fmlm.train import RESUMABLE_KEYS, Trainer, _flatten, default_cache_dir
+from fmlm.runtime import default_cache_dir
+from fmlm.train import RESUMABLE_KEYS, Trainer
 
 # Keys that do not change what a run learns (bookkeeping, placement, paths).
 _IGNORED = set(RESUMABLE_KEYS) | {"preset", "model.vocab_size", "model.max_seq_len", "distill.teacher",
@@ -82,7 +83,7 @@ def variant_config(preset: BenchPreset, variant: Variant, overrides: list[str], 
 
 def comparable(cfg: dict) -> dict:
     """The flattened config without the keys that do not change what is learned (budget kept)."""
-    flat = _flatten(cfg)
+    flat = flatten(cfg)
     return {k: v for k, v in flat.items() if k not in _IGNORED or k in _BUDGET}
 
 
@@ -362,24 +363,25 @@ def describe(preset: BenchPreset, ablation: str | None, overrides: list[str],
     for v in variants:
         teacher = None if v.self_distill or not v.distilled else f"<checkpoint of {v.teacher}>"
         cfg = variant_config(preset, v, overrides, teacher, distill_overrides=distill_overrides)
-        flat = {k: val for k, val in _flatten(cfg.to_dict()).items() if k not in ("preset",)}
+        flat = {k: val for k, val in flatten(cfg.to_dict()).items() if k not in ("preset",)}
         lines.append(f"--- {v.label} ({v.method})" + (f", distils {v.teacher}" if teacher else ""))
         lines.append(json.dumps(flat))
     return "\n".join(lines)
 
 
 def add_arguments(p) -> None:
-    from fmlm.cli import _positive, _steps_list
+    from fmlm.argtypes import positive
+    from fmlm.argtypes import steps_list
 
     p.add_argument("preset", metavar="PRESET", help=f"one of {', '.join(PRESETS)}")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every run")
     p.add_argument("--ablation", choices=list(ABLATIONS), help="run an ablation instead of the method comparison")
-    p.add_argument("--steps", type=_steps_list, help="comma-separated step counts (default: 1,2,4,...,256,1024)")
-    p.add_argument("--num-samples", "-n", type=_positive, help="samples per setting (default: the preset's)")
+    p.add_argument("--steps", type=steps_list, help="comma-separated step counts (default: 1,2,4,...,256,1024)")
+    p.add_argument("--num-samples", "-n", type=positive, help="samples per setting (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scorer", help="gen-PPL scorer (gemma-3-270m, smollm2-135m, ar:RUN, HF name/dir, none)")
-    p.add_argument("--scorer-batch", type=_positive, help="texts per scorer forward pass")
-    p.add_argument("--sample-batch", type=_positive, help="samples per sampling call")
+    p.add_argument("--scorer-batch", type=positive, help="texts per scorer forward pass")
+    p.add_argument("--sample-batch", type=positive, help="samples per sampling call")
     p.add_argument("--out", help="output folder (default: runs/bench/PRESET[-ABLATION])")
     p.add_argument("--cache-dir", help="where trained runs are cached (default: $FMLM_CACHE/bench)")
     p.add_argument("--use", action="append", metavar="LABEL=RUN",
@@ -389,7 +391,7 @@ def add_arguments(p) -> None:
     p.add_argument("--only", help="comma-separated variant labels to sample (their teachers are still trained)")
     p.add_argument("--no-train", action="store_true", help="fail instead of training a missing run")
     p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--threads", type=_positive, help="CPU threads for training and sampling (fixed for timing)")
+    p.add_argument("--threads", type=positive, help="CPU threads for training and sampling (fixed for timing)")
     p.add_argument("--device", help="cpu, cuda, mps (default: best available)")
     p.add_argument("--dry-run", action="store_true", help="print every run's config and exit")
     p.add_argument("--force", action="store_true", help="run a GPU recipe (lm1b, owt) without a GPU")

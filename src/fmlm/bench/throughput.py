@@ -119,7 +119,7 @@ def worker(spec: dict) -> dict:
 
     import torch
 
-    from fmlm.train import autocast_dtype, pick_device
+    from fmlm.runtime import autocast_dtype, pick_device
 
     args = SimpleNamespace(**spec["args"])
     name = spec["name"]
