@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from fmlm.cli import main
 from fmlm.distributed import grad_accumulation
 from fmlm.errors import ConfigError
-from fmlm.methods.flm import global_strata, stratified_uniform
+from fmlm.methods.flm import Strata, stratified_uniform
 
 
 def test_grad_accumulation_from_global_batch():
@@ -30,8 +30,8 @@ def test_times_are_stratified_over_the_global_batch():
     K, n = 4, 8
     parts = []
     for k in range(K):
-        with global_strata(k, K, torch.Generator().manual_seed(5)):
-            parts.append(stratified_uniform(n, torch.Generator().manual_seed(100 + k)))
+        strata = Strata(k, K, torch.Generator().manual_seed(5))
+        parts.append(stratified_uniform(n, torch.Generator().manual_seed(100 + k), strata=strata))
     taus = torch.sort(torch.cat(parts)).values
     # One offset, one grid of K*n points: consecutive gaps are exactly 1/(K n) (up to the wrap-around).
     gaps = torch.diff(taus)

@@ -73,10 +73,9 @@ def fmlm(objective: str = "semigroup", teacher: bool = True, noise: str = "vocab
 
 def strata_loss(method: nn.Module, index: int, count: int):
     """The loss of part ``index`` of a global batch split into ``count`` parts (times stratified globally)."""
-    from fmlm.methods.flm import global_strata
+    from fmlm.methods.flm import Strata
 
-    with global_strata(index, count, gen(99)):
-        return method.loss(ids_batch(), gen(11))
+    return method.loss(ids_batch(), gen(11), strata=Strata(index, count, gen(99)))
 
 
 def _num(x) -> float:

@@ -149,9 +149,9 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path):
     real = tr.method.loss
     calls = {"n": 0}
 
-    def flaky(ids, gen):
+    def flaky(ids, gen, strata=None):
         calls["n"] += 1
-        loss, m = real(ids, gen)
+        loss, m = real(ids, gen, strata)
         if calls["n"] == 2:  # non-finite loss
             loss = loss * float("nan")
         if calls["n"] == 3:  # finite loss, non-finite gradient: d sqrt(x)/dx at 0
@@ -171,7 +171,7 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path):
 def test_too_many_non_finite_steps_stop_with_a_clear_message(tmp_path):
     tr = _trainer(tmp_path, "max_bad_steps=3")
     real = tr.method.loss
-    tr.method.loss = lambda ids, gen: (lambda lm: (lm[0] * float("inf"), lm[1]))(real(ids, gen))
+    tr.method.loss = lambda ids, gen, strata=None: (lambda lm: (lm[0] * float("inf"), lm[1]))(real(ids, gen, strata))
     with pytest.raises(FmlmError, match="4 non-finite loss values in a row at step 0"):
         tr.fit()
 

@@ -127,10 +127,10 @@ class LossModule(nn.Module):
         super().__init__()
         self.method = method
 
-    def forward(self, ids: torch.Tensor, generator: torch.Generator | None, evaluate: bool = False):
+    def forward(self, ids: torch.Tensor, generator: torch.Generator | None, evaluate: bool = False, strata=None):
         if evaluate:  # through the wrapper too, so FSDP2 gathers the root's parameters
             return self.method.eval_loss(ids, generator)
-        return self.method.loss(ids, generator)
+        return self.method.loss(ids, generator, strata=strata)
 
 
 def wrap(method: nn.Module, env: DistEnv, kind: str, device: torch.device) -> nn.Module:

@@ -104,11 +104,11 @@ def train_toy(task, seed: int = 0, flm_steps: int = 1000, fmlm_steps: int = 1500
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    flm = FLM(_toy_net(False), DecodingErrorSchedule(3))
+    flm = FLM(_toy_net(False), DecodingErrorSchedule(3), noise="vocab")
     flm_loss = _fit(flm, task, flm_steps, 256, 2e-3, gen, "simplex3 FLM", progress)
     for p in flm.parameters():
         p.requires_grad_(False)
-    fmlm = FMLM.from_teacher(flm, _toy_net(True), objective="semigroup")
+    fmlm = FMLM.from_teacher(flm, _toy_net(True), objective="semigroup", noise="vocab")
     fmlm_loss = _fit(fmlm, task, fmlm_steps, 256, 1e-3, gen, "simplex3 flow map", progress)
     return flm, fmlm, {"flm_final_loss": flm_loss, "fmlm_final_loss": fmlm_loss}
 

@@ -32,7 +32,6 @@ import sys
 import threading
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from fmlm.config import RunConfig, flatten
 from fmlm.errors import CheckpointError, ConfigError, FmlmError
 from fmlm.io import write_json, write_text
 from fmlm.methods import build_method
-from fmlm.methods.flm import global_strata
+from fmlm.methods.flm import Strata
 from fmlm.runtime import autocast_dtype, default_cache_dir, pick_device  # noqa: F401 (also fmlm.train API)
 
 # Keys that may change between a run and its resumption (budget and bookkeeping only).
@@ -341,8 +340,6 @@ class Trainer:
         self.method = build_method(cfg, training=True).to(self.device)
         if hasattr(self.method, "bind_tokenizer"):  # e.g. a classifier whose labels come from the text
             self.method.bind_tokenizer(self.data.tokenizer)
-        if hasattr(self.method, "noise"):
-            self.method.noise = t.noise
         if t.compile:
             self.method.net.compile()
         if main:
@@ -524,13 +521,12 @@ class Trainer:
         for j, (k, ids) in enumerate(parts):
             with dist_.no_sync(self.model, sync=j == len(parts) - 1):
                 if K == 1:
-                    gen, strata = self.gen, nullcontext()
+                    gen, strata = self.gen, None
                 else:
                     gen = torch.Generator(self.device).manual_seed((step_seed + 1_000_003 * (k + 1)) % 2**63)
-                    shared = torch.Generator(self.device).manual_seed(step_seed)
-                    strata = global_strata(k, K, shared)
-                with strata, self._autocast():
-                    loss, metrics = self.model(ids, gen)
+                    strata = Strata(k, K, torch.Generator(self.device).manual_seed(step_seed))
+                with self._autocast():
+                    loss, metrics = self.model(ids, gen, strata=strata)
                 # Non-finite losses still go through backward: their NaN gradients reach every rank
                 # through the all-reduce, so all ranks skip the step together.
                 (loss / self.accum).backward()

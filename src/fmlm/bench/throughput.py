@@ -97,9 +97,8 @@ def _build(cfg, name: str, device):
         if name == "fmlm-ref":
             teacher.net.inplace_cap = student.net.inplace_cap = False
     else:
-        method = build_method(cfg)
+        method = build_method(cfg, training=True)  # train.noise decides the noise path
     method = method.to(device)
-    method.noise = cfg.train.noise if hasattr(method, "noise") else None
     if cfg.train.compile:
         method.net.compile()
     return method

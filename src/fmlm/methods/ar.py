@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmlm.guidance import known_tensors
+from fmlm.methods.flm import Strata
 from fmlm.methods.sampling import gumbel_argmax
 from fmlm.nn.causal import CausalTransformer
 
@@ -89,8 +90,9 @@ class AR(nn.Module):
         logits = self.net(self._inputs(ids)).float()  # (B, L, V)
         return F.cross_entropy(logits.flatten(0, 1), ids.flatten())
 
-    def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-        """Next-token cross-entropy on ids (B, L); ``generator`` is unused (the loss is deterministic)."""
+    def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None,
+             strata: Strata | None = None) -> tuple[torch.Tensor, dict]:
+        """Next-token cross-entropy on ids (B, L); ``generator`` and ``strata`` are unused (the loss is deterministic)."""
         loss = self.nll(ids)
         return loss, {"loss": loss.detach()}
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmlm.errors import ConfigError
+from fmlm.methods.flm import Strata
 
 Labeller = Callable[[torch.Tensor], torch.Tensor]
 
@@ -117,8 +118,9 @@ class Classifier(nn.Module):
                                                                     generator)])
         return x, labels, n_soft
 
-    def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-        """Cross-entropy of the derived labels (samples labelled −1 are ignored)."""
+    def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None,
+             strata: Strata | None = None) -> tuple[torch.Tensor, dict]:
+        """Cross-entropy of the derived labels (samples labelled −1 are ignored); ``strata`` is unused."""
         x, labels, _ = self._batch(ids, generator)
         loss = F.cross_entropy(self(x), labels, ignore_index=-1)
         return loss, {"loss": loss.detach()}

@@ -57,7 +57,7 @@ from __future__ import annotations
 import torch
 
 from fmlm.methods.duo import Duo
-from fmlm.methods.flm import stratified_uniform
+from fmlm.methods.flm import Strata, stratified_uniform
 from fmlm.methods.rounds import RoundsMixin, divergence
 
 
@@ -112,11 +112,12 @@ class DCD(RoundsMixin, Duo):
         tg = self.schedule.t(self.alpha(t.double()).clamp(0.0, 1.0))
         return tg / (1.0 - tg)  # 1/0 = ∞ at α = 1: the clean token
 
-    def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None,
+             strata: Strata | None = None) -> tuple[torch.Tensor, dict]:
         """DCD loss per position on ids (B, L). Returns (loss, metrics)."""
         B, L = ids.shape
         dt = self.step_size()
-        u = self.t_min + (1.0 - self.t_min) * stratified_uniform(B, generator, ids.device).double()
+        u = self.t_min + (1.0 - self.t_min) * stratified_uniform(B, generator, ids.device, strata).double()
         t = (u + dt).clamp(max=1.0)
         s = (t - dt).clamp(min=self.t_min)
         z_t, z_s = coupled_latents(ids, self.snr_ratio(t), self.snr_ratio(s), self.vocab_size, generator)

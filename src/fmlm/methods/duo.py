@@ -80,7 +80,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmlm.guidance import known_tensors
-from fmlm.methods.flm import stratified_uniform
+from fmlm.methods.flm import Strata, stratified_uniform
 from fmlm.methods.sampling import gumbel_argmax
 
 
@@ -209,20 +209,22 @@ class Duo(nn.Module):
         t64 = t.double()  # the schedule's scalars in float64 (see uniform_nelbo_terms)
         return uniform_nelbo_terms(log_xhat, ids, z, self.alpha(t64), self.dalpha(t64)).sum(-1)
 
-    def _nelbo(self, ids: torch.Tensor, generator: torch.Generator | None, temperature: float | None) -> torch.Tensor:
+    def _nelbo(self, ids: torch.Tensor, generator: torch.Generator | None, temperature: float | None,
+               strata: Strata | None = None) -> torch.Tensor:
         B, L = ids.shape
         # t in [t_min, 1): stratified across the batch; the integrand vanishes as t -> 1.
-        t = self.t_min + (1.0 - self.t_min) * stratified_uniform(B, generator, ids.device)
+        t = self.t_min + (1.0 - self.t_min) * stratified_uniform(B, generator, ids.device, strata)
         if temperature is None:
             z = self.corrupt(ids, t, generator)
             return self.nelbo_given(ids, z, t).mean() / L
         x_in, z = self.relaxed(ids, t, temperature, generator)
         return self.nelbo_given(ids, z, t, net_input=x_in).mean() / L
 
-    def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None,
+             strata: Strata | None = None) -> tuple[torch.Tensor, dict]:
         """NELBO per token on ids (B, L) (Gaussian-relaxed input during the curriculum)."""
         temperature = self._curriculum_temperature()
-        loss = self._nelbo(ids, generator, temperature)
+        loss = self._nelbo(ids, generator, temperature, strata)
         metrics = {"loss": loss.detach()}
         if self.curriculum_steps > 0 and self.training:
             metrics["curriculum_temperature"] = 0.0 if temperature is None else temperature

@@ -14,7 +14,7 @@ velocity x1 − x0, the failing baseline of the paper).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -30,36 +30,32 @@ from fmlm.schedule import Schedule
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-# (index k, count K, generator shared by the K parts) while one part of a global batch is computed.
-_STRATA: tuple[int, int, torch.Generator] | None = None
+@dataclass(frozen=True)
+class Strata:
+    """Part ``index`` of a global batch split into ``count`` equal parts (ranks x accumulation steps).
 
-
-@contextmanager
-def global_strata(index: int, count: int, shared: torch.Generator):
-    """Stratify times over a global batch split into ``count`` equal parts (ranks x accumulation).
-
-    Inside the context, :func:`stratified_uniform` in part ``index`` returns its share of one
-    grid over the whole global batch: the offset comes from ``shared`` (seeded identically in
-    every part, so all parts agree on it) and part k takes the points k, k + K, k + 2K, ...
+    Passed to a method's ``loss`` by the trainer, so that :func:`stratified_uniform` returns this
+    part's share of one grid over the whole global batch: the offset comes from ``shared``
+    (seeded identically in every part, so all parts agree on it) and part k takes the points
+    k, k + K, k + 2K, ...
     """
-    global _STRATA
-    prev, _STRATA = _STRATA, (index, count, shared)
-    try:
-        yield
-    finally:
-        _STRATA = prev
+
+    index: int
+    count: int
+    shared: torch.Generator
 
 
-def stratified_uniform(batch: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+def stratified_uniform(batch: int, generator: torch.Generator | None = None, device=None,
+                       strata: Strata | None = None) -> torch.Tensor:
     """τ ~ U[0, 1) drawn as one uniform offset plus an evenly spaced grid (antithetic / stratified).
 
     Every τ is marginally uniform, and the batch covers [0, 1) evenly, which lowers
-    the variance of the batch-mean loss. Under :func:`global_strata` the grid spans the
-    global batch instead of this part of it.
+    the variance of the batch-mean loss. With ``strata`` the grid spans the global batch
+    instead of this part of it (the offset then comes from ``strata.shared``).
     """
-    if _STRATA is not None:
-        k, K, shared = _STRATA
-        u = torch.rand((), generator=shared, device=device)
+    if strata is not None:
+        k, K = strata.index, strata.count
+        u = torch.rand((), generator=strata.shared, device=device)
         return (u + (k + K * torch.arange(batch, device=device)) / (K * batch)) % 1.0
     u = torch.rand((), generator=generator, device=device)
     return (u + torch.arange(batch, device=device) / batch) % 1.0
@@ -137,16 +133,16 @@ class FLM(nn.Module):
         net: backbone mapping (B, L, V) vectors and τ (B,) to logits (B, L, V).
         schedule: the time reparameterisation (decoding-error or uniform).
         loss_type: ``ce`` | ``mse_denoiser`` | ``mse_velocity``.
-        noise: ``embedded`` draws x0 @ E in the embedding space (:mod:`fmlm.methods.embedded`);
-            ``vocab`` draws x0 in R^{L×V} (the reference). ``mse_velocity`` needs x0 itself and
-            always uses ``vocab``.
+        noise: ``embedded`` (the default, as ``train.noise``) draws x0 @ E in the embedding space
+            (:mod:`fmlm.methods.embedded`); ``vocab`` draws x0 in R^{L×V} (the reference).
+            ``mse_velocity`` needs x0 itself and always uses ``vocab``.
     """
 
-    def __init__(self, net: nn.Module, schedule: Schedule, loss_type: str = "ce", noise: str = "vocab"):
+    def __init__(self, net: nn.Module, schedule: Schedule, loss_type: str = "ce", noise: str = "embedded"):
         super().__init__()
         if noise not in ("vocab", "embedded"):
             raise ValueError(f"unknown noise path {noise!r}")
-        self.noise = noise  # set by the trainer from train.noise
+        self.noise = noise
         if loss_type not in ("ce", "mse_denoiser", "mse_velocity"):
             raise ValueError(f"unknown loss {loss_type!r}")
         self.net = net
@@ -190,10 +186,13 @@ class FLM(nn.Module):
         out = guided_logits(out, weak_out, weight)
         return (out if temperature == 1.0 else out / temperature).softmax(-1)
 
-    def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-        """Training loss on a batch of token ids (B, L). Returns (loss, metrics)."""
+    def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None,
+             strata: Strata | None = None) -> tuple[torch.Tensor, dict]:
+        """Training loss on a batch of token ids (B, L). Returns (loss, metrics).
+
+        ``strata``: this batch is one part of a global batch (:class:`Strata`)."""
         B = ids.shape[0]
-        tau = stratified_uniform(B, generator, ids.device)
+        tau = stratified_uniform(B, generator, ids.device, strata)
         t = self.schedule.t(tau.double()).float()
         if self.uses_embedded_noise:
             out = self.net(None, tau, embedded=self.embedded_interpolant(ids, t, generator)).float()

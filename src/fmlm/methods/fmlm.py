@@ -41,7 +41,7 @@ from torch import nn
 from fmlm.errors import FmlmError
 from fmlm.guidance import Steering, check_weak, clamp_known, guided_logits, invert_known, known_tensors, replace_known
 from fmlm.methods.embedded import EmbeddedState, draw_embedded, embedded_noise, noise_factor, run_net
-from fmlm.methods.flm import FLM, denoising_metrics, stratified_uniform
+from fmlm.methods.flm import FLM, Strata, denoising_metrics, stratified_uniform
 from fmlm.schedule import Schedule
 
 OBJECTIVES = ("semigroup", "lagrangian", "eulerian")
@@ -179,8 +179,9 @@ class FMLM(nn.Module):
         max_gap: largest τ-gap of off-diagonal pairs.
         eulerian_form: ``relaxed`` (bounded damped target, default) or ``direct`` (METHOD.md's
             D_s + c·J); see :meth:`eulerian_target`.
-        noise: ``embedded`` (draw the noise of I_s jointly in the embedding spaces of every network
-            that reads it, see :mod:`fmlm.methods.embedded`) or ``vocab`` (V-space, the reference).
+        noise: ``embedded`` (the default, as ``train.noise``: draw the noise of I_s jointly in the
+            embedding spaces of every network that reads it, see :mod:`fmlm.methods.embedded`) or
+            ``vocab`` (V-space, the reference).
         fused: compute the KL losses with the logit cap fused in, by chunks of rows
             (:func:`kl_capped`), and the semigroup target in place; ``False`` is the reference
             (autograd through log_softmax, out-of-place target): the same values up to rounding.
@@ -200,14 +201,14 @@ class FMLM(nn.Module):
         eulerian_loss: str = "ce",
         max_gap: float = 1.0,
         eulerian_form: str = "relaxed",
-        noise: str = "vocab",
+        noise: str = "embedded",
         fused: bool = True,
     ):
         super().__init__()
         self.fused = fused
         if noise not in ("vocab", "embedded"):
             raise ValueError(f"unknown noise path {noise!r}")
-        self.noise = noise  # set by the trainer from train.noise
+        self.noise = noise
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}")
         if not getattr(net, "two_time", False):
@@ -300,9 +301,9 @@ class FMLM(nn.Module):
         return self.logits(x, tau, tau, self._target).softmax(-1)
 
     # ------------------------------------------------------------------ times
-    def sample_times(self, n: int, generator=None, device=None):
+    def sample_times(self, n: int, generator=None, device=None, strata: Strata | None = None):
         """Off-diagonal (τ_s, τ_u, τ_t): d ~ U[0, max_gap], s ~ U·(1 − d), t = s + d."""
-        d = stratified_uniform(n, generator, device) * self.max_gap
+        d = stratified_uniform(n, generator, device, strata) * self.max_gap
         s = torch.rand(n, generator=generator, device=device) * (1 - d)
         t = s + d
         boundary = torch.rand(n, generator=generator, device=device) < self.boundary_fraction
@@ -408,10 +409,10 @@ class FMLM(nn.Module):
             return target
 
     # ------------------------------------------------------------------ losses
-    def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-        """Diagonal + off-diagonal distillation loss on token ids (B, L)."""
+    def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None,
+             strata: Strata | None = None) -> tuple[torch.Tensor, dict]:
+        """Diagonal + off-diagonal distillation loss on token ids (B, L); ``strata``: see :class:`Strata`."""
         B, L = ids.shape
-        V = self.vocab_size
         n_diag = min(B - 1, max(1, round(B * self.diag_fraction))) if self.diag_fraction > 0 else 0
         n_off = B - n_diag
         states = self._states(ids, generator)
@@ -419,7 +420,7 @@ class FMLM(nn.Module):
         metrics: dict[str, torch.Tensor] = {}
 
         if n_diag:
-            tau = stratified_uniform(n_diag, generator, ids.device)
+            tau = stratified_uniform(n_diag, generator, ids.device, strata)
             x = states(slice(0, n_diag), self._t(tau))
             if self.teacher is None:
                 log_q = self.logits(x, tau, tau).log_softmax(-1)
@@ -432,7 +433,7 @@ class FMLM(nn.Module):
             metrics["loss_diag"] = diag.detach() / (n_diag * L)
 
         if n_off:
-            tau_s, tau_u, tau_t = self.sample_times(n_off, generator, ids.device)
+            tau_s, tau_u, tau_t = self.sample_times(n_off, generator, ids.device, strata)
             x = states(slice(n_diag, B), self._t(tau_s))  # I_s
             if self.objective == "semigroup":
                 target = self.semigroup_target(x, tau_s, tau_u, tau_t)

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmlm.guidance import known_tensors
-from fmlm.methods.flm import stratified_uniform
+from fmlm.methods.flm import Strata, stratified_uniform
 from fmlm.methods.sampling import gumbel_argmax
 
 
@@ -147,16 +147,17 @@ class MDLM(nn.Module):
         nll = torch.where(masked, nll, torch.zeros_like(nll))
         return self.weight(t) * nll.sum(-1)
 
-    def _nelbo(self, ids: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _nelbo(self, ids: torch.Tensor, generator: torch.Generator | None, strata: Strata | None = None) -> torch.Tensor:
         """Monte-Carlo NELBO per token, stratified in t over [t_min, 1]."""
         B, L = ids.shape
-        t = self.t_min + (1.0 - self.t_min) * stratified_uniform(B, generator, ids.device)  # (B,)
+        t = self.t_min + (1.0 - self.t_min) * stratified_uniform(B, generator, ids.device, strata)  # (B,)
         z = self.corrupt(ids, t, generator)
         return self.nelbo_given(ids, z, t).mean() / L
 
-    def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None,
+             strata: Strata | None = None) -> tuple[torch.Tensor, dict]:
         """NELBO per token on ids (B, L). Returns (loss, metrics)."""
-        loss = self._nelbo(ids, generator)
+        loss = self._nelbo(ids, generator, strata)
         return loss, {"loss": loss.detach()}
 
     @torch.no_grad()

@@ -22,7 +22,14 @@ def _build_flm(cfg, training: bool = False) -> nn.Module:
 
     if cfg.model.two_time:
         raise ConfigError("FLM uses a one-time backbone; set model.two_time=false")
-    return FLM(build_dit(cfg.model), make_schedule(cfg.train.time, cfg.model.vocab_size), cfg.train.loss)
+    return FLM(build_dit(cfg.model), make_schedule(cfg.train.time, cfg.model.vocab_size), cfg.train.loss,
+               noise=_noise(cfg, training))
+
+
+def _noise(cfg, training: bool) -> str:
+    """The noise path of FLM-type losses: ``train.noise`` when training; a loaded model's validation
+    metrics (``fmlm eval``, the benches) use the reference V-space noise, whichever path trained it."""
+    return cfg.train.noise if training else "vocab"
 
 
 def load_teacher(path: str, cfg) -> FLM:
@@ -53,7 +60,7 @@ def _build_fmlm(cfg, training: bool = False) -> nn.Module:
     net = build_dit(dataclasses.replace(cfg.model, two_time=True))
     kw = dict(objective=cfg.train.method, diag_fraction=d.diag_fraction, boundary_fraction=d.boundary_fraction,
               mid=d.mid, target_ema=d.target_ema, projection=d.projection, eulerian_loss=d.eulerian_loss,
-              max_gap=d.max_gap, eulerian_form=d.eulerian_form)
+              max_gap=d.max_gap, eulerian_form=d.eulerian_form, noise=_noise(cfg, training))
     if training and not d.self_distill:
         if not d.teacher:
             raise ConfigError(f"method {cfg.train.method!r} distils an FLM: use `fmlm distill --teacher RUN` "

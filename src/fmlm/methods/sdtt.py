@@ -45,7 +45,7 @@ import copy
 
 import torch
 
-from fmlm.methods.flm import stratified_uniform
+from fmlm.methods.flm import Strata, stratified_uniform
 from fmlm.methods.mdlm import MDLM
 from fmlm.methods.rounds import RoundsMixin, divergence
 from fmlm.methods.sampling import gumbel_argmax
@@ -100,11 +100,12 @@ class SDTT(RoundsMixin, MDLM):
         # Still masked after m steps (never decoded): the last step's prediction.
         return torch.where((cur == self.mask_id)[..., None], last, target)
 
-    def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None,
+             strata: Strata | None = None) -> tuple[torch.Tensor, dict]:
         """SDTT loss per masked position on ids (B, L). Returns (loss, metrics)."""
         B, L = ids.shape
         V = self.vocab_size
-        t = self.t_min + (1.0 - self.t_min) * stratified_uniform(B, generator, ids.device)  # (B,)
+        t = self.t_min + (1.0 - self.t_min) * stratified_uniform(B, generator, ids.device, strata)  # (B,)
         z = self.corrupt(ids, t, generator)
         target = self.teacher_target(z, t.double(), generator)[..., :V]
         masked = z == self.mask_id  # (B, L)
