@@ -434,7 +434,7 @@ def test_too_little_free_space_is_refused_before_training(base, tmp_path, capsys
 
     ctx = Ctx(base, tmp_path)
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr("fmlm.train.shutil.disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr("fmlm.train.state.shutil.disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
     capsys.readouterr()
     before = _snapshot(ctx.run)
     assert main(ctx.train("max_steps=100")) == 2

@@ -129,9 +129,9 @@ def test_second_ctrl_c_stops_at_once(tmp_path):
 
 
 def test_ctrl_c_during_startup_exits_130_without_a_traceback(tmp_path, capsys, monkeypatch):
-    import fmlm.train
+    import fmlm.train.loop
 
-    _sigint_in(fmlm.train, "load_data")
+    _sigint_in(fmlm.train.loop, "load_data")
     code = main(["train", "tiny", "threads=1", f"data.cache_dir={tmp_path / 'cache'}", "--quiet", "--no-samples",
                  "--run-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err

@@ -25,246 +25,33 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
-import shutil
-import signal
 import sys
-import threading
 import time
-import warnings
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 
+import fmlm.train.distributed as dist_
 from fmlm import checkpoint as ckpt
-from fmlm import distributed as dist_
-from fmlm.config import RunConfig, flatten
+from fmlm.config import RunConfig
+from fmlm.data.load import load_data
 from fmlm.errors import CheckpointError, ConfigError, FmlmError
-from fmlm.io import write_json, write_text
+from fmlm.io import write_json
 from fmlm.methods import build_method
 from fmlm.methods.flm import Strata
-from fmlm.runtime import autocast_dtype, default_cache_dir, pick_device  # noqa: F401 (also fmlm.train API)
-
-# Keys that may change between a run and its resumption (budget and bookkeeping only).
-RESUMABLE_KEYS = {
-    "train.max_steps", "train.max_minutes", "train.log_every", "train.eval_every", "train.eval_batches",
-    "train.save_every", "train.keep_last", "train.threads", "train.device", "sample.steps",
-    "sample.num_samples", "sample.seed", "sample.float64", "data.cache_dir",
-    # How the global batch is computed (devices, accumulation, sharding, compilation, noise path):
-    # a run may resume on another number of devices.
-    "train.micro_batch_size", "train.distributed", "train.compile", "train.noise",
-}
-
-
-def load_data(cfg: RunConfig, tokenizer=None):
-    """Build the DataBundle for a config (tokenizer fixed when resuming or evaluating)."""
-    from fmlm.data import build_data
-
-    d = cfg.data
-    phrases = dict(n=d.phrases_n, k=d.phrases_k, phrases_per_seq=d.phrases_per_seq,
-                   vocab_size=d.phrases_vocab or None, seed=d.seed)
-    return build_data(
-        dataset=d.dataset, tokenizer=d.tokenizer, seq_len=d.seq_len,
-        cache_dir=Path(d.cache_dir) if d.cache_dir else default_cache_dir(),
-        packing=d.packing, val_fraction=d.val_fraction, seed=d.seed,
-        phrases=phrases if d.dataset == "phrases" else None, tokenizer_obj=tokenizer,
-    )
-
-
-class EMA:
-    """Exponential moving average of parameters (float32 shadow copies).
-
-    The decay warms up as min(decay, (1 + n)/(10 + n)) after n updates, so a short run's
-    EMA is not dominated by its first, untrained weights (with decay 0.999 and no warm-up,
-    a 1,000-step run's EMA still carries ~37% of the initialisation).
-    """
-
-    def __init__(self, module: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, module: torch.nn.Module, num_updates: int | None = None) -> None:
-        decay = self.decay if num_updates is None else min(self.decay, (1 + num_updates) / (10 + num_updates))
-        for k, v in module.state_dict().items():
-            s = self.shadow[k]
-            if v.dtype.is_floating_point:
-                s.lerp_(v.detach().float(), 1.0 - decay)
-            else:
-                s.copy_(v)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.shadow
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for k in self.shadow:
-            self.shadow[k].copy_(state[k])
-
-
-def lr_lambda(cfg: RunConfig):
-    t = cfg.train
-
-    def f(step: int) -> float:
-        warm = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0
-        if t.lr_schedule == "cosine":
-            progress = min(1.0, step / max(1, t.max_steps))
-            return warm * 0.5 * (1 + math.cos(math.pi * progress))
-        return warm
-
-    return f
-
-
-def check_resumable(saved: dict, current: dict) -> None:
-    # A key the saved config lacks (written by an older version) counts as its default.
-    defaults = flatten(RunConfig().to_dict())
-    a = {**{k: v for k, v in defaults.items() if k in flatten(current)}, **flatten(saved)}
-    b = flatten(current)
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_KEYS and k != "preset")
-    if diff:
-        k = diff[0]
-        raise ConfigError(
-            f"run directory holds a run with a different config ({k}: {a.get(k)!r} -> {b.get(k)!r}); "
-            "use another --run-dir or --no-resume"
-        )
-
-
-def rng_state(gen: torch.Generator, env: dist_.DistEnv | None = None) -> dict:
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-        "train_generator": gen.get_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if env is not None and env.enabled:  # every rank's global RNGs (e.g. dropout masks differ per rank)
-        own = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            own["cuda"] = torch.cuda.get_rng_state()
-        state["ranks"] = dist_.gather_objects(env, own)
-    return state
-
-
-def set_rng_state(state: dict, gen: torch.Generator, env: dist_.DistEnv | None = None) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    gen.set_state(state["train_generator"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    ranks = state.get("ranks")
-    if ranks and env is not None and env.enabled and env.rank < len(ranks):
-        torch.set_rng_state(ranks[env.rank]["torch"])
-        if "cuda" in ranks[env.rank] and torch.cuda.is_available():
-            torch.cuda.set_rng_state(ranks[env.rank]["cuda"])
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    epoch: int = 0
-    position: int = 0  # index into the epoch's permutation
-    tokens: int = 0
-    elapsed: float = 0.0  # training seconds over all sessions of this run
-    bad_steps: int = 0
-    last_val: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, d: dict, where: Path | str = "trainer_state.json") -> "TrainState":
-        """Strict: unknown keys, wrong types or negative counts raise CheckpointError (one line)."""
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise CheckpointError(f"corrupt checkpoint file {where}: unknown key {unknown[0]!r}")
-        out = cls()
-        for k, v in d.items():
-            if k == "last_val":
-                ok = isinstance(v, dict) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                 for x in v.values())
-            elif k == "elapsed":
-                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-            else:
-                ok = type(v) is int and v >= 0
-            if not ok:
-                raise CheckpointError(f"corrupt checkpoint file {where}: bad value for {k}: {json.dumps(v)[:40]}")
-            setattr(out, k, float(v) if k == "elapsed" else v)
-        return out
-
-
-class _Shadow(torch.nn.Module):
-    """Lets :func:`fmlm.checkpoint.load_into` check EMA weights against the EMA's own keys and shapes."""
-
-    def __init__(self, shadow: dict[str, torch.Tensor]):
-        super().__init__()
-        self._shadow = shadow
-
-    def state_dict(self, *a, **k):  # type: ignore[override]
-        return self._shadow
-
-    def load_state_dict(self, state, strict=True, assign=False):  # type: ignore[override]
-        return None  # checked only; EMA.load_state_dict copies
-
-
-def check_run_dir(run_dir: Path) -> None:
-    """The run directory (and its checkpoints/) can be created and written to, before any work."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--run-dir {run_dir} is a file, not a directory")
-    for d in (run_dir, run_dir / "checkpoints"):
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            probe = d / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            raise FmlmError(f"cannot write in {d}: {e.strerror or e}; training would be lost at the first "
-                            "checkpoint (use another --run-dir)") from None
-
-
-def _free_space_note(path: Path) -> str:
-    try:
-        return f" ({shutil.disk_usage(path).free / 2**20:.0f} MiB free)"
-    except OSError:
-        return ""
-
-
-def check_free_space(run_dir: Path, method: torch.nn.Module) -> None:
-    """Refuse to start when the disk cannot hold even one more checkpoint (weights, EMA, Adam moments)."""
-    n_bytes = sum(p.numel() * p.element_size() for p in method.parameters())
-    need = 4 * n_bytes + 4 * 2**20  # model + EMA + two moments, plus tokenizer and JSON
-    try:
-        free = shutil.disk_usage(run_dir).free
-    except OSError:
-        return
-    if free < need:
-        raise FmlmError(f"not enough free space in {run_dir}: {free / 2**20:.1f} MiB free, a checkpoint needs "
-                        f"about {need / 2**20:.1f} MiB; free some space or use another --run-dir")
-
-
-def archive_run(run_dir: Path, log=print) -> Path | None:
-    """Move a run's log, checkpoints, config and summary into ``archive/<UTC time>/`` (``--restart``)."""
-    names = [n for n in ("log.jsonl", "checkpoints", "config.json", "summary.json") if (run_dir / n).exists()]
-    ck = run_dir / "checkpoints"
-    if names == ["checkpoints"] and not any(ck.iterdir()):
-        return None  # nothing but the (empty) checkpoints/ made by check_run_dir
-    if not names:
-        return None
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    dest = run_dir / "archive" / stamp
-    k = 1
-    while dest.exists():
-        k += 1
-        dest = run_dir / "archive" / f"{stamp}-{k}"
-    try:
-        dest.mkdir(parents=True)
-        for n in names:
-            os.replace(run_dir / n, dest / n)
-        (run_dir / "checkpoints").mkdir(exist_ok=True)
-    except OSError as e:
-        raise FmlmError(f"cannot archive the old run in {run_dir}: {e.strerror or e}") from None
-    log(f"restart: the previous run's {', '.join(names)} moved to {dest}")
-    return dest
+from fmlm.runtime import autocast_dtype, pick_device
+from fmlm.train.checkpoints import find_resume_point, restore, save
+from fmlm.train.interrupt import _GracefulInterrupt
+from fmlm.train.optim import EMA, lr_lambda
+from fmlm.train.state import (
+    TrainState,
+    _free_space_note,
+    _truncate_log,
+    archive_run,
+    check_free_space,
+    check_resumable,
+    check_run_dir,
+)
 
 
 class Trainer:
@@ -356,81 +143,20 @@ class Trainer:
         if self.resume_from is not None:
             self._load(self.resume_from)
 
-    def _find_resume_point(self) -> Path | None:
-        """The newest valid checkpoint; an error (changing nothing) if there are checkpoints but none is valid."""
-        found, skipped = ckpt.newest_valid(self.run_dir, deep=True)
-        if found is not None:
-            for why in skipped:
-                warnings.warn(f"skipping {why}", stacklevel=3)
-        elif skipped:
-            n = len(skipped)
-            raise CheckpointError(
-                f"none of the {n} checkpoint{'s' * (n > 1)} in {self.run_dir / 'checkpoints'} is valid (newest: "
-                f"{skipped[0]}); nothing was changed: rerun with --restart to start over (the old log and "
-                "checkpoints are archived), or use another --run-dir")
-        return found
-
     @property
     def sharded(self) -> bool:
         return self.env.enabled and self.cfg.train.distributed == "fsdp"
 
     # ---------------------------------------------------------------- checkpoints
+    def _find_resume_point(self) -> Path | None:
+        return find_resume_point(self.run_dir)
+
     def _load(self, path: Path) -> None:
-        ckpt.verify(path, deep=True)
-        weights = ckpt.load_state(path, "model.safetensors")
-        ema = ckpt.load_state(path, "ema.safetensors")
-        opt = ckpt.load_training_state(path, ckpt.OPTIMIZER)  # no pickle: tensors and plain containers
-        rng = ckpt.load_training_state(path, ckpt.RNG)
-        state = TrainState.from_dict(ckpt.read_json(path / "trainer_state.json"), path / "trainer_state.json")
-        try:
-            if not isinstance(opt, dict) or not isinstance(rng, dict):
-                raise ValueError("not a state dictionary")
-            if self.sharded:
-                dist_.load_full_state(self.method, weights, self.opt, opt["optimizer"])
-                for k, v in ema.items():
-                    self.ema.shadow[k] = dist_.shard_like(v.float(), self.ema.shadow[k])
-            else:
-                ckpt.load_into(self.method, weights, "checkpoint weights")
-                ckpt.load_into(_Shadow(self.ema.shadow), ema, "checkpoint EMA weights")
-                self.ema.load_state_dict(ema)
-                self.opt.load_state_dict(opt["optimizer"])
-            self.sched.load_state_dict(opt["scheduler"])
-            set_rng_state(rng, self.gen, self.env)
-        except CheckpointError:
-            raise
-        except (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
-            msg = (str(e).splitlines() or [type(e).__name__])[0]
-            raise CheckpointError(f"cannot resume from {path}: {type(e).__name__}: {msg[:200]}") from None
-        self.state = state
-        self.log(f"resumed from {path} at step {self.state.step}")
+        restore(self, path)
 
     def save(self) -> Path:
-        """Write a checkpoint (rank 0; under FSDP every rank helps gather the state).
-
-        A failure to write (disk full, read-only folder) is one line (FmlmError) on every rank;
-        the checkpoints already on disk are untouched.
-        """
-        path = self.run_dir / "checkpoints" / f"{ckpt.PREFIX}{self.state.step:08d}"
-        model_state, optim_state = dist_.full_state(self.method, self.opt)
-        ema_state = {k: dist_.full_tensor(v) for k, v in self.ema.state_dict().items()}
-        rng = rng_state(self.gen, self.env)
-        problem = None
-        if self.env.is_main:
-            try:
-                ckpt.save_checkpoint(
-                    path, self.cfg.to_dict(), model_state, tokenizer=self.data.tokenizer,
-                    ema_state=ema_state,
-                    optimizer_state={"optimizer": optim_state, "scheduler": self.sched.state_dict()},
-                    trainer_state=self.state.__dict__, rng_state=rng,
-                )
-                ckpt.prune(self.run_dir, self.cfg.train.keep_last)
-            except OSError as e:
-                problem = (f"cannot write checkpoint {path}: {e.strerror or e}{_free_space_note(path.parent)}; "
-                           "the checkpoints already saved are intact")
-        problem = dist_.broadcast_object(self.env, problem)  # also the barrier after the save
-        if problem is not None:
-            raise FmlmError(problem)
-        return path
+        """Write a checkpoint (rank 0; under FSDP every rank helps gather the state); see :func:`save`."""
+        return save(self)
 
     # ---------------------------------------------------------------- data
     def next_indices(self) -> list[int]:
@@ -670,46 +396,3 @@ class Trainer:
                             f"{self.state.step}; lower train.lr or check the data")
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log records past ``step`` (written after the checkpoint a killed run resumes from),
-    so the log of a resumed run reads like that of an uninterrupted one."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:  # a line cut short by the kill
-            continue
-        if rec.get("step", 0) <= step:
-            keep.append(line)
-    write_text(path, "".join(l + "\n" for l in keep))
-
-
-class _GracefulInterrupt:
-    """While training, the first SIGINT only sets ``requested`` (the loop stops at the next step
-    boundary and saves); a second one raises KeyboardInterrupt at once. Outside the main thread
-    (where Python cannot install signal handlers) Ctrl-C keeps its default behaviour."""
-
-    def __init__(self, trainer: "Trainer"):
-        self.trainer = trainer
-        self.requested = False
-        self._installed = False
-        self._previous = None
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        self.trainer.log("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to stop now)")
-
-    def __enter__(self) -> "_GracefulInterrupt":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
-            self._installed = False
