@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-import fmlm.data.corpora as corpora_mod
+import fmlm.data.corpora.shakespeare as corpora_mod
 import fmlm.data.dataset as dataset_mod
 import fmlm.data.tokenizers as tokenizers_mod
+import fmlm.data.tokenizers.build as tokenizers_build
 from fmlm.data import (
     DATASETS,
     CharTokenizer,
@@ -290,7 +291,7 @@ def test_pretrained_missing_gives_data_error(monkeypatch, tmp_path, no_env_token
     def offline(name):
         raise OSError("offline")
 
-    monkeypatch.setattr(tokenizers_mod, "_from_hub", offline)
+    monkeypatch.setattr(tokenizers_build, "_from_hub", offline)
     monkeypatch.setitem(sys.modules, "tiktoken", None)  # import tiktoken -> ImportError
     for spec in ["gpt2", "bert-base-uncased"]:
         with pytest.raises(DataError, match="FMLM_TOKENIZER_DIR"):
@@ -774,6 +775,6 @@ def test_token_blocks_pickle_reopens_memmap(tmp_path):
 
 def test_library_does_not_reference_shared_folder():
     root = Path(dataset_mod.__file__).parent
-    for path in root.glob("*.py"):
+    for path in root.rglob("*.py"):
         text = path.read_text(encoding="utf-8")
         assert "/work/shared" not in text and "../shared" not in text, path

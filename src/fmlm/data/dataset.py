@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 
 from fmlm.data.corpora import Corpus, corpus_identity, load_corpus
 from fmlm.data.phrases import PhrasesTask
-from fmlm.data.tokenizers import Tokenizer, _hash_hex, build_tokenizer, parse_spec
+from fmlm.data.tokenizers import Tokenizer, build_tokenizer, parse_spec
+from fmlm.data.tokenizers.base import _hash_hex
 from fmlm.errors import DataError
 
 __all__ = ["FORMAT_VERSION", "PACKINGS", "DataBundle", "TokenBlocks", "build_data"]
