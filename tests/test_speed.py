@@ -13,7 +13,7 @@ import torch
 
 from fmlm.config import build_config
 from fmlm.methods import build_method
-from fmlm.methods import fmlm as fmlm_mod
+import fmlm.methods.flow_map.losses as fmlm_mod
 from fmlm.methods.embedded import draw_embedded, noise_factor
 from fmlm.methods.fmlm import FMLM, kl_capped, kl_rows
 from fmlm.nn.dit import apply_rotary, rotary_qkv

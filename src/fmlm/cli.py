@@ -63,7 +63,7 @@ def cmd_distill(args) -> int:
     from fmlm.data import load_tokenizer
     from fmlm.errors import ConfigError
     from fmlm.methods import DISTILLED_BASELINES
-    from fmlm.methods.fmlm import OBJECTIVES
+    from fmlm.methods.flow_map import OBJECTIVES
 
     teacher_method = "flm"
     preset, overrides = _split_preset(args.config)

@@ -149,7 +149,7 @@ class DistillConfig:
     (the reference's choice, unstable for large gaps in our runs: its target D_s + c·JVP has
     c = (1−s)(t−s)/(1−t), which is large away from the diagonal).
     ``eulerian_form`` is ``relaxed`` (a bounded damped target with the same fixed point, the
-    default) or ``direct`` (D_s + c·J as written in METHOD.md; see fmlm.methods.fmlm).
+    default) or ``direct`` (D_s + c·J as written in METHOD.md; see fmlm.methods.flow_map).
     ``max_gap`` caps the τ-gap d = τ_t − τ_s of off-diagonal pairs (1 = the full range).
 
     Distilled discrete baselines (``train.method=dcd``: Duo + DCD, ``sdtt``: MDLM + SDTT; the

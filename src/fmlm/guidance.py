@@ -1,7 +1,7 @@
 """Inference-time guidance and conditioning for the flow models (and clamping for the baselines).
 
 Three mechanisms, all applied inside the samplers (:func:`fmlm.methods.flm.euler_sample`,
-:meth:`fmlm.methods.fmlm.FMLM.sample`, and the clamping of MDLM / Duo / AR):
+:meth:`fmlm.methods.flow_map.FMLM.sample`, and the clamping of MDLM / Duo / AR):
 
 * **Known tokens** (prefix conditioning, infilling). ``known`` ids (B, L) and a boolean
   ``mask`` (B, L) of the positions they fix. For FLM/FMLM, before every network call the
@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from fmlm.errors import FmlmError
+from fmlm.paths import interpolant
 
 # A reward maps soft sequences (B, L, V) on the simplex to one score per sample (B,).
 Reward = Callable[[torch.Tensor], torch.Tensor]
@@ -97,9 +98,7 @@ def replace_known(z: torch.Tensor, known: torch.Tensor | None, mask: torch.Tenso
     """z with the known positions set to the interpolant (1 − t)·noise + t·onehot(known)."""
     if known is None:
         return z
-    t = torch.as_tensor(t, dtype=z.dtype, device=z.device)
-    x1 = F.one_hot(known, z.shape[-1]).to(z.dtype)
-    return torch.where(mask[..., None], (1 - t) * noise.to(z.dtype) + t * x1, z)
+    return torch.where(mask[..., None], interpolant(known, t, noise.to(z.dtype)), z)
 
 
 def clamp_known(p: torch.Tensor, known: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:

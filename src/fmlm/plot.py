@@ -99,7 +99,7 @@ def _fit(module, task, steps: int, batch: int, lr: float, gen: torch.Generator, 
 def train_toy(task, seed: int = 0, flm_steps: int = 1000, fmlm_steps: int = 1500, progress: bool = True):
     """A tiny FLM on ``task`` and a semigroup flow map distilled from it (seconds on a CPU)."""
     from fmlm.methods.flm import FLM
-    from fmlm.methods.fmlm import FMLM
+    from fmlm.methods.flow_map import FMLM
     from fmlm.schedule import DecodingErrorSchedule
 
     torch.manual_seed(seed)

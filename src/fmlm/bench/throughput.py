@@ -82,7 +82,7 @@ def _build(cfg, name: str, device):
     import torch
 
     from fmlm.methods import build_method
-    from fmlm.methods.fmlm import FMLM
+    from fmlm.methods.flow_map import FMLM
 
     torch.manual_seed(0)
     if name in ("fmlm", "fmlm-ref"):

@@ -82,6 +82,7 @@ from torch import nn
 from fmlm.guidance import known_tensors
 from fmlm.methods.flm import Strata, stratified_uniform
 from fmlm.methods.sampling import gumbel_argmax
+from fmlm.paths import interpolant
 
 
 def uniform_nelbo_terms(log_xhat: torch.Tensor, x: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor,
@@ -184,7 +185,7 @@ class Duo(nn.Module):
         """Gaussian-relaxed tokens for the curriculum: (softmax(w/T) (B, L, V), z_t = argmax w (B, L))."""
         t_gauss = self.curriculum_schedule.t(self.alpha(t).double()).to(torch.float32)[:, None, None]  # (B, 1, 1)
         eps = torch.randn(*ids.shape, self.vocab_size, generator=generator, device=ids.device)
-        w = (1.0 - t_gauss) * eps + t_gauss * F.one_hot(ids, self.vocab_size).float()  # (B, L, V)
+        w = interpolant(ids, t_gauss[:, 0, 0], eps)  # (B, L, V): the Gaussian path at time t_gauss
         return (w / temperature).softmax(-1), w.argmax(-1)
 
     def _curriculum_temperature(self) -> float | None:

@@ -21,9 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmlm.guidance import (Steering, chain, check_weak, clamp_known, guided_logits, known_loglik, known_tensors,
-                           replace_known)
-from fmlm.methods.embedded import EmbeddedState, embedded_noise, run_net
+from fmlm.guidance import (
+    Steering,
+    chain,
+    check_weak,
+    clamp_known,
+    guided_logits,
+    known_loglik,
+    known_tensors,
+    replace_known,
+)
+from fmlm.paths import EmbeddedState, embedded_noise, interpolant, run_net
 from fmlm.schedule import Schedule
 
 # A denoiser maps (state z (B, L, V), network time τ (B,)) to D on the simplex (B, L, V).
@@ -134,7 +142,7 @@ class FLM(nn.Module):
         schedule: the time reparameterisation (decoding-error or uniform).
         loss_type: ``ce`` | ``mse_denoiser`` | ``mse_velocity``.
         noise: ``embedded`` (the default, as ``train.noise``) draws x0 @ E in the embedding space
-            (:mod:`fmlm.methods.embedded`); ``vocab`` draws x0 in R^{L×V} (the reference).
+            (:mod:`fmlm.paths`); ``vocab`` draws x0 in R^{L×V} (the reference).
             ``mse_velocity`` needs x0 itself and always uses ``vocab``.
     """
 
@@ -155,9 +163,7 @@ class FLM(nn.Module):
 
     def interpolate(self, ids: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """I_t = (1 − t)·x0 + t·onehot(ids); ids (B, L), t (B,), noise (B, L, V)."""
-        x1 = F.one_hot(ids, self.vocab_size).to(noise.dtype)
-        tt = t.to(noise.dtype)[:, None, None]
-        return (1.0 - tt) * noise + tt * x1
+        return interpolant(ids, t, noise)
 
     @property
     def uses_embedded_noise(self) -> bool:

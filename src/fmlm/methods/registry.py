@@ -7,10 +7,10 @@ needs :func:`fmlm.api.load`.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
-
-from pathlib import Path
 
 from fmlm.errors import CheckpointError, ConfigError
 from fmlm.methods.flm import FLM
@@ -52,7 +52,7 @@ def _build_fmlm(cfg, training: bool = False) -> nn.Module:
     """Flow map LM; when training from a teacher, the student starts as a copy of it."""
     import dataclasses
 
-    from fmlm.methods.fmlm import FMLM
+    from fmlm.methods.flow_map import FMLM
     from fmlm.nn.dit import build_dit
     from fmlm.schedule import make_schedule
 
