@@ -1,0 +1,173 @@
+"""What a request may ask for: the server's limits, strict JSON parsing, and a request turned into a :class:`Job`."""
+
+import asyncio
+import inspect
+import json
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from fmlm.errors import FmlmError
+from fmlm.serve.models import CONDITIONING_FIELDS, Served
+
+_FIELDS = {"model", "num_samples", "steps", "seed", "seq_len", "gamma", "max_events", *CONDITIONING_FIELDS}
+
+
+@dataclass
+class ServeLimits:
+    """What one request may ask for, and how much work may wait."""
+
+    max_steps: int = 1024
+    max_samples: int = 16
+    max_body_bytes: int = 16_384
+    max_text_chars: int = 4_096
+    max_queue: int = 8
+    max_events: int = 64
+    max_json_depth: int = 4
+    max_number_chars: int = 32
+
+
+class BadRequest(Exception):
+    """A client error: HTTP ``status`` with a one-line message."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def _int_field(body: dict, key: str, default: int, lo: int, hi: int, what: str = "") -> int:
+    v = body.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        else:
+            raise BadRequest(f"{key} must be an integer, got {json.dumps(v)[:40]}")
+    if not lo <= v <= hi:
+        raise BadRequest(f"{key} must be in {lo}..{hi}{what}, got {v}")
+    return v
+
+
+@dataclass
+class Job:
+    """One validated request on its way through the queue."""
+
+    served: Served
+    num_samples: int
+    steps: int
+    seed: int
+    seq_len: int
+    options: dict
+    stream: bool = False
+    max_events: int = 64
+    loop: asyncio.AbstractEventLoop | None = None
+    future: asyncio.Future | None = None
+    events: asyncio.Queue | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    enqueued: float = 0.0
+
+
+def json_depth(raw: bytes, limit: int) -> None:
+    """Raise BadRequest if arrays/objects nest deeper than ``limit`` (before the recursive parser
+    sees them: 8,000 nested brackets fit in 16 KB and overflow Python's recursion)."""
+    depth, in_string, escaped = 0, False, False
+    for b in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif b == 0x5C:  # backslash
+                escaped = True
+            elif b == 0x22:  # quote
+                in_string = False
+        elif b == 0x22:
+            in_string = True
+        elif b in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                raise BadRequest(f"request body nests deeper than {limit} levels")
+        elif b in (0x5D, 0x7D):
+            depth -= 1
+
+
+def parse_json(raw: bytes, limits: ServeLimits) -> Any:
+    """``json.loads`` with limits on nesting and number length, and no NaN/Infinity."""
+    json_depth(raw, limits.max_json_depth)
+    n = limits.max_number_chars
+
+    def number(kind):
+        def parse(text: str):
+            if len(text) > n:
+                raise BadRequest(f"a number in the request body has {len(text)} characters; the limit is {n}")
+            v = kind(text)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise BadRequest(f"number out of range in the request body: {text}")
+            return v
+        return parse
+
+    def constant(name: str):
+        raise BadRequest(f"request body is not valid JSON: {name} is not a number")
+
+    try:
+        return json.loads(raw, parse_int=number(int), parse_float=number(float), parse_constant=constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"request body is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # belt and braces: nothing malformed may become a 500
+        raise BadRequest(f"request body is not valid JSON: {type(e).__name__}") from None
+
+
+def parse_request(raw: bytes, models: dict[str, Served], limits: ServeLimits, stream: bool) -> Job:
+    """Validate a request body; raises :class:`BadRequest` with the message for the client."""
+    if len(raw) > limits.max_body_bytes:
+        raise BadRequest(f"request body is {len(raw)} bytes; the limit is {limits.max_body_bytes}", 413)
+    body: Any = {} if not raw.strip() else parse_json(raw, limits)
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    unknown = sorted(set(body) - _FIELDS)
+    if unknown:
+        raise BadRequest(f"unknown field(s) {', '.join(unknown)}; expected some of {', '.join(sorted(_FIELDS))}")
+    name = body.get("model")
+    if name is None:
+        served = next(iter(models.values()))
+    elif not isinstance(name, str) or name not in models:
+        raise BadRequest(f"unknown model {json.dumps(name)[:60]}; served: {', '.join(models)}", 404)
+    else:
+        served = models[name]
+    max_samples = 1 if stream else limits.max_samples
+    num_samples = _int_field(body, "num_samples", 1, 1, max_samples, " (streams show one sample)" if stream else "")
+    steps = _int_field(body, "steps", min(served.model.config.sample.steps, limits.max_steps), 1, limits.max_steps)
+    seed = _int_field(body, "seed", 0, 0, 2**63 - 1)
+    seq_len = _int_field(body, "seq_len", served.model.config.data.seq_len, 1, served.max_seq_len,
+                         f" (model {served.name!r})")
+    max_events = _int_field(body, "max_events", limits.max_events, 1, limits.max_events)
+    options: dict[str, Any] = {}
+    gamma = body.get("gamma")
+    if gamma is not None:
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma < 1.0:
+            raise BadRequest(f"gamma must be a number in [0, 1), got {json.dumps(gamma)[:40]}")
+        if gamma > 0 and "gamma" not in inspect.signature(served.model.method.sample).parameters:
+            raise BadRequest(f"gamma does not apply to model {served.name!r} (method {served.method})")
+        options["gamma"] = float(gamma)
+    for key in CONDITIONING_FIELDS:
+        v = body.get(key)
+        if v is None or v == "":
+            continue
+        if not isinstance(v, str):
+            raise BadRequest(f"{key} must be a string")
+        if len(v) > limits.max_text_chars:
+            raise BadRequest(f"{key} has {len(v)} characters; the limit is {limits.max_text_chars}", 413)
+        if key not in served.conditioning:
+            takes = f"; it takes {', '.join(served.conditioning)}" if served.conditioning else ""
+            raise BadRequest(f"{key} does not apply to model {served.name!r} (method {served.method}{takes})")
+        options[key] = v
+    if "infill" in options and len(options) > 1 + ("gamma" in options):
+        raise BadRequest("give either infill or prefix/suffix, not both")
+    cond = {k: v for k, v in options.items() if k in CONDITIONING_FIELDS}
+    check = getattr(served.model, "check_conditioning", None)
+    if cond and check is not None:
+        try:  # tokenising is cheap: a bad text is a 400 before a stream starts
+            check(seq_len, **cond)
+        except FmlmError as e:
+            raise BadRequest(str(e)) from None
+    return Job(served, num_samples, steps, seed, seq_len, options, stream=stream, max_events=max_events)
