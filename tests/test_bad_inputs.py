@@ -412,7 +412,7 @@ def test_sample_falls_back_to_the_newest_valid_checkpoint(base, tmp_path, capsys
 
 
 def test_disk_full_at_a_save_is_one_line_and_leaves_no_temporary_folder(base, tmp_path, capsys, monkeypatch):
-    from fmlm import checkpoint as ckpt
+    import fmlm.checkpoint.store as ckpt_store
 
     ctx = Ctx(base, tmp_path)
 
@@ -420,7 +420,7 @@ def test_disk_full_at_a_save_is_one_line_and_leaves_no_temporary_folder(base, tm
         (tmp / "model.safetensors").write_bytes(b"x" * 100)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "_write_files", full)
+    monkeypatch.setattr(ckpt_store, "_write_files", full)
     capsys.readouterr()
     assert main(ctx.train()) == 2
     err = capsys.readouterr().err
