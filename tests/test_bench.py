@@ -401,7 +401,7 @@ def test_bench_time_ablation(tmp_path, capsys):
 
 def test_ablation_configs():
     from fmlm.bench.presets import ABLATIONS, get_preset
-    from fmlm.bench.suite import config_key, variant_config
+    from fmlm.bench.runs import config_key, variant_config
 
     preset = get_preset("phrases")
     by = {v.label: v for v in ABLATIONS["distill"][1]}

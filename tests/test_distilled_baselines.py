@@ -242,7 +242,8 @@ def test_distill_self_with_a_discrete_baseline_is_an_error(capsys):
 
 def test_bench_variant_configs_share_the_flow_maps_budget():
     from fmlm.bench.presets import MAIN, get_preset
-    from fmlm.bench.suite import variant_config, variant_steps
+    from fmlm.bench.runs import variant_config
+    from fmlm.bench.suite import variant_steps
 
     preset = get_preset("phrases")
     by = {v.label: v for v in MAIN}

@@ -183,7 +183,7 @@ def test_ar_cached_decoder_same_tokens_as_full_recompute(opts):
 
 def test_bench_speed_counts_flops_exactly_and_writes_its_outputs(tmp_path):
     from fmlm.bench import dispatch
-    from fmlm.bench.speed import ar_flops, dit_flops
+    from fmlm.bench.flops import ar_flops, dit_flops
 
     out = tmp_path / "speed"
     rc = dispatch("speed", ["--shape", "tiny:50:16:1,2", "--shape", "tiny:300:16:2", "--steps", "2",
@@ -219,7 +219,8 @@ def test_bench_speed_counts_flops_exactly_and_writes_its_outputs(tmp_path):
 
 
 def test_analytic_flops_equal_the_counter():
-    from fmlm.bench.speed import _models, _sampler, analytic_flops, count_network_flops
+    from fmlm.bench.flops import analytic_flops, count_network_flops
+    from fmlm.bench.speed import _models, _sampler
 
     cpu = torch.device("cpu")
     names = ["fmlm", "fmlm-ref", "flm", "duo", "ar"]

@@ -51,8 +51,8 @@ def dispatch(target: str, rest: list[str]) -> int:
         import shlex
         import sys
 
-        from fmlm.bench.scorers import load_scorer
         from fmlm.argtypes import positive
+        from fmlm.bench.scorers import load_scorer
 
         parser = Parser(prog="fmlm bench rescore",
                          description="Score the saved samples (samples.jsonl) of a finished bench under another "

@@ -157,8 +157,7 @@ def run(args) -> int:
 
 def add_arguments(p) -> None:
     """Options of ``fmlm eval`` (kept here so cli.py stays a thin dispatcher)."""
-    from fmlm.argtypes import positive
-    from fmlm.argtypes import steps_list
+    from fmlm.argtypes import positive, steps_list
 
     p.add_argument("--ckpt", required=True, help="checkpoint or run directory")
     p.add_argument("--steps", type=steps_list, help="comma-separated step counts (default: the run's)")

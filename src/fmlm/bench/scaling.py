@@ -269,8 +269,7 @@ def plot(study: dict, out: Path) -> list[Path]:
 
 # ------------------------------------------------------------------ CLI
 def add_arguments(p) -> None:
-    from fmlm.argtypes import positive
-    from fmlm.argtypes import steps_list
+    from fmlm.argtypes import positive, steps_list
 
     p.add_argument("preset", nargs="?", default="shakespeare-cpu", help="bench preset (default shakespeare-cpu)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")

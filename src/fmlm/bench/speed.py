@@ -22,15 +22,16 @@ is recorded beside every timing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
+from fmlm.bench.flops import _sync, analytic_flops, count_network_flops, profile_breakdown
+from fmlm.bench.speed_report import METHODS, markdown, plot
 from fmlm.errors import ConfigError
+from fmlm.io import write_json, write_text
 
-METHODS = ("fmlm", "fmlm-ref", "flm", "mdlm", "duo", "ar")
 DEFAULT_SHAPES = ("mini:87:128:1,4,16,64,256", "mini:4096:128:1,4,16,64", "dit-small:50257:1024:1,2")
 _TRAIN_METHOD = {"fmlm": "semigroup", "fmlm-ref": "semigroup", "flm": "flm", "mdlm": "mdlm", "duo": "duo",
                  "ar": "ar"}
@@ -82,13 +83,6 @@ def _load() -> float:
         return os.getloadavg()[0]
     except OSError:  # pragma: no cover - platforms without a load average
         return float("nan")
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def measure_peak(n: int, dtype, device, repeats: int = 5) -> dict:
@@ -160,50 +154,6 @@ def _sampler(name: str, method, B: int, L: int, steps: int, seed: int, device):
     return call
 
 
-def count_network_flops(call, net) -> dict:
-    """FLOPs of one ``call()``: inside the backbone ``net`` (by module) and in total."""
-    import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        call()
-    counts = fc.get_flop_counts()
-    key = type(net).__name__
-    return {"network_flops": int(sum(counts.get(key, {}).values())), "total_flops": int(fc.get_total_flops())}
-
-
-def dit_flops(net, B: int, L: int, embedded_input: bool) -> int:
-    """Matmul + attention FLOPs of one DiT forward over (B, L) in closed form (what the counter counts)."""
-    d, V, C = net.embed.shape[1], net.vocab_size, net.time1.mlp[0].out_features
-    hidden = net.blocks[0].mlp[0].out_features
-    per_token = len(net.blocks) * (2 * d * 3 * d + 2 * d * d + 4 * d * hidden + 4 * L * d) + 2 * d * V
-    per_token += 0 if embedded_input else 2 * V * d  # the V-space input product x @ E
-    times = 2 if net.two_time else 1
-    per_sample = times * 2 * (net.time1.freq_dim * C + C * C) + len(net.blocks) * 12 * C * d + 4 * C * d
-    return B * (L * per_token + per_sample)
-
-
-def ar_flops(net, B: int, L: int) -> int:
-    """FLOPs of KV-cache decoding of L positions in closed form: the P-th pass attends to P keys."""
-    d, V = net.embed.weight.shape[1], net.vocab_size
-    hidden = net.blocks[0].mlp[0].out_features
-    per_pass = len(net.blocks) * (2 * d * 3 * d + 2 * d * d + 4 * d * hidden) + 2 * d * V
-    attention = len(net.blocks) * 4 * d * (L * (L + 1) // 2)
-    return B * (L * per_pass + attention)
-
-
-def analytic_flops(name: str, net, B: int, L: int, steps: int) -> dict:
-    if name == "ar":
-        f = ar_flops(net, B, L)
-    elif name in ("fmlm", "fmlm-ref", "flm", "duo"):
-        # fmlm: embedded input; fmlm-ref and FLM: V-space input; Duo reads token ids (a lookup).
-        f = dit_flops(net, B, L, embedded_input=name in ("fmlm", "duo")) * (1 if name.startswith("fmlm") else steps)
-    else:
-        raise ConfigError(f"--count analytic has no closed form for {name} (its passes depend on the draws)")
-    return {"network_flops": f, "total_flops": None, "count": "analytic"}
-
-
 def time_call(call, device, min_seconds: float) -> tuple[float, int]:
     """Seconds per call (the mean over as many calls as fill ``min_seconds``, at least one)."""
     _sync(device)
@@ -215,36 +165,6 @@ def time_call(call, device, min_seconds: float) -> tuple[float, int]:
         dt = time.perf_counter() - t0
         if dt >= min_seconds:
             return dt / n, n
-
-
-_MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmv", "aten::mv", "aten::dot"}
-
-
-def profile_breakdown(call, device) -> dict:
-    """Shares of the operator time of one ``call()``: matmuls, attention kernels, everything else.
-
-    Self time per operator from ``torch.profiler`` (device time on CUDA, CPU time otherwise);
-    ``other_top`` names the largest of the rest (elementwise work, copies, normalisation).
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        call()
-        _sync(device)
-    times: dict[str, float] = {}
-    for e in prof.key_averages():
-        t = e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
-        if t > 0:
-            times[e.key] = times.get(e.key, 0.0) + t
-    total = sum(times.values()) or 1.0
-    cat = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
-    for k, t in times.items():
-        cat["matmul" if k in _MATMUL_OPS else "attention" if "scaled_dot_product" in k else "other"] += t
-    rest = sorted(((k, t) for k, t in times.items() if k not in _MATMUL_OPS and "scaled_dot_product" not in k),
-                  key=lambda kt: -kt[1])[:6]
-    return {"shares": {k: v / total for k, v in cat.items()}, "operator_seconds": total / 1e6,
-            "other_top": [{"op": k, "share": t / total} for k, t in rest]}
 
 
 def run_shape(shape: dict, args, device, amp, progress) -> dict:
@@ -388,8 +308,8 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(result)
-    _write(out / "speed.json", json.dumps(result, indent=2) + "\n")
-    _write(out / "speed.md", table + "\n")
+    write_json(out / "speed.json", result)
+    write_text(out / "speed.md", table + "\n")
     if not args.no_plot:
         plot(result, out / "speed.png")
     print(table)
@@ -397,86 +317,3 @@ def run(args) -> int:
     return 0
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-LABELS = {"fmlm": "FMLM 1 step (lean)", "fmlm-ref": "FMLM 1 step (reference)", "flm": "FLM", "mdlm": "MDLM",
-          "duo": "Duo", "ar": "AR (KV cache)"}
-
-
-def markdown(result: dict) -> str:
-    s = result["settings"]
-    lines = [f"device {s['device']}, {s['dtype'].replace('torch.', '')}, threads {s['threads']}, "
-             f"best of {s['repeats']} interleaved rounds (each ≥ {s['min_seconds']} s), N = {s['steps']} "
-             f"steps for FLM/MDLM/Duo, load average {s['load_start']:.2f} at start, {s['load_end']:.2f} at end"]
-    for r in result["shapes"]:
-        sh = r["shape"]
-        p = r["peaks"]
-        lines += ["", f"### {sh['size']}, V = {sh['vocab']:,}, L = {sh['seq_len']:,}", "",
-                  f"matmul peak ({p[0]['gemm']}² GEMM, {p[0]['dtype']}): "
-                  f"{', '.join('%.1f' % (q['flop_per_s'] / 1e9) for q in p)} GFLOP/s (before, after; the higher is "
-                  f"the reference)", "",
-                  "| sampler | batch | passes | ms / sample | samples/s | network GFLOP / call | GFLOP/s | "
-                  "utilisation | load |", "|---|---|---|---|---|---|---|---|---|"]
-        for row in r["rows"]:
-            lines.append(f"| {LABELS[row['method']]} | {row['batch']} | {row['passes']} | "
-                         f"{row['seconds_per_sample'] * 1e3:,.2f} | {row['samples_per_s']:,.3g} | "
-                         f"{row['network_flops'] / 1e9:,.3f} | {row['network_flop_per_s'] / 1e9:,.1f} | "
-                         f"{row['utilisation']:.0%} | {row['load_at_best']:.2f} |")
-        sm = r["summary"]
-        best = ", ".join(f"{LABELS[m]} {b['utilisation']:.0%} (batch {b['batch']})" for m, b in sm["best"].items())
-        lines += ["", f"Best utilisation: {best}."]
-        if sm["lean_speedup"]:
-            lines.append("One step, reference / lean time per sample: " + ", ".join(
-                f"{v:.2f}× (batch {b})" for b, v in sm["lean_speedup"].items()) + ".")
-        if sm["fmlm_vs_ar"]:
-            lines.append("AR / FMLM one-step time per sample: " + ", ".join(
-                f"{v:.1f}× (batch {b})" for b, v in sm["fmlm_vs_ar"].items()) + ".")
-        for row in r["rows"]:
-            pr = row.get("profile")
-            if pr:
-                sh_ = pr["shares"]
-                top = ", ".join(f"{o['op'].replace('aten::', '')} {o['share']:.0%}" for o in pr["other_top"][:4])
-                lines.append(f"Where the time goes ({LABELS[row['method']]}, batch {row['batch']}; operator self "
-                             f"time): matmuls {sh_['matmul']:.0%}, attention kernels {sh_['attention']:.0%}, "
-                             f"the rest {sh_['other']:.0%} ({top}).")
-        goals = []
-        if "fmlm_goal_met" in sm:
-            goals.append(f"FMLM one step ≥ 50%: {'met' if sm['fmlm_goal_met'] else 'NOT met'}")
-        if "ar_goal_met" in sm:
-            goals.append(f"AR ≥ 30%: {'met' if sm['ar_goal_met'] else 'NOT met'}")
-        if goals:
-            lines.append("Goals: " + "; ".join(goals) + ".")
-    return "\n".join(lines)
-
-
-def plot(result: dict, path: Path) -> None:
-    """Utilisation against batch size, one panel per shape, one line per sampler (needs matplotlib)."""
-    from fmlm.bench.report import pyplot
-
-    plt = pyplot()
-    if plt is None:
-        return
-    shapes = result["shapes"]
-    fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.6), squeeze=False)
-    for ax, r in zip(axes[0], shapes):
-        sh = r["shape"]
-        for m in METHODS:
-            pts = sorted((row["batch"], row["utilisation"]) for row in r["rows"] if row["method"] == m)
-            if pts:
-                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=LABELS[m])
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("% of measured matmul FLOP/s")
-        ax.set_title(f"{sh['size']}, V={sh['vocab']}, L={sh['seq_len']}", fontsize=10)
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
