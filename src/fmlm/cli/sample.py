@@ -1,0 +1,120 @@
+"""``fmlm sample``: text from a checkpoint, with conditioning and guidance flags."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from fmlm.errors import FmlmError
+
+
+def _report_samples(model, steps_list, num_samples, seed, float64, show=True, check=False, max_show=4,
+                    seq_len=None, **options) -> list[dict]:
+    results = []
+    for steps in steps_list:
+        t0 = time.perf_counter()
+        ids = model.sample_ids(num_samples, steps, seed, float64=float64, seq_len=seq_len, **options)
+        dt = time.perf_counter() - t0
+        texts = model.decode(ids)
+        rec = {"steps": steps, "num_samples": num_samples, "seed": seed,
+               "seconds_per_sample": dt / num_samples}
+        if check and model.task is not None:
+            m = model.task.check(ids)
+            rec.update(valid_rate=m["valid_rate"], coverage=m["coverage"])
+        if check and options.get("classifier") is not None:  # reward guidance: share of the target class
+            clf = options["classifier"]
+            rec["target_rate"] = (clf.labels(ids) == clf.class_index(options.get("target"))).float().mean().item()
+        rec["texts"] = texts[:max_show] if max_show else texts
+        if show:
+            head = f"--- {steps} steps, {rec['seconds_per_sample'] * 1e3:.2f} ms/sample"
+            if "valid_rate" in rec:
+                head += f", valid {rec['valid_rate']:.3f}, coverage {rec['coverage']:.3f}"
+            if "target_rate" in rec:
+                head += f", target {rec['target_rate']:.3f}"
+            print(head, file=sys.stderr)
+            for t in rec["texts"]:
+                print(t, file=sys.stderr)
+                print("", file=sys.stderr)
+        results.append(rec)
+    return results
+
+
+def _sampling_options(args) -> dict:
+    """Method-specific sampler options given on the command line (unset ones are None)."""
+    return {"gamma": args.gamma, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+            **getattr(args, "guidance", {})}
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from fmlm.api import load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    tokenizer = None
+    if args.tokenizer:
+        from fmlm.data import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
+    model = load(args.ckpt, device=args.device, ema=not args.no_ema, tokenizer=tokenizer)
+
+    args.guidance = guidance_options(args, model)
+    steps_list = args.steps or [model.config.sample.steps]
+    if args.json or args.check:
+        results = _report_samples(model, steps_list, args.num_samples, args.seed, args.float64, show=False,
+                                  check=args.check, max_show=0 if args.json else 4, seq_len=args.seq_len,
+                                  **_sampling_options(args))
+        if args.json:
+            print(json.dumps({"checkpoint": str(model.path), "results": results}, indent=2))
+        else:
+            for r in results:
+                line = f"steps {r['steps']:>5}: {r['seconds_per_sample'] * 1e3:8.2f} ms/sample"
+                if "valid_rate" in r:
+                    line += f"  valid {r['valid_rate']:.3f}  coverage {r['coverage']:.3f}"
+                if "target_rate" in r:
+                    line += f"  target {r['target_rate']:.3f}"
+                print(line)
+        return 0
+    for steps in steps_list:
+        for text in model.sample(args.num_samples, steps, args.seed, float64=args.float64, seq_len=args.seq_len,
+                                 **_sampling_options(args)):
+            print(text)
+            print()
+    return 0
+
+
+def guidance_options(args, model) -> dict:
+    """``fmlm sample`` conditioning/guidance flags -> :meth:`fmlm.api.Model.sample_ids` options."""
+    from fmlm.api import load
+
+    out: dict = {}
+    if (args.prefix is not None or getattr(args, "suffix", None) is not None) and args.infill is not None:
+        raise FmlmError("give either --prefix/--suffix or --infill, not both")
+    if args.prefix is not None:
+        out["prefix"] = args.prefix
+    if getattr(args, "suffix", None) is not None:
+        out["suffix"] = args.suffix
+    if args.infill is not None:
+        out["infill"] = args.infill
+    if args.guide_weak is not None:
+        out["guide_weak"] = load(args.guide_weak, device=model.device)
+        out["guide_weight"] = 1.0 if args.guide_weight is None else args.guide_weight
+    elif args.guide_weight is not None:
+        raise FmlmError("--guide-weight needs --guide-weak RUN")
+    if args.reward is not None:
+        out["classifier"] = load(args.reward, device=model.device)
+        out["target"] = args.reward_target
+        if args.reward_scale is not None:
+            out["reward_scale"] = args.reward_scale
+        if args.reward_iters is not None:
+            out["reward_iters"] = args.reward_iters
+        if args.reward_temperature is not None:
+            out["reward_temperature"] = args.reward_temperature
+    elif any(v is not None for v in (args.reward_target, args.reward_scale, args.reward_iters,
+                                      args.reward_temperature)):
+        raise FmlmError("--reward-target, --reward-scale, --reward-iters and --reward-temperature need "
+                        "--reward RUN")
+    return out
