@@ -10,7 +10,7 @@ from torch import nn
 import fmlm.methods.flow_map.targets as targets
 from fmlm.errors import FmlmError
 from fmlm.methods.flm import FLM
-from fmlm.methods.fmlm import FMLM, flow_map, sparsemax
+from fmlm.methods.fmlm import FMLM, sparsemax
 from fmlm.nn.dit import DiT
 from fmlm.schedule import make_schedule
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import fmlm.methods.flow_map.losses as fmlm_mod
 from fmlm.config import build_config
 from fmlm.methods import build_method
-import fmlm.methods.flow_map.losses as fmlm_mod
 from fmlm.methods.embedded import draw_embedded, noise_factor
 from fmlm.methods.fmlm import FMLM, kl_capped, kl_rows
 from fmlm.nn.dit import apply_rotary, rotary_qkv
@@ -257,10 +257,9 @@ def test_gpu_check_runs_in_tiny_cpu_mode(tmp_path):
 
 
 def test_bench_speed_times_a_checkpoint(tmp_path):
-    from test_cli import TINY  # the CLI tests' tiny preset
-
     from fmlm.bench import dispatch
     from fmlm.cli import main
+    from test_cli import TINY  # the CLI tests' tiny preset
 
     run = tmp_path / "flm"
     assert main(["train", *TINY, "method=flm", f"data.cache_dir={tmp_path / 'cache'}", "--run-dir", str(run),

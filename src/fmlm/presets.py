@@ -1,4 +1,5 @@
-"""Named configurations: the model sizes and the presets ``fmlm train PRESET`` starts from (plain dictionaries, applied by :func:`fmlm.config.build_config`)."""
+"""Named configurations: the model sizes and the presets ``fmlm train PRESET`` starts from (plain dictionaries,
+applied by :func:`fmlm.config.build_config`)."""
 
 from __future__ import annotations
 

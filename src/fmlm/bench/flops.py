@@ -1,4 +1,5 @@
-"""Counting a sampler's floating-point work: measured (matmul FLOPs of the network calls, by the profiler) and analytic (per backbone)."""
+"""Counting a sampler's floating-point work: measured (matmul FLOPs of the network calls, by the profiler) and
+analytic (per backbone)."""
 
 from __future__ import annotations
 

@@ -144,8 +144,9 @@ def _headline_md(h: dict) -> list[str]:
     if h.get("data_bpb") is not None:
         refs = (f" (held-out text {_fmt(h['data_bpb'], spec)}, the same text with shuffled characters "
                 f"{_fmt(h.get('shuffled_bpb'), spec)})")
+    tolerance = h.get("entropy_tolerance", ENTROPY_TOLERANCE)
     rule = ("" if h.get("data_entropy") is None else
-            f"; settings whose entropy is off the data's by more than {h.get('entropy_tolerance', ENTROPY_TOLERANCE):.0%} "
+            f"; settings whose entropy is off the data's by more than {tolerance:.0%} "
             "(collapsed samples) are left out")
     lines = [f"{h['reference']} at {at(h['steps'])}: {name} {_fmt(h[metric], spec)}{refs}{ent}, "
              f"{_fmt(h['seconds_per_sample'] * 1e3, '.3f')} ms/sample. The cheapest setting of every other model "

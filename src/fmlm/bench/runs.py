@@ -1,4 +1,5 @@
-"""The bench's training runs: each variant's config, its cache key, and :class:`Runs`, which trains a run or reuses a finished one."""
+"""The bench's training runs: each variant's config, its cache key, and :class:`Runs`, which trains a run or
+reuses a finished one."""
 
 from __future__ import annotations
 

@@ -38,7 +38,3 @@ from fmlm.checkpoint.runs import (
 )
 from fmlm.checkpoint.store import load_into, load_state, save_checkpoint
 from fmlm.checkpoint.trees import load_training_state, load_tree, save_tree
-
-__all__ = ["LEGACY", "MANIFEST", "OPTIMIZER", "PREFIX", "RNG", "clean_stale", "is_valid", "latest_checkpoint",
-           "list_checkpoints", "load_into", "load_state", "load_training_state", "load_tree", "newest_valid", "prune",
-           "read_json", "resolve", "save_checkpoint", "save_tree", "step_of", "verify"]

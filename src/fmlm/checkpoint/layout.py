@@ -1,4 +1,5 @@
-"""The layout of a checkpoint directory: its file names, its manifest and :func:`verify`, which checks a directory against it."""
+"""The layout of a checkpoint directory: its file names, its manifest and :func:`verify`, which checks a
+directory against it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""A run directory's checkpoints: listing them, choosing the newest valid one, resolving a path, removing stale temporaries and old checkpoints."""
+"""A run directory's checkpoints: listing them, choosing the newest valid one, resolving a path, removing stale
+temporaries and old checkpoints."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Trees of plain containers and tensors stored as safetensors, their structure as JSON metadata: the optimiser and RNG states of a checkpoint, with no pickle. Older checkpoints' .pt files are read with ``torch.load(weights_only=True)``."""
+"""Trees of plain containers and tensors stored as safetensors, their structure as JSON metadata: the optimiser
+and RNG states of a checkpoint, with no pickle. Older checkpoints' .pt files are read with
+``torch.load(weights_only=True)``."""
 
 from __future__ import annotations
 

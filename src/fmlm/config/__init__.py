@@ -28,7 +28,3 @@ from fmlm.config.sections import (
                                   flatten,
 )
 from fmlm.presets import DEFAULT_PRESET, MODEL_SIZES, PRESETS
-
-__all__ = ["DEFAULT_PRESET", "LOSSES", "LR_SCHEDULES", "MODEL_SIZES", "PACKINGS", "PRECISIONS", "PRESETS", "SECTIONS",
-           "TIMES", "ClassifierConfig", "DataConfig", "DiffusionConfig", "DistillConfig", "ModelConfig", "RunConfig",
-           "SampleConfig", "TrainConfig", "build_config", "flatten", "parse_overrides", "set_value", "validate"]

@@ -1,4 +1,5 @@
-"""The checks of a resolved configuration: every value in range, every choice known (one line per problem, ConfigError)."""
+"""The checks of a resolved configuration: every value in range, every choice known (one line per problem,
+ConfigError)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Fixed-length blocks of token ids (memory-mapped or in memory) and the bundle of train/validation blocks a run trains on."""
+"""Fixed-length blocks of token ids (memory-mapped or in memory) and the bundle of train/validation blocks a run
+trains on."""
 
 from __future__ import annotations
 

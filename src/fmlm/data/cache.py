@@ -1,4 +1,5 @@
-"""The token cache: an entry per (corpus, tokenizer, packing, ...) key under ``cache_dir/tokens/``, built in a temporary folder and renamed into place."""
+"""The token cache: an entry per (corpus, tokenizer, packing, ...) key under ``cache_dir/tokens/``, built in a
+temporary folder and renamed into place."""
 
 from __future__ import annotations
 

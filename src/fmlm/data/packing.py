@@ -1,4 +1,5 @@
-"""Tokenising documents in chunks and packing them into blocks: ``wrap`` (documents and EOS cut into blocks) or ``pad`` (one block per document)."""
+"""Tokenising documents in chunks and packing them into blocks: ``wrap`` (documents and EOS cut into blocks) or
+``pad`` (one block per document)."""
 
 from __future__ import annotations
 

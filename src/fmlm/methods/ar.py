@@ -92,7 +92,7 @@ class AR(nn.Module):
 
     def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None,
              strata: Strata | None = None) -> tuple[torch.Tensor, dict]:
-        """Next-token cross-entropy on ids (B, L); ``generator`` and ``strata`` are unused (the loss is deterministic)."""
+        """Next-token cross-entropy on ids (B, L); ``generator`` and ``strata`` are unused (a deterministic loss)."""
         loss = self.nll(ids)
         return loss, {"loss": loss.detach()}
 

@@ -79,9 +79,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmlm.guidance import known_tensors
+from fmlm.methods.base import nelbo_metrics
 from fmlm.methods.flm import Strata, stratified_uniform
-from fmlm.methods.sampling import gumbel_argmax
+from fmlm.methods.sampling import gumbel_argmax, sampler_setup
 from fmlm.paths import interpolant
 
 
@@ -239,8 +239,7 @@ class Duo(nn.Module):
     @torch.no_grad()
     def eval_loss(self, ids: torch.Tensor, generator: torch.Generator) -> dict:
         """Validation NELBO per token (always with discrete input) and the perplexity bound exp(NELBO)."""
-        nelbo = self._nelbo(ids, generator, None).item()
-        return {"nelbo": nelbo, "ppl": math.exp(min(nelbo, 700.0))}
+        return nelbo_metrics(self._nelbo(ids, generator, None).item())
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -268,14 +267,10 @@ class Duo(nn.Module):
             known, mask: known token ids and their positions (a prefix when ``mask`` is None):
                 clamped in the state before every step and in the output.
         """
-        if steps < 1:
-            raise ValueError("steps must be >= 1")
-        greedy = self.greedy_tail if greedy_tail is None else greedy_tail
-        device = next(self.parameters()).device
         B, V = num_samples, self.vocab_size
-        dtype = torch.float64 if float64 else torch.float32
+        device, dtype, known, kmask = sampler_setup(self, B, seq_len, steps, float64, known, mask, V)
+        greedy = self.greedy_tail if greedy_tail is None else greedy_tail
         z = torch.randint(V, (B, seq_len), generator=generator, device=device)  # z_1 ~ uniform
-        known, kmask = known_tensors(known, mask, B, seq_len, V, device)
 
         def clamp(ids: torch.Tensor) -> torch.Tensor:
             return ids if known is None else torch.where(kmask, known, ids)

@@ -61,9 +61,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmlm.guidance import known_tensors
+from fmlm.methods.base import nelbo_metrics
 from fmlm.methods.flm import Strata, stratified_uniform
-from fmlm.methods.sampling import gumbel_argmax
+from fmlm.methods.sampling import gumbel_argmax, sampler_setup
 
 
 class MDLM(nn.Module):
@@ -163,8 +163,7 @@ class MDLM(nn.Module):
     @torch.no_grad()
     def eval_loss(self, ids: torch.Tensor, generator: torch.Generator) -> dict:
         """Validation NELBO per token and the perplexity bound exp(NELBO)."""
-        nelbo = self._nelbo(ids, generator).item()
-        return {"nelbo": nelbo, "ppl": math.exp(min(nelbo, 700.0))}
+        return nelbo_metrics(self._nelbo(ids, generator).item())
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -195,13 +194,9 @@ class MDLM(nn.Module):
         Returns:
             Token ids (B, L), none of them the mask.
         """
-        if steps < 1:
-            raise ValueError("steps must be >= 1")
-        device = next(self.parameters()).device
         B, V, m = num_samples, self.vocab_size, self.mask_id
-        dtype = torch.float64 if float64 else torch.float32
+        device, dtype, known, kmask = sampler_setup(self, B, seq_len, steps, float64, known, mask, V)
         z = torch.full((B, seq_len), m, dtype=torch.long, device=device)  # (B, L): all masked
-        known, kmask = known_tensors(known, mask, B, seq_len, V, device)
         if known is not None:
             z = torch.where(kmask, known, z)
         ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)

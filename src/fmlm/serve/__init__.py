@@ -33,7 +33,3 @@ from fmlm.serve.app import bind_socket, create_app, is_loopback, serve
 from fmlm.serve.models import CONDITIONING_FIELDS, Served, load_models, parse_ckpt_args, wrap_model
 from fmlm.serve.requests import BadRequest, Job, ServeLimits, json_depth, parse_json, parse_request
 from fmlm.serve.worker import Worker, snapshot
-
-__all__ = ["CONDITIONING_FIELDS", "BadRequest", "Job", "ServeLimits", "Served", "Worker", "bind_socket",
-           "create_app", "is_loopback", "json_depth", "load_models", "parse_ckpt_args", "parse_json",
-           "parse_request", "serve", "snapshot", "wrap_model"]

@@ -15,7 +15,3 @@ from fmlm.train.state import (
                               rng_state,
                               set_rng_state,
 )
-
-__all__ = ["EMA", "RESUMABLE_KEYS", "TrainState", "Trainer", "archive_run", "autocast_dtype", "check_free_space",
-           "check_resumable", "check_run_dir", "default_cache_dir", "load_data", "lr_lambda", "pick_device",
-           "rng_state", "set_rng_state"]

@@ -1,4 +1,5 @@
-"""A run directory's state besides the weights: the trainer's counters, the RNG states, the resume check, and the checks and archiving done before a run starts."""
+"""A run directory's state besides the weights: the trainer's counters, the RNG states, the resume check, and the
+checks and archiving done before a run starts."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The flow map's EMA target network: its update after each step and its place in the student's state dict (keys ``target.*``)."""
+"""The flow map's EMA target network: its update after each step and its place in the student's state dict (keys
+``target.*``)."""
 
 from __future__ import annotations
 
