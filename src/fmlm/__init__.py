@@ -8,10 +8,22 @@ transformer, in many Euler steps (FLM) or one or a few flow-map steps (FMLM).
     >>> print(model.sample(num_samples=2, steps=128, seed=0))
 """
 
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # importing fmlm stays light: torch and the API load on first use
+    import torch
+
+    from fmlm.api import Model
+    from fmlm.data.tokenizers import Tokenizer
+
 __version__ = "0.1.0"
 
 
-def load(path, device=None, ema=True, tokenizer=None):
+def load(path: str | Path, device: str | torch.device | None = None, ema: bool = True,
+         tokenizer: Tokenizer | None = None) -> Model:
     """Load a checkpoint or run directory; see :func:`fmlm.api.load`."""
     from fmlm.api import load as _load
 

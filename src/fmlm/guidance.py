@@ -42,8 +42,9 @@ Three mechanisms, all applied inside the samplers (:func:`fmlm.methods.flm.euler
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -51,13 +52,17 @@ import torch.nn.functional as F
 from fmlm.errors import FmlmError
 from fmlm.paths import interpolant
 
+if TYPE_CHECKING:
+    from fmlm.data.tokenizers import Tokenizer
+
 # A reward maps soft sequences (B, L, V) on the simplex to one score per sample (B,).
 Reward = Callable[[torch.Tensor], torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------- known tokens
-def known_tensors(known, mask, num_samples: int, seq_len: int, vocab_size: int,
-                  device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def known_tensors(known: Sequence[int] | torch.Tensor | None, mask: Sequence[bool] | torch.Tensor | None,
+                  num_samples: int, seq_len: int, vocab_size: int,
+                  device: str | torch.device | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Normalise conditioning arguments to ids (B, L) int64 and a mask (B, L) bool.
 
     ``known`` is a sequence or tensor of ids, (L,), (B, L), or shorter than L along the
@@ -94,7 +99,7 @@ def known_tensors(known, mask, num_samples: int, seq_len: int, vocab_size: int,
 
 
 def replace_known(z: torch.Tensor, known: torch.Tensor | None, mask: torch.Tensor | None,
-                  noise: torch.Tensor, t) -> torch.Tensor:
+                  noise: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
     """z with the known positions set to the interpolant (1 − t)·noise + t·onehot(known)."""
     if known is None:
         return z
@@ -159,7 +164,7 @@ def guided_logits(logits: torch.Tensor, weak_logits: torch.Tensor | None, weight
     return logits + weight * (logits.log_softmax(-1) - weak_logits.log_softmax(-1))
 
 
-def check_weak(main, weak, what: str = "weak model") -> None:
+def check_weak(main: torch.nn.Module, weak: torch.nn.Module, what: str = "weak model") -> None:
     """Autoguidance needs a weak model of the same kind, vocabulary and time reparameterisation."""
     if type(weak) is not type(main):
         raise FmlmError(f"the {what} must be a {type(main).__name__} like the main model, "
@@ -208,7 +213,7 @@ class Steering:
         return z
 
 
-def chain(steers: list[Steering]):
+def chain(steers: list[Steering]) -> Callable | None:
     """One steering callable applying ``steers`` in order (None when there are none)."""
     if not steers:
         return None
@@ -231,7 +236,7 @@ def reward_gradient(z: torch.Tensor, lookahead: Callable[[torch.Tensor], torch.T
     return g
 
 
-def classifier_reward(classifier, target: int) -> Reward:
+def classifier_reward(classifier: torch.nn.Module, target: int) -> Reward:
     """r(p) = log softmax(classifier(p))[target]: the target class's log-probability."""
     if not 0 <= target < classifier.num_classes:
         raise FmlmError(f"reward target {target} is outside the classifier's {classifier.num_classes} classes")
@@ -246,7 +251,7 @@ def classifier_reward(classifier, target: int) -> Reward:
 _MASK = re.compile(r"\[MASK(?::(\d+))?\]")
 
 
-def parse_infill(text: str, tokenizer, seq_len: int) -> tuple[list[int], list[bool]]:
+def parse_infill(text: str, tokenizer: Tokenizer, seq_len: int) -> tuple[list[int], list[bool]]:
     """Parse ``"The [MASK:5] of York"`` into known ids and a known-position mask (template length).
 
     ``[MASK:n]`` is n unknown tokens, ``[MASK]`` one; the text between masks is tokenised
@@ -287,7 +292,7 @@ def _is_word_level(tokenizer) -> bool:
     return type(tokenizer).__name__ == "WordTokenizer"
 
 
-def encode_text(text: str, tokenizer) -> list[int]:
+def encode_text(text: str, tokenizer: Tokenizer) -> list[int]:
     """Token ids of ``text``, as one clear error when the tokenizer cannot encode it."""
     try:
         return list(tokenizer.encode(text))
@@ -295,7 +300,7 @@ def encode_text(text: str, tokenizer) -> list[int]:
         raise FmlmError(f"cannot tokenise {text!r} with the model's tokenizer: {e}") from None
 
 
-def prefix_ids(text: str, tokenizer, seq_len: int) -> list[int]:
+def prefix_ids(text: str, tokenizer: Tokenizer, seq_len: int) -> list[int]:
     """Token ids of a ``--prefix`` text, checked to fit."""
     ids = encode_text(text, tokenizer)
     if not ids:
@@ -305,7 +310,7 @@ def prefix_ids(text: str, tokenizer, seq_len: int) -> list[int]:
     return ids
 
 
-def prefix_suffix(prefix, suffix: str, tokenizer, seq_len: int) -> tuple[list[int], list[bool]]:
+def prefix_suffix(prefix: str | Sequence[int] | None, suffix: str, tokenizer: Tokenizer, seq_len: int) -> tuple[list[int], list[bool]]:
     """Known ids and mask (length ``seq_len``) for a suffix the samples end with, and an optional
     prefix (text or ids) they start with; the positions between are free."""
     head = [] if prefix is None else (prefix_ids(prefix, tokenizer, seq_len) if isinstance(prefix, str)

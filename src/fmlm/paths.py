@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 
-def interpolant(ids: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
+def interpolant(ids: torch.Tensor, t: float | torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """I_t = (1 − t)·noise + t·onehot(ids) in the dtype of ``noise``.
 
     Args:
@@ -178,14 +178,15 @@ class EmbeddedState:
         return EmbeddedState(lambda E: a * self.embed(E) + b * (p.to(E.dtype) @ E).float())
 
 
-def run_net(net, x, *times: torch.Tensor, **kw) -> torch.Tensor:
+def run_net(net: torch.nn.Module, x: torch.Tensor | EmbeddedState, *times: torch.Tensor, **kw) -> torch.Tensor:
     """``net(x, *times, **kw)`` for a V-space tensor or an :class:`EmbeddedState`."""
     if isinstance(x, EmbeddedState):
         return net(None, *times, embedded=x.embed(net.embed), **kw)
     return net(x, *times, **kw)
 
 
-def flow_map(x, delta: torch.Tensor, t_s: torch.Tensor, t_t: torch.Tensor):
+def flow_map(x: torch.Tensor | EmbeddedState, delta: torch.Tensor, t_s: torch.Tensor,
+             t_t: torch.Tensor) -> torch.Tensor | EmbeddedState:
     """X_{s,t}(x) = ((1−t)/(1−s))·x + ((t−s)/(1−s))·δ_{s,t}(x); t_s, t_t: (B,) interpolant times.
 
     ``x`` may be an :class:`EmbeddedState`: the map is affine in x, so the result is one too.

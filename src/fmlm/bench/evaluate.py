@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import sys
@@ -136,7 +137,7 @@ def _fmt_bpb(x) -> str:
     return "–" if x is None else f"{x:.3f}"
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     """The ``fmlm eval`` command."""
     if args.num_samples < 1:
         raise ConfigError("--num-samples must be >= 1")
@@ -155,7 +156,7 @@ def run(args) -> int:
     return 0
 
 
-def add_arguments(p) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``fmlm eval`` (kept here so cli.py stays a thin dispatcher)."""
     from fmlm.argtypes import positive, steps_list
 

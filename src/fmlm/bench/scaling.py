@@ -18,6 +18,7 @@ and, at the largest budget, against seconds per sample.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import shlex
@@ -268,7 +269,7 @@ def plot(study: dict, out: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------ CLI
-def add_arguments(p) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     from fmlm.argtypes import positive, steps_list
 
     p.add_argument("preset", nargs="?", default="shakespeare-cpu", help="bench preset (default shakespeare-cpu)")
@@ -290,7 +291,7 @@ def add_arguments(p) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
-def run(args, argv: list[str]) -> int:
+def run(args: argparse.Namespace, argv: list[str]) -> int:
     from fmlm.bench.presets import get_preset
 
     get_preset(args.preset)

@@ -254,7 +254,7 @@ def summarise(shape_result: dict) -> dict:
     return out
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     import platform
 
     import torch

@@ -13,6 +13,7 @@ folder; :mod:`fmlm.bench.report` renders them.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import sys
@@ -195,7 +196,7 @@ def describe(preset: BenchPreset, ablation: str | None, overrides: list[str],
     return "\n".join(lines)
 
 
-def add_arguments(p) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     from fmlm.argtypes import positive, steps_list
 
     p.add_argument("preset", metavar="PRESET", help=f"one of {', '.join(PRESETS)}")
@@ -223,7 +224,7 @@ def add_arguments(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
 
 
-def run(args, argv: list[str]) -> int:
+def run(args: argparse.Namespace, argv: list[str]) -> int:
     preset = get_preset(args.preset)
     for item in args.overrides + args.distill_set:
         if "=" not in item:

@@ -170,7 +170,7 @@ def worker(spec: dict) -> dict:
     return out
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     names = [c.strip() for c in args.configs.split(",") if c.strip()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -9,20 +10,20 @@ from pathlib import Path
 from fmlm.cli.common import split_preset
 
 
-def cmd_eval(args) -> int:
+def cmd_eval(args: argparse.Namespace) -> int:
     from fmlm.bench.evaluate import run
 
     return run(args)
 
 
-def cmd_bench(args) -> int:
+def cmd_bench(args: argparse.Namespace) -> int:
     """``fmlm bench PRESET ...`` (the side-by-side suite), ``bench train ...`` (throughput), ``bench report DIR``."""
     from fmlm.bench import dispatch
 
     return dispatch(args.target, args.rest)
 
 
-def cmd_data(args) -> int:
+def cmd_data(args: argparse.Namespace) -> int:
     from fmlm.config import build_config
     from fmlm.train import load_data
 
@@ -39,7 +40,7 @@ def cmd_data(args) -> int:
     return 0
 
 
-def cmd_config(args) -> int:
+def cmd_config(args: argparse.Namespace) -> int:
     from fmlm.config import PRESETS, build_config
 
     if args.list:
@@ -51,7 +52,7 @@ def cmd_config(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
+def cmd_serve(args: argparse.Namespace) -> int:
     from fmlm.serve import ServeLimits, serve
 
     limits = ServeLimits(max_steps=args.max_steps, max_samples=args.max_samples, max_queue=args.max_queue)
@@ -60,7 +61,7 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def cmd_plot(args) -> int:
+def cmd_plot(args: argparse.Namespace) -> int:
     from fmlm.plot import run
 
     result = run(args.what, Path(args.out), args.vocab, seed=args.seed, flm_steps=args.flm_steps,

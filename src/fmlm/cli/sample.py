@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from fmlm.errors import FmlmError
+
+if TYPE_CHECKING:
+    from fmlm.api import Model
 
 
 def _report_samples(model, steps_list, num_samples, seed, float64, show=True, check=False, max_show=4,
@@ -46,7 +51,7 @@ def _sampling_options(args) -> dict:
             **getattr(args, "guidance", {})}
 
 
-def cmd_sample(args) -> int:
+def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from fmlm.api import load
@@ -86,7 +91,7 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def guidance_options(args, model) -> dict:
+def guidance_options(args: argparse.Namespace, model: Model) -> dict:
     """``fmlm sample`` conditioning/guidance flags -> :meth:`fmlm.api.Model.sample_ids` options."""
     from fmlm.api import load
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from fmlm.cli.common import split_preset
 from fmlm.cli.sample import _report_samples
 
 
-def cmd_train(args) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
     from fmlm.config import build_config
 
     preset, overrides = split_preset(args.config)
@@ -39,7 +40,7 @@ def _fit_and_report(cfg, args, tokenizer=None) -> int:
     return 130 if summary["interrupted"] else 0
 
 
-def cmd_distill(args) -> int:
+def cmd_distill(args: argparse.Namespace) -> int:
     """Stage 2: distil an FLM teacher into a flow map (or self-distil from scratch)."""
     from fmlm import checkpoint as ckpt
     from fmlm.config import RunConfig, build_config, set_value, validate

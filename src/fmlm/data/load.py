@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from fmlm.config import RunConfig
+from fmlm.data.blocks import DataBundle
+from fmlm.data.tokenizers import Tokenizer
 from fmlm.runtime import default_cache_dir
 
 
-def load_data(cfg: RunConfig, tokenizer=None):
+def load_data(cfg: RunConfig, tokenizer: Tokenizer | None = None) -> DataBundle:
     """Build the DataBundle for a config (tokenizer fixed when resuming or evaluating)."""
     from fmlm.data.dataset import build_data
 

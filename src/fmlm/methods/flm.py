@@ -53,7 +53,7 @@ class Strata:
     shared: torch.Generator
 
 
-def stratified_uniform(batch: int, generator: torch.Generator | None = None, device=None,
+def stratified_uniform(batch: int, generator: torch.Generator | None = None, device: str | torch.device | None = None,
                        strata: Strata | None = None) -> torch.Tensor:
     """τ ~ U[0, 1) drawn as one uniform offset plus an evenly spaced grid (antithetic / stratified).
 

@@ -8,12 +8,17 @@ needs :func:`fmlm.api.load`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from fmlm.errors import CheckpointError, ConfigError
 from fmlm.methods.flm import FLM
+
+if TYPE_CHECKING:
+    from fmlm.config import RunConfig
+    from fmlm.data.tokenizers import Tokenizer
 
 
 def _build_flm(cfg, training: bool = False) -> nn.Module:
@@ -32,7 +37,7 @@ def _noise(cfg, training: bool) -> str:
     return cfg.train.noise if training else "vocab"
 
 
-def load_teacher(path: str, cfg) -> FLM:
+def load_teacher(path: str, cfg: RunConfig) -> FLM:
     """Load a frozen FLM teacher and check that it fits the student's data and vocabulary."""
     tcfg, method, _, _ = load_method(path, device="cpu")
     if tcfg.train.method != "flm":
@@ -104,7 +109,7 @@ def _build_duo(cfg, training: bool = False) -> nn.Module:
 DISTILLED_BASELINES = {"dcd": "duo", "sdtt": "mdlm"}
 
 
-def load_discrete_teacher(cfg) -> dict:
+def load_discrete_teacher(cfg: RunConfig) -> dict[str, torch.Tensor]:
     """The EMA weights of the Duo/MDLM teacher of a ``dcd``/``sdtt`` run, checked against the student's config."""
     from fmlm import checkpoint as ckpt
     from fmlm.config import RunConfig
@@ -185,7 +190,7 @@ _BUILDERS = {
 METHODS = tuple(_BUILDERS)
 
 
-def build_method(cfg, training: bool = False) -> nn.Module:
+def build_method(cfg: RunConfig, training: bool = False) -> nn.Module:
     """Build the method module for a resolved :class:`fmlm.config.RunConfig`.
 
     ``training=True`` also builds what only training needs (e.g. a distillation teacher).
@@ -198,7 +203,8 @@ def build_method(cfg, training: bool = False) -> nn.Module:
     return _BUILDERS[method](cfg, training)
 
 
-def load_method(path: str | Path, device: str | torch.device = "cpu", ema: bool = True, tokenizer=None):
+def load_method(path: str | Path, device: str | torch.device = "cpu", ema: bool = True,
+                tokenizer: Tokenizer | None = None) -> tuple[RunConfig, nn.Module, Tokenizer, Path]:
     """A checkpoint's (config, method in eval mode on ``device``, tokenizer, checkpoint directory).
 
     ``path`` is a checkpoint directory or a run directory (its newest checkpoint that passes the

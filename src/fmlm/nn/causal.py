@@ -23,12 +23,17 @@ input, so both compute the same function.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fmlm.errors import FmlmError
 from fmlm.nn.dit import Rotary, rotary_qkv
+
+if TYPE_CHECKING:
+    from fmlm.config import ModelConfig
 
 
 class KVCache:
@@ -207,7 +212,7 @@ class CausalTransformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def build_causal(model_cfg) -> CausalTransformer:
+def build_causal(model_cfg: ModelConfig) -> CausalTransformer:
     """Build the AR baseline's transformer from a :class:`fmlm.config.ModelConfig`.
 
     ``max_seq_len`` is the data's block length L: the model reads BOS plus the

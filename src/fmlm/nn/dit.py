@@ -21,12 +21,16 @@ Design points that the methods rely on:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fmlm.errors import FmlmError
+
+if TYPE_CHECKING:
+    from fmlm.config import ModelConfig
 
 
 class TimeEmbedding(nn.Module):
@@ -289,7 +293,7 @@ class DiT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def build_dit(model_cfg) -> DiT:
+def build_dit(model_cfg: ModelConfig) -> DiT:
     """Build a DiT from a :class:`fmlm.config.ModelConfig`."""
     return DiT(
         vocab_size=model_cfg.vocab_size,

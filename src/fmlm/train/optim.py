@@ -4,6 +4,7 @@ exponential moving average of the weights (what checkpoints and samples use by d
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -54,7 +55,8 @@ class _Shadow(torch.nn.Module):
         return None  # checked only; EMA.load_state_dict copies
 
 
-def lr_lambda(cfg: RunConfig):
+def lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
+    """The LR multiplier of step n: linear warm-up, then constant or cosine decay to 0 at max_steps."""
     t = cfg.train
 
     def f(step: int) -> float:
