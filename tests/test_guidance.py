@@ -318,7 +318,7 @@ def test_api_per_row_known_tokens_across_batches(runs):
 def test_ngram_scorer_is_normalised_and_entropy():
     import math
 
-    from fmlm.guidance_bench import CharNgram, sample_entropy
+    from fmlm.bench.guidance import CharNgram, sample_entropy
 
     data = torch.randint(5, (400,), generator=gen()).numpy()
     lm = CharNgram(data, 5, order=3)
