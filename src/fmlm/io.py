@@ -1,13 +1,16 @@
-"""Atomic file writes: the one place that does temp file + fsync + ``os.replace``.
+"""Atomic writes: the one place that does temp file + fsync + ``os.replace``.
 
 A reader (or a run killed at any moment) sees either the old file or the new one,
-never a half-written one. Every JSON file fmlm writes goes through :func:`write_json`.
+never a half-written one. Every JSON file fmlm writes goes through :func:`write_json`;
+every directory built in a temporary sibling (checkpoints, cache entries, tokenizers)
+is moved into place by :func:`replace_dir`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -67,3 +70,30 @@ def write_text(path: str | Path, text: str, fsync: bool = True) -> Path:
 def write_json(path: str | Path, obj: Any, indent: int | None = 2, fsync: bool = True, **kw) -> Path:
     """Write ``obj`` as JSON (plus a final newline) to ``path`` atomically."""
     return write_text(path, json.dumps(obj, indent=indent, **kw) + "\n", fsync=fsync)
+
+
+def replace_dir(tmp: str | Path, final: str | Path, keep_theirs: bool = False) -> bool:
+    """Move the complete directory ``tmp`` to ``final`` in one rename.
+
+    An existing ``final`` is first renamed aside (``.old-NAME-PID``, so a crash in between leaves
+    a complete copy on disk) and deleted after the move. If the rename fails (e.g. another process
+    installed ``final`` meanwhile) the previous copy is put back; with ``keep_theirs`` the result is
+    then False and ``tmp`` is left for the caller to delete, otherwise the OSError propagates.
+    """
+    tmp, final = Path(tmp), Path(final)
+    old = None
+    try:
+        if final.exists():
+            old = final.with_name(f".old-{final.name}-{os.getpid()}")
+            os.replace(final, old)
+        os.replace(tmp, final)
+    except OSError:
+        if old is not None and old.exists() and not final.exists():
+            os.replace(old, final)
+        if not keep_theirs:
+            raise
+        return False
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(final.parent)
+    return True

@@ -16,7 +16,7 @@ from fmlm.checkpoint.layout import MANIFEST, OPTIMIZER, RNG, _sha256
 from fmlm.checkpoint.runs import clean_stale
 from fmlm.checkpoint.trees import save_tree
 from fmlm.errors import CheckpointError
-from fmlm.io import fsync_dir
+from fmlm.io import fsync_dir, replace_dir
 
 _fsync_dir = fsync_dir
 
@@ -80,17 +80,9 @@ def _write_files(tmp: Path, config, model_state, tokenizer, ema_state, optimizer
 
 
 def _install(tmp: Path, final: Path) -> None:
-    """Rename a complete temporary checkpoint into place."""
-    if final.exists():
-        # Replacing an existing checkpoint (same step): move the old one aside first,
-        # so there is never a moment without a complete copy on disk.
-        old = final.parent / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    """Rename a complete temporary checkpoint into place (an existing one of the same step is moved
+    aside first, so there is never a moment without a complete copy on disk)."""
+    replace_dir(tmp, final)
 
 
 def load_state(path: Path, name: str) -> dict[str, torch.Tensor]:

@@ -3,7 +3,6 @@ temporary folder and renamed into place."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from fmlm.data.corpora import Corpus
 from fmlm.data.packing import _encode_split
 from fmlm.data.tokenizers import Tokenizer
 from fmlm.errors import DataError
+from fmlm.io import replace_dir
 
 #: Bump when the on-disk layout or packing rules change (invalidates caches).
 FORMAT_VERSION = 1
@@ -96,15 +96,8 @@ def _build_entry(
             "corpus_info": corpus.info,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
-        if entry.exists():
-            # A stale or damaged entry under the same name: move it aside first
-            # because a directory cannot be replaced while it is non-empty.
-            trash = entry.with_name(f".old-{entry.name}-{uuid.uuid4().hex[:8]}")
-            with contextlib.suppress(OSError):
-                os.replace(entry, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.replace(tmp, entry)
+        try:  # a stale or damaged entry under the same name is replaced
+            replace_dir(tmp, entry)
         except OSError:
             # Another process installed the same entry meanwhile; keep theirs.
             if _open_entry(entry, key) is None:

