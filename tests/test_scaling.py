@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fmlm.bench.scaling import claims, markdown
+from fmlm.bench.scaling_report import claims, markdown
 from fmlm.cli import main
 from test_bench import _tiny_gpt2
 from test_cli import assert_one_line_error, run_cli

