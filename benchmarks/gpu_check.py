@@ -64,8 +64,9 @@ def _run_worker(name: str, args: dict, batches: list[int], env: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="benchmarks/gpu_check.sh", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="benchmarks/gpu_check.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--tiny", action="store_true", help="tiny CPU mode (tests): tiny model, V=64, L=32, no compile")
     p.add_argument("--out", default="docs/results/gpu")
     p.add_argument("--batches", default="128,64,32,16,8,4,2,1", help="training batch sizes to try, largest first")
@@ -89,15 +90,28 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     if a.tiny:
         env["OMP_NUM_THREADS"] = "1"
-    base = {"vocab": vocab, "seq_len": seq_len, "size": size, "steps": steps, "warmup": 1, "repeats": 1,
-            "device": device, "threads": 1 if a.tiny else 0, "precision": "auto", "compile": False}
+    base = {
+        "vocab": vocab,
+        "seq_len": seq_len,
+        "size": size,
+        "steps": steps,
+        "warmup": 1,
+        "repeats": 1,
+        "device": device,
+        "threads": 1 if a.tiny else 0,
+        "precision": "auto",
+        "compile": False,
+    }
     train = []
     for name in CONFIGS:
         r = _run_worker(name, base, batches, env)
         r["compile"] = False
         train.append(r)
-        print(f"[gpu_check] train {name}: {r.get('tokens_per_s', float('nan')):,.0f} tokens/s at batch "
-              f"{r.get('batch')} ({time.time() - t_start:.0f} s)", file=sys.stderr)
+        print(
+            f"[gpu_check] train {name}: {r.get('tokens_per_s', float('nan')):,.0f} tokens/s at batch "
+            f"{r.get('batch')} ({time.time() - t_start:.0f} s)",
+            file=sys.stderr,
+        )
     for name, r in zip(CONFIGS, list(train)):
         if True in compile_runs and "batch" in r:
             c = _run_worker(name, dict(base, compile=True), [r["batch"]], env)
@@ -107,17 +121,43 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     for comp in compile_runs:
         sdir = out / ("speed-compile" if comp else "speed")
-        cmd = [sys.executable, "-m", "fmlm.cli", "bench", "speed", "--shape", sample_shape, "--methods",
-               "fmlm,fmlm-ref,ar", "--repeats", "2", "--min-seconds", "0", "--device", device, "--out", str(sdir),
-               "--no-plot"] + (["--threads", "1", "--gemm", "256"] if a.tiny else []) + (["--compile"] if comp else [])
+        cmd = (
+            [
+                sys.executable,
+                "-m",
+                "fmlm.cli",
+                "bench",
+                "speed",
+                "--shape",
+                sample_shape,
+                "--methods",
+                "fmlm,fmlm-ref,ar",
+                "--repeats",
+                "2",
+                "--min-seconds",
+                "0",
+                "--device",
+                device,
+                "--out",
+                str(sdir),
+                "--no-plot",
+            ]
+            + (["--threads", "1", "--gemm", "256"] if a.tiny else [])
+            + (["--compile"] if comp else [])
+        )
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             sampling.append({"compile": comp, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]})
         else:
             sampling.append({"compile": comp, **json.loads((sdir / "speed.json").read_text())})
         print(f"[gpu_check] sampling, compile {comp} ({time.time() - t_start:.0f} s)", file=sys.stderr)
-    result = {"tiny": a.tiny, "shape": {"size": size, "vocab": vocab, "seq_len": seq_len}, "train": train,
-              "sampling": sampling, "seconds": time.time() - t_start}
+    result = {
+        "tiny": a.tiny,
+        "shape": {"size": size, "vocab": vocab, "seq_len": seq_len},
+        "train": train,
+        "sampling": sampling,
+        "seconds": time.time() - t_start,
+    }
     try:
         import torch
 
@@ -134,24 +174,32 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown(result: dict) -> str:
     s = result["shape"]
-    lines = [f"GPU check on {result['device']}: {s['size']}, V = {s['vocab']:,}, L = {s['seq_len']:,}, "
-             f"{result['seconds']:.0f} s in all", "",
-             "| config | compile | batch | tokens/s | peak MiB | precision |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"GPU check on {result['device']}: {s['size']}, V = {s['vocab']:,}, L = {s['seq_len']:,}, "
+        f"{result['seconds']:.0f} s in all",
+        "",
+        "| config | compile | batch | tokens/s | peak MiB | precision |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in result["train"]:
         if "error" in r:
             lines.append(f"| {r['config']} | {r.get('compile')} | - | error: {r['error']} | - | - |")
         else:
-            lines.append(f"| {r['config']} | {r['compile']} | {r['batch']} | {r['tokens_per_s']:,.0f} | "
-                         f"{r['peak_mib']:,.0f} | {r['precision']} |")
+            lines.append(
+                f"| {r['config']} | {r['compile']} | {r['batch']} | {r['tokens_per_s']:,.0f} | "
+                f"{r['peak_mib']:,.0f} | {r['precision']} |"
+            )
     lines += ["", "| sampler | compile | batch | ms / sample | samples/s | utilisation |", "|---|---|---|---|---|---|"]
     for sm in result["sampling"]:
         if "error" in sm:
             lines.append(f"| - | {sm['compile']} | - | error: {sm['error']} | - | - |")
             continue
         for row in sm["shapes"][0]["rows"]:
-            lines.append(f"| {row['method']} | {sm['compile']} | {row['batch']} | "
-                         f"{row['seconds_per_sample'] * 1e3:,.2f} | {row['samples_per_s']:,.3g} | "
-                         f"{row['utilisation']:.0%} |")
+            lines.append(
+                f"| {row['method']} | {sm['compile']} | {row['batch']} | "
+                f"{row['seconds_per_sample'] * 1e3:,.2f} | {row['samples_per_s']:,.3g} | "
+                f"{row['utilisation']:.0%} |"
+            )
     return "\n".join(lines)
 
 

@@ -58,8 +58,22 @@ def request(port: int, path: str, body: bytes | None = None, timeout: float = 12
 
 
 def start_server(ckpt: str, port: int, threads: int, max_queue: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "fmlm.cli", "serve", "--ckpt", ckpt, "--host", HOST, "--port", str(port),
-           "--threads", str(threads), "--max-queue", str(max_queue)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fmlm.cli",
+        "serve",
+        "--ckpt",
+        ckpt,
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--threads",
+        str(threads),
+        "--max-queue",
+        str(max_queue),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 120
@@ -132,29 +146,43 @@ def run(args) -> dict:
     lat = sorted(valid_lat)
     q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) >= 2 else lat * 99
     return {
-        "checkpoint": args.ckpt, "model": model, "method": health["models"][model]["method"],
-        "steps": args.steps, "seq_len": health["models"][model]["seq_len"], "concurrency": args.concurrency,
-        "threads": args.threads, "wall_seconds": wall, "valid_sent": n_valid, "valid_ok": valid_status.get(200, 0),
-        "valid_errors": n_valid - valid_status.get(200, 0), "valid_status": valid_status,
+        "checkpoint": args.ckpt,
+        "model": model,
+        "method": health["models"][model]["method"],
+        "steps": args.steps,
+        "seq_len": health["models"][model]["seq_len"],
+        "concurrency": args.concurrency,
+        "threads": args.threads,
+        "wall_seconds": wall,
+        "valid_sent": n_valid,
+        "valid_ok": valid_status.get(200, 0),
+        "valid_errors": n_valid - valid_status.get(200, 0),
+        "valid_status": valid_status,
         "requests_per_second": valid_status.get(200, 0) / wall if wall > 0 else 0.0,
         "latency_ms": {"p50": 1e3 * q[49], "p95": 1e3 * q[94], "max": 1e3 * lat[-1]} if lat else None,
-        "bad_sent": n_bad, "bad_4xx": sum(v for k, v in bad_status.items() if 400 <= k < 500),
+        "bad_sent": n_bad,
+        "bad_4xx": sum(v for k, v in bad_status.items() if 400 <= k < 500),
         "bad_share_4xx": (sum(v for k, v in bad_status.items() if 400 <= k < 500) / n_bad) if n_bad else None,
-        "bad_status": bad_status, "server_alive_after": alive,
+        "bad_status": bad_status,
+        "server_alive_after": alive,
         "stopped_early": n_valid < args.requests,
     }
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| model | steps | concurrency | valid ok / sent | errors | req/s | p50 ms | p95 ms | bad -> 4xx |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    head = (
+        "| model | steps | concurrency | valid ok / sent | errors | req/s | p50 ms | p95 ms | bad -> 4xx |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
     lines = [head]
     for r in rows:
         lat = r["latency_ms"] or {"p50": float("nan"), "p95": float("nan")}
         share = f"{r['bad_4xx']}/{r['bad_sent']}" if r["bad_sent"] else "-"
-        lines.append(f"| {r['model']} ({r['method']}) | {r['steps']} | {r['concurrency']} | "
-                     f"{r['valid_ok']}/{r['valid_sent']} | {r['valid_errors']} | {r['requests_per_second']:.2f} | "
-                     f"{lat['p50']:.1f} | {lat['p95']:.1f} | {share} |")
+        lines.append(
+            f"| {r['model']} ({r['method']}) | {r['steps']} | {r['concurrency']} | "
+            f"{r['valid_ok']}/{r['valid_sent']} | {r['valid_errors']} | {r['requests_per_second']:.2f} | "
+            f"{lat['p50']:.1f} | {lat['p95']:.1f} | {share} |"
+        )
     return "\n".join(lines)
 
 

@@ -30,7 +30,7 @@ def windows(text: str, num: int, chars: int) -> list[str]:
     if len(text) < chars:
         raise ValueError(f"the text has {len(text)} characters, fewer than --chars {chars}")
     starts = np.linspace(0, len(text) - chars, num).astype(int)
-    return [text[s:s + chars] for s in starts]
+    return [text[s : s + chars] for s in starts]
 
 
 def cases(text: str, num: int, chars: int, seed: int = 0) -> dict[str, list[str]]:
@@ -53,8 +53,10 @@ def run(files: list[Path], scorer, num: int, chars: int, seed: int = 0, log=prin
         for name, texts in cases(text, num, chars, seed).items():
             s = score_texts(texts, [False] * len(texts), scorer)
             res[name] = {k: s[k] for k in ("gen_bpb", "gen_ppl", "scored_tokens", "bytes")}
-            log(f"{f.name} {name:>8}: {s['gen_bpb']:.3f} bits/byte, gen-PPL {s['gen_ppl']:.1f}, "
-                f"{s['scored_tokens']} scorer tokens")
+            log(
+                f"{f.name} {name:>8}: {s['gen_bpb']:.3f} bits/byte, gen-PPL {s['gen_ppl']:.1f}, "
+                f"{s['scored_tokens']} scorer tokens"
+            )
         out["texts"][f.name] = res
     return out
 
@@ -67,8 +69,9 @@ def markdown(result: dict, command: str | None = None) -> str:
     for name, res in result["texts"].items():
         for case in CASES:
             r = res[case]
-            lines.append(f"| {name} | {case} | {r['gen_bpb']:.3f} | {r['gen_ppl']:.1f} | {r['scored_tokens']} | "
-                         f"{r['bytes']} |")
+            lines.append(
+                f"| {name} | {case} | {r['gen_bpb']:.3f} | {r['gen_ppl']:.1f} | {r['scored_tokens']} | {r['bytes']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -84,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     scorer = load_scorer(args.scorer)
-    result = run(args.text, scorer, args.num, args.chars, args.seed,
-                 log=lambda m: print(m, file=sys.stderr))
+    result = run(args.text, scorer, args.num, args.chars, args.seed, log=lambda m: print(m, file=sys.stderr))
     command = "python benchmarks/score_sanity.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result["command"] = command
     md = markdown(result, command)

@@ -31,8 +31,19 @@ def base(tmp_path_factory):
     d = tmp_path_factory.mktemp("base")
     cache = d / "cache"
     run = d / "run"
-    code = main(["train", *TINY, "max_steps=4", "save_every=2", f"data.cache_dir={cache}", "--quiet",
-                 "--no-samples", "--run-dir", str(run)])
+    code = main(
+        [
+            "train",
+            *TINY,
+            "max_steps=4",
+            "save_every=2",
+            f"data.cache_dir={cache}",
+            "--quiet",
+            "--no-samples",
+            "--run-dir",
+            str(run),
+        ]
+    )
     assert code == 0
     return run, cache
 
@@ -57,8 +68,18 @@ class Ctx:
 
     def train(self, *extra: str) -> list[str]:
         """The command that resumes the copied run (same config as the base run)."""
-        return ["train", *TINY, "max_steps=6", "save_every=2", f"data.cache_dir={self.cache}", "--quiet",
-                "--no-samples", "--run-dir", str(self.run), *extra]
+        return [
+            "train",
+            *TINY,
+            "max_steps=6",
+            "save_every=2",
+            f"data.cache_dir={self.cache}",
+            "--quiet",
+            "--no-samples",
+            "--run-dir",
+            str(self.run),
+            *extra,
+        ]
 
     def damage_all(self, name: str, data: bytes) -> None:
         """Replace ``name`` in every checkpoint and rewrite the manifests to match (a tampered run)."""
@@ -72,8 +93,10 @@ class Ctx:
 def rehash(ck: Path) -> None:
     """Rewrite a checkpoint's manifest to match its files (damage that the manifest cannot see)."""
     files = sorted(p for p in ck.rglob("*") if p.is_file() and p.name != "manifest.json")
-    manifest = {str(p.relative_to(ck)): {"size": p.stat().st_size,
-                                         "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in files}
+    manifest = {
+        str(p.relative_to(ck)): {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        for p in files
+    }
     (ck / "manifest.json").write_text(json.dumps({"format": 1, "files": manifest}))
 
 
@@ -127,8 +150,9 @@ def busy_port(ctx: Ctx) -> int:
 
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a build without CUDA")
-not_root = pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
-                              reason="root may write to read-only folders")
+not_root = pytest.mark.skipif(
+    hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write to read-only folders"
+)
 
 
 def _prepare_readonly(ctx: Ctx) -> list[str]:
@@ -194,24 +218,76 @@ CASES = [
     ("no-equals", lambda c: ["distill", "--self", "tiny", "lr"], "expected key=value"),
     ("empty-dataset", lambda c: ["train", "tiny", "data.dataset=", f"data.cache_dir={c.tmp}"], "data.dataset is empty"),
     ("toml-missing", lambda c: ["train", "nothere.toml"], "config file not found"),
-    ("device-nosuch", lambda c: ["train", "tiny", "device=nosuch", f"--run-dir={c.tmp / 'r'}"],
-     "bad value for train.device: 'nosuch'"),
-    pytest.param("device-cuda", lambda c: ["train", "tiny", "device=cuda", f"--run-dir={c.tmp / 'r'}"],
-                 "no usable CUDA device", marks=no_cuda),
+    (
+        "device-nosuch",
+        lambda c: ["train", "tiny", "device=nosuch", f"--run-dir={c.tmp / 'r'}"],
+        "bad value for train.device: 'nosuch'",
+    ),
+    pytest.param(
+        "device-cuda",
+        lambda c: ["train", "tiny", "device=cuda", f"--run-dir={c.tmp / 'r'}"],
+        "no usable CUDA device",
+        marks=no_cuda,
+    ),
     # corpora
-    ("empty-corpus", lambda c: ["data", "tiny", f"data.dataset={_text_file(c, b'   ' + bytes([10]))}",
-                                "tokenizer=char", "seq_len=8", f"data.cache_dir={c.tmp}"], "empty"),
-    ("latin1-corpus", lambda c: ["data", "tiny", f"data.dataset={_text_file(c, 'café olé '.encode('latin-1') * 50)}",
-                                 "tokenizer=char", "seq_len=8", f"data.cache_dir={c.tmp}"], "UTF-8"),
-    ("binary-corpus", lambda c: ["data", "tiny", f"data.dataset={_text_file(c, bytes(range(256)) * 64)}",
-                                 "tokenizer=char", "seq_len=8", f"data.cache_dir={c.tmp}"], "UTF-8"),
-    ("missing-corpus", lambda c: ["data", "tiny", f"data.dataset={c.tmp / 'nope.txt'}", f"data.cache_dir={c.tmp}"],
-     "path does not exist"),
+    (
+        "empty-corpus",
+        lambda c: [
+            "data",
+            "tiny",
+            f"data.dataset={_text_file(c, b'   ' + bytes([10]))}",
+            "tokenizer=char",
+            "seq_len=8",
+            f"data.cache_dir={c.tmp}",
+        ],
+        "empty",
+    ),
+    (
+        "latin1-corpus",
+        lambda c: [
+            "data",
+            "tiny",
+            f"data.dataset={_text_file(c, 'café olé '.encode('latin-1') * 50)}",
+            "tokenizer=char",
+            "seq_len=8",
+            f"data.cache_dir={c.tmp}",
+        ],
+        "UTF-8",
+    ),
+    (
+        "binary-corpus",
+        lambda c: [
+            "data",
+            "tiny",
+            f"data.dataset={_text_file(c, bytes(range(256)) * 64)}",
+            "tokenizer=char",
+            "seq_len=8",
+            f"data.cache_dir={c.tmp}",
+        ],
+        "UTF-8",
+    ),
+    (
+        "missing-corpus",
+        lambda c: ["data", "tiny", f"data.dataset={c.tmp / 'nope.txt'}", f"data.cache_dir={c.tmp}"],
+        "path does not exist",
+    ),
     # run directory
-    ("run-dir-is-a-file", lambda c: (c.tmp / "f").write_text("x") and ["train", *TINY, "--run-dir", str(c.tmp / "f"),
-                                                                        f"data.cache_dir={c.cache}"], "is a file"),
-    ("run-dir-unwritable", lambda c: (c.tmp / "f").write_text("x") and
-     ["train", *TINY, "--run-dir", str(c.tmp / "f" / "run"), f"data.cache_dir={c.cache}"], "cannot write in"),
+    (
+        "run-dir-is-a-file",
+        lambda c: (
+            (c.tmp / "f").write_text("x")
+            and ["train", *TINY, "--run-dir", str(c.tmp / "f"), f"data.cache_dir={c.cache}"]
+        ),
+        "is a file",
+    ),
+    (
+        "run-dir-unwritable",
+        lambda c: (
+            (c.tmp / "f").write_text("x")
+            and ["train", *TINY, "--run-dir", str(c.tmp / "f" / "run"), f"data.cache_dir={c.cache}"]
+        ),
+        "cannot write in",
+    ),
     pytest.param("checkpoints-read-only", _prepare_readonly, "cannot write in", marks=not_root),
     ("different-config", lambda c: c.train("lr=0.5"), "different config"),
     # checkpoints: damaged, tampered or hostile
@@ -219,66 +295,131 @@ CASES = [
     ("config-json-list-train", lambda c: _config_list(c, "train"), "expected a JSON object"),
     ("config-json-list-sample", lambda c: _config_list(c, "sample"), "expected a JSON object"),
     ("manifest-wrong-types", _manifest_types, "corrupt checkpoint manifest"),
-    ("manifest-not-json", lambda c: (c.ckpt() / "manifest.json").write_text("{") and
-     ["sample", "--ckpt", str(c.ckpt())], "corrupt checkpoint manifest"),
-    ("garbage-optimizer", lambda c: c.damage_all("optimizer.safetensors", b"\x00garbage" * 10) or c.train(),
-     "corrupt checkpoint file"),
-    ("garbage-rng", lambda c: c.damage_all("rng.safetensors", os.urandom(300)) or c.train(),
-     "corrupt checkpoint file"),
-    ("foreign-safetensors-optimizer", lambda c: c.damage_all(
-        "optimizer.safetensors", (c.ckpt() / "model.safetensors").read_bytes()) or c.train(), "no fmlm state"),
-    ("legacy-garbage-optimizer-pt", lambda c: [to_legacy(ck, b"garbage", b"garbage")
-                                               for ck in sorted((c.run / "checkpoints").iterdir())] and c.train(),
-     "corrupt checkpoint file"),
+    (
+        "manifest-not-json",
+        lambda c: (c.ckpt() / "manifest.json").write_text("{") and ["sample", "--ckpt", str(c.ckpt())],
+        "corrupt checkpoint manifest",
+    ),
+    (
+        "garbage-optimizer",
+        lambda c: c.damage_all("optimizer.safetensors", b"\x00garbage" * 10) or c.train(),
+        "corrupt checkpoint file",
+    ),
+    ("garbage-rng", lambda c: c.damage_all("rng.safetensors", os.urandom(300)) or c.train(), "corrupt checkpoint file"),
+    (
+        "foreign-safetensors-optimizer",
+        lambda c: c.damage_all("optimizer.safetensors", (c.ckpt() / "model.safetensors").read_bytes()) or c.train(),
+        "no fmlm state",
+    ),
+    (
+        "legacy-garbage-optimizer-pt",
+        lambda c: (
+            [to_legacy(ck, b"garbage", b"garbage") for ck in sorted((c.run / "checkpoints").iterdir())] and c.train()
+        ),
+        "corrupt checkpoint file",
+    ),
     ("legacy-malicious-pickle", _legacy_evil, "refusing to unpickle"),
     ("legacy-malicious-raw-pickle", lambda c: _legacy_evil(c, torch_format=False), "refusing to unpickle"),
-    ("trainer-state-unknown-key", lambda c: _trainer_state(c, lambda s: s.update(surprise=1)), "unknown key 'surprise'"),
+    (
+        "trainer-state-unknown-key",
+        lambda c: _trainer_state(c, lambda s: s.update(surprise=1)),
+        "unknown key 'surprise'",
+    ),
     ("trainer-state-wrong-type", lambda c: _trainer_state(c, lambda s: s.update(step="ten")), "bad value for step"),
-    ("trainer-state-list", lambda c: [set_json(ck / "trainer_state.json", [])
-                                      for ck in sorted((c.run / "checkpoints").iterdir())] and c.train(),
-     "expected a JSON object"),
-    ("flipped-byte-explicit", lambda c: flip_byte(c.ckpt() / "model.safetensors") or ["sample", "--ckpt", str(c.ckpt())],
-     "checksum mismatch"),
-    ("partial-checkpoint", lambda c: (c.ckpt() / "manifest.json").unlink() or ["sample", "--ckpt", str(c.ckpt())],
-     "incomplete checkpoint"),
-    ("weights-wrong-keys", lambda c: (c.ckpt() / "model.safetensors").write_bytes(_other_shape_weights()) and
-     rehash(c.ckpt()) or ["sample", "--ckpt", str(c.ckpt()), "--no-ema"], "does not match the model"),
+    (
+        "trainer-state-list",
+        lambda c: (
+            [set_json(ck / "trainer_state.json", []) for ck in sorted((c.run / "checkpoints").iterdir())] and c.train()
+        ),
+        "expected a JSON object",
+    ),
+    (
+        "flipped-byte-explicit",
+        lambda c: flip_byte(c.ckpt() / "model.safetensors") or ["sample", "--ckpt", str(c.ckpt())],
+        "checksum mismatch",
+    ),
+    (
+        "partial-checkpoint",
+        lambda c: (c.ckpt() / "manifest.json").unlink() or ["sample", "--ckpt", str(c.ckpt())],
+        "incomplete checkpoint",
+    ),
+    (
+        "weights-wrong-keys",
+        lambda c: (
+            (c.ckpt() / "model.safetensors").write_bytes(_other_shape_weights())
+            and rehash(c.ckpt())
+            or ["sample", "--ckpt", str(c.ckpt()), "--no-ema"]
+        ),
+        "does not match the model",
+    ),
     ("not-a-checkpoint", lambda c: ["sample", "--ckpt", str(c.tmp)], "not a checkpoint or run directory"),
     ("missing-checkpoint", lambda c: ["sample", "--ckpt", str(c.tmp / "nope")], "checkpoint not found"),
     # sampling
     ("steps-zero", lambda c: ["sample", "--ckpt", "x", "--steps", "0"], "steps must be >= 1"),
     ("no-ckpt", lambda c: ["sample"], "--ckpt"),
     ("seq-len-too-long", lambda c: ["sample", "--ckpt", str(c.src), "--seq-len", "999"], "the model's maximum"),
-    ("tokenizer-mismatch", lambda c: _other_tokenizer(c) and ["sample", "--ckpt", str(c.src), "--tokenizer",
-                                                              str(c.tmp / "tok")], "does not match the checkpoint"),
-    ("option-for-another-method", lambda c: ["sample", "--ckpt", str(c.src), "--top-k", "3"],
-     "does not apply to method 'flm'"),
+    (
+        "tokenizer-mismatch",
+        lambda c: _other_tokenizer(c) and ["sample", "--ckpt", str(c.src), "--tokenizer", str(c.tmp / "tok")],
+        "does not match the checkpoint",
+    ),
+    (
+        "option-for-another-method",
+        lambda c: ["sample", "--ckpt", str(c.src), "--top-k", "3"],
+        "does not apply to method 'flm'",
+    ),
     ("sample-device-nosuch", lambda c: ["sample", "--ckpt", str(c.src), "--device", "nosuch"], "bad value for device"),
-    pytest.param("sample-device-cuda", lambda c: ["sample", "--ckpt", str(c.src), "--device", "cuda"],
-                 "no usable CUDA device", marks=no_cuda),
-    ("infill-huge-mask", lambda c: ["sample", "--ckpt", str(c.src), "--infill", "x [MASK:1000000000000]"],
-     "masks more tokens than the sequence length"),
-    ("infill-large-mask", lambda c: ["sample", "--ckpt", str(c.src), "--infill", "[MASK:50000000]"],
-     "masks more tokens than the sequence length"),
-    ("infill-mask-5000-digits", lambda c: ["sample", "--ckpt", str(c.src), "--infill", "[MASK:" + "9" * 5000 + "]"],
-     "masks more tokens"),
+    pytest.param(
+        "sample-device-cuda",
+        lambda c: ["sample", "--ckpt", str(c.src), "--device", "cuda"],
+        "no usable CUDA device",
+        marks=no_cuda,
+    ),
+    (
+        "infill-huge-mask",
+        lambda c: ["sample", "--ckpt", str(c.src), "--infill", "x [MASK:1000000000000]"],
+        "masks more tokens than the sequence length",
+    ),
+    (
+        "infill-large-mask",
+        lambda c: ["sample", "--ckpt", str(c.src), "--infill", "[MASK:50000000]"],
+        "masks more tokens than the sequence length",
+    ),
+    (
+        "infill-mask-5000-digits",
+        lambda c: ["sample", "--ckpt", str(c.src), "--infill", "[MASK:" + "9" * 5000 + "]"],
+        "masks more tokens",
+    ),
     ("infill-bad-syntax", lambda c: ["sample", "--ckpt", str(c.src), "--infill", "a [MASK:x]"], "bad mask syntax"),
     ("infill-no-mask", lambda c: ["sample", "--ckpt", str(c.src), "--infill", "a"], "needs at least one [MASK]"),
-    ("prefix-and-infill", lambda c: ["sample", "--ckpt", str(c.src), "--prefix", "a", "--infill", "[MASK]"],
-     "not both"),
+    (
+        "prefix-and-infill",
+        lambda c: ["sample", "--ckpt", str(c.src), "--prefix", "a", "--infill", "[MASK]"],
+        "not both",
+    ),
     ("prefix-unknown-word", lambda c: ["sample", "--ckpt", str(c.src), "--prefix", "notaword"], "cannot tokenise"),
     ("guide-weight-alone", lambda c: ["sample", "--ckpt", str(c.src), "--guide-weight", "2"], "needs --guide-weak"),
     ("distill-nothing", lambda c: ["distill", "max_steps=1"], "needs --teacher"),
     # serve
     ("serve-port-out-of-range", lambda c: ["serve", "--ckpt", str(c.src), "--port", "99999"], "0..65535"),
     ("serve-port-in-use", lambda c: ["serve", "--ckpt", str(c.src), "--port", str(busy_port(c))], "the port is in use"),
-    ("serve-bad-host", lambda c: ["serve", "--ckpt", str(c.src), "--host", "no-such-host.invalid", "--port", "0"],
-     "unknown host"),
+    (
+        "serve-bad-host",
+        lambda c: ["serve", "--ckpt", str(c.src), "--host", "no-such-host.invalid", "--port", "0"],
+        "unknown host",
+    ),
     ("serve-bad-ckpt-arg", lambda c: ["serve", "--ckpt", "=x", "--port", "0"], "--ckpt expects NAME=PATH"),
-    ("serve-missing-ckpt", lambda c: ["serve", "--ckpt", "flm=/nonexistent/run", "--port", "0"], "checkpoint not found"),
+    (
+        "serve-missing-ckpt",
+        lambda c: ["serve", "--ckpt", "flm=/nonexistent/run", "--port", "0"],
+        "checkpoint not found",
+    ),
     # evaluation
-    ("eval-unknown-scorer-offline", lambda c: _offline(c) or ["eval", "--ckpt", str(c.src), "--scorer", "nosuch",
-                                                              "-n", "2", "--quiet"], "cannot be reached"),
+    (
+        "eval-unknown-scorer-offline",
+        lambda c: _offline(c) or ["eval", "--ckpt", str(c.src), "--scorer", "nosuch", "-n", "2", "--quiet"],
+        "cannot be reached",
+    ),
 ]
 
 
@@ -303,8 +444,10 @@ def _snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-PARAMS = [pytest.param(*c.values, id=c.values[0], marks=c.marks) if hasattr(c, "marks")
-          else pytest.param(*c, id=c[0]) for c in CASES]
+PARAMS = [
+    pytest.param(*c.values, id=c.values[0], marks=c.marks) if hasattr(c, "marks") else pytest.param(*c, id=c[0])
+    for c in CASES
+]
 
 
 @pytest.mark.parametrize("name,prepare,match", PARAMS)
@@ -350,8 +493,13 @@ def test_malicious_pickle_in_a_subprocess_never_runs(base, tmp_path):
 
     ctx = Ctx(base, tmp_path)
     argv = _legacy_evil(ctx)
-    proc = subprocess.run([sys.executable, "-m", "fmlm.cli", *argv], capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "fmlm.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "refusing to unpickle" in proc.stderr
     assert not ctx.marker.exists()
@@ -443,9 +591,16 @@ def test_too_little_free_space_is_refused_before_training(base, tmp_path, capsys
     assert _snapshot(ctx.run) == before
 
 
-@pytest.mark.parametrize("s,t,match", [(-0.1, 0.5, "in \\[0, 1\\]"), (0.2, 1.5, "in \\[0, 1\\]"),
-                                       (float("nan"), 0.5, "NaN"), (0.2, float("nan"), "NaN"),
-                                       (0.7, 0.2, "s <= t")])
+@pytest.mark.parametrize(
+    "s,t,match",
+    [
+        (-0.1, 0.5, "in \\[0, 1\\]"),
+        (0.2, 1.5, "in \\[0, 1\\]"),
+        (float("nan"), 0.5, "NaN"),
+        (0.2, float("nan"), "NaN"),
+        (0.7, 0.2, "s <= t"),
+    ],
+)
 def test_flow_map_times_are_checked(s, t, match):
     from fmlm.config import build_config
     from fmlm.errors import FmlmError

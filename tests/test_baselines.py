@@ -84,8 +84,7 @@ def test_gumbel_argmax_is_categorical():
     for float64 in (False, True):
         draws = gumbel_argmax(logits.expand(40_000, 4), torch.Generator().manual_seed(0), float64)
         freq = torch.bincount(draws, minlength=4).double() / draws.numel()
-        torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.2, 0.0], dtype=torch.float64), atol=0.01,
-                                   rtol=0)
+        torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.2, 0.0], dtype=torch.float64), atol=0.01, rtol=0)
 
 
 # ----------------------------------------------------------------------------- AR
@@ -322,8 +321,9 @@ def test_duo_greedy_tail_modes():
     net = Uniform(V)
     net.dummy = nn.Parameter(torch.zeros(()))  # gives the sampler a device
     states = []
-    post = Duo(net).sample(6, L, 2, generator=torch.Generator().manual_seed(0),
-                           callback=lambda i, z, x: states.append(z.clone()))
+    post = Duo(net).sample(
+        6, L, 2, generator=torch.Generator().manual_seed(0), callback=lambda i, z, x: states.append(z.clone())
+    )
     assert torch.equal(post, states[-1])
     xhat = Duo(net, greedy_of="xhat").sample(6, L, 2, generator=torch.Generator().manual_seed(0))
     assert (xhat == 0).all()
@@ -388,8 +388,22 @@ def test_registry_builds_each_method(kind):
 def test_cli_train_and_sample(kind, tmp_path, capsys):
     run = tmp_path / kind
     # eval_every > max_steps: one (final) evaluation, which must report the method's metrics.
-    code = main(["train", "tiny", "threads=1", f"train.method={kind}", "max_steps=6", "eval_every=100",
-                 "eval_batches=1", f"data.cache_dir={tmp_path}", "--run-dir", str(run), "--quiet", "--no-samples"])
+    code = main(
+        [
+            "train",
+            "tiny",
+            "threads=1",
+            f"train.method={kind}",
+            "max_steps=6",
+            "eval_every=100",
+            "eval_batches=1",
+            f"data.cache_dir={tmp_path}",
+            "--run-dir",
+            str(run),
+            "--quiet",
+            "--no-samples",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     summary = json.loads(out)

@@ -125,8 +125,10 @@ class _BigramScorer(_UniformScorer):
         return self.logp[ids]
 
 
-_PROSE = ("the quick brown fox jumps over the lazy dog while the old king sleeps in his tower and the "
-          "young queen walks in the garden of roses where the birds sing of summer and of the sea. ")
+_PROSE = (
+    "the quick brown fox jumps over the lazy dog while the old king sleeps in his tower and the "
+    "young queen walks in the garden of roses where the birds sing of summer and of the sea. "
+)
 
 
 def test_gen_bpb_ranks_the_obvious_cases():
@@ -135,13 +137,16 @@ def test_gen_bpb_ranks_the_obvious_cases():
     score, rules it out.)"""
     scorer = _BigramScorer(_PROSE * 20)
     rng = np.random.default_rng(0)
-    real = [_PROSE[i:i + 64] for i in range(0, 128, 16)]
+    real = [_PROSE[i : i + 64] for i in range(0, 128, 16)]
     alphabet = sorted(set(_PROSE))
-    bpb = {name: score_texts(t, [False] * len(t), scorer)["gen_bpb"] for name, t in {
-        "real": real,
-        "shuffled": [shuffle_characters(t, i) for i, t in enumerate(real)],
-        "random": ["".join(rng.choice(alphabet, 64)) for _ in real],
-    }.items()}
+    bpb = {
+        name: score_texts(t, [False] * len(t), scorer)["gen_bpb"]
+        for name, t in {
+            "real": real,
+            "shuffled": [shuffle_characters(t, i) for i, t in enumerate(real)],
+            "random": ["".join(rng.choice(alphabet, 64)) for _ in real],
+        }.items()
+    }
     assert bpb["real"] < bpb["shuffled"] < bpb["random"]
     assert sorted(shuffle_characters("hello world", 3)) == sorted("hello world")
     assert shuffle_characters("hello world", 3) == shuffle_characters("hello world", 3)
@@ -178,8 +183,18 @@ def tiny_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     cache = tmp_path_factory.mktemp("cache")
     for method in ("flm", "ar"):
-        code = main(["train", *TINY, f"method={method}", f"data.cache_dir={cache}", "--run-dir",
-                     str(root / method), "--quiet", "--no-samples"])
+        code = main(
+            [
+                "train",
+                *TINY,
+                f"method={method}",
+                f"data.cache_dir={cache}",
+                "--run-dir",
+                str(root / method),
+                "--quiet",
+                "--no-samples",
+            ]
+        )
         assert code == 0
     return root, cache
 
@@ -201,8 +216,9 @@ def test_ar_scorer_matches_the_models_own_nll(tiny_runs):
 
 def test_scorer_rejects_a_non_ar_checkpoint(tiny_runs, capsys):
     root, _ = tiny_runs
-    code, _, err = run_cli(capsys, "eval", "--ckpt", str(root / "ar"), "--scorer", f"ar:{root / 'flm'}",
-                           "--threads", "1", "--quiet")
+    code, _, err = run_cli(
+        capsys, "eval", "--ckpt", str(root / "ar"), "--scorer", f"ar:{root / 'flm'}", "--threads", "1", "--quiet"
+    )
     assert_one_line_error(code, err, "not an AR one")
 
 
@@ -214,11 +230,13 @@ def _tiny_gpt2(path):
     words = ["<eos>", "new", "york", "san", "diego", "<unk>"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<eos>",
-                                                unk_token="<unk>")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", bos_token="<eos>", unk_token="<unk>"
+    )
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=len(words), n_positions=16, n_embd=16, n_layer=1, n_head=2,
-                                  bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        vocab_size=len(words), n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0
+    )
     model = transformers.GPT2LMHeadModel(cfg).eval()
     model.save_pretrained(path)
     fast.save_pretrained(path)
@@ -249,8 +267,9 @@ def test_hf_scorer_on_a_tiny_local_gpt2(tmp_path):
 def test_unknown_scorer_is_one_line(tiny_runs, capsys, tmp_path):
     pytest.importorskip("transformers")
     root, _ = tiny_runs
-    code, _, err = run_cli(capsys, "eval", "--ckpt", str(root / "flm"), "--scorer", str(tmp_path / "nothing"),
-                           "--threads", "1", "--quiet")
+    code, _, err = run_cli(
+        capsys, "eval", "--ckpt", str(root / "flm"), "--scorer", str(tmp_path / "nothing"), "--threads", "1", "--quiet"
+    )
     assert_one_line_error(code, err, "cannot load scorer")
 
 
@@ -268,8 +287,21 @@ def test_missing_scorer_package_is_one_line(tiny_runs, capsys, monkeypatch):
 def test_eval_phrases_json(tiny_runs, capsys, tmp_path):
     root, _ = tiny_runs
     out_file = tmp_path / "eval.json"
-    code, out, err = run_cli(capsys, "eval", "--ckpt", str(root / "flm"), "--steps", "1,4", "-n", "64",
-                             "--threads", "1", "--out", str(out_file), "--quiet")
+    code, out, err = run_cli(
+        capsys,
+        "eval",
+        "--ckpt",
+        str(root / "flm"),
+        "--steps",
+        "1,4",
+        "-n",
+        "64",
+        "--threads",
+        "1",
+        "--out",
+        str(out_file),
+        "--quiet",
+    )
     assert code == 0, err
     r = json.loads(out)
     assert json.loads(out_file.read_text()) == r
@@ -286,8 +318,23 @@ def test_eval_phrases_json(tiny_runs, capsys, tmp_path):
 
 def test_eval_with_an_ar_scorer(tiny_runs, capsys):
     root, _ = tiny_runs
-    code, out, err = run_cli(capsys, "eval", "--ckpt", str(root / "flm"), "--steps", "2", "-n", "32",
-                             "--scorer", f"ar:{root / 'ar'}", "--threads", "1", "--quiet", "--val-batches", "0")
+    code, out, err = run_cli(
+        capsys,
+        "eval",
+        "--ckpt",
+        str(root / "flm"),
+        "--steps",
+        "2",
+        "-n",
+        "32",
+        "--scorer",
+        f"ar:{root / 'ar'}",
+        "--threads",
+        "1",
+        "--quiet",
+        "--val-batches",
+        "0",
+    )
     assert code == 0, err
     r = json.loads(out)
     row = r["results"][0]
@@ -303,8 +350,9 @@ def test_eval_with_an_ar_scorer(tiny_runs, capsys):
 
 def test_eval_ar_checkpoint_reports_nll(tiny_runs, capsys):
     root, _ = tiny_runs
-    code, out, err = run_cli(capsys, "eval", "--ckpt", str(root / "ar"), "--steps", "1,8", "-n", "16",
-                             "--threads", "1", "--quiet")
+    code, out, err = run_cli(
+        capsys, "eval", "--ckpt", str(root / "ar"), "--steps", "1,8", "-n", "16", "--threads", "1", "--quiet"
+    )
     assert code == 0, err
     r = json.loads(out)
     assert "val_nll" in r and "val_ppl" in r
@@ -324,8 +372,22 @@ def test_eval_errors(tiny_runs, capsys, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_bench(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
-    argv = ["bench", "tiny", "--threads", "1", "--steps", "1,2", "-n", "32", "--out", str(root / "out"),
-            "--cache-dir", str(root / "cache"), "--quiet", f"data.cache_dir={root / 'data'}"]
+    argv = [
+        "bench",
+        "tiny",
+        "--threads",
+        "1",
+        "--steps",
+        "1,2",
+        "-n",
+        "32",
+        "--out",
+        str(root / "out"),
+        "--cache-dir",
+        str(root / "cache"),
+        "--quiet",
+        f"data.cache_dir={root / 'data'}",
+    ]
     assert main(argv) == 0
     return root, argv
 
@@ -340,12 +402,25 @@ def test_bench_tiny_outputs(tiny_bench):
     # Every distilled model gets the flow map's distillation budget, and the notes say so.
     assert r["variants"]["FMLM"]["step"] == 20 and r["variants"]["FLM"]["step"] == 30
     assert r["variants"]["Duo+DCD"]["step"] == r["variants"]["MDLM+SDTT"]["step"] == 20
-    assert any("Distillation budget" in n and "20 steps" in n and "Duo+DCD" in n and "MDLM+SDTT" in n
-               for n in r["notes"])
+    assert any(
+        "Distillation budget" in n and "20 steps" in n and "Duo+DCD" in n and "MDLM+SDTT" in n for n in r["notes"]
+    )
     labels = [(row["label"], row["steps"]) for row in r["rows"]]
-    assert labels == [("FLM", 1), ("FLM", 2), ("FMLM", 1), ("FMLM", 2), ("MDLM", 1), ("MDLM", 2),
-                      ("Duo", 1), ("Duo", 2), ("Duo+DCD", 1), ("Duo+DCD", 2), ("MDLM+SDTT", 1),
-                      ("MDLM+SDTT", 2), ("AR", 2)]
+    assert labels == [
+        ("FLM", 1),
+        ("FLM", 2),
+        ("FMLM", 1),
+        ("FMLM", 2),
+        ("MDLM", 1),
+        ("MDLM", 2),
+        ("Duo", 1),
+        ("Duo", 2),
+        ("Duo+DCD", 1),
+        ("Duo+DCD", 2),
+        ("MDLM+SDTT", 1),
+        ("MDLM+SDTT", 2),
+        ("AR", 2),
+    ]
     assert {"Duo+DCD", "MDLM+SDTT"} <= set(r["headline"]["others"])
     for row in r["rows"]:
         assert {"valid_rate", "coverage", "entropy", "seconds_per_sample", "samples_per_s"} <= set(row)
@@ -389,9 +464,27 @@ def test_bench_use_checks_the_config(tiny_bench, capsys):
 
 @pytest.mark.slow
 def test_bench_time_ablation(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "bench", "tiny", "--ablation", "time", "--steps", "1", "-n", "16", "--threads",
-                           "1", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--quiet",
-                           "--no-plots", "max_steps=10", f"data.cache_dir={tmp_path / 'data'}")
+    code, _, err = run_cli(
+        capsys,
+        "bench",
+        "tiny",
+        "--ablation",
+        "time",
+        "--steps",
+        "1",
+        "-n",
+        "16",
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path / "out"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--quiet",
+        "--no-plots",
+        "max_steps=10",
+        f"data.cache_dir={tmp_path / 'data'}",
+    )
     assert code == 0, err
     r = json.loads((tmp_path / "out" / "results.json").read_text())
     assert r["ablation"] == "time" and set(r["variants"]) == {"FLM", "FLM-uniform"}
@@ -462,11 +555,31 @@ def test_bench_dry_run_prints_every_run(capsys):
 def test_markdown_table_from_rows():
     from fmlm.bench.report import markdown
 
-    result = {"preset": "x", "ablation": None, "description": "d", "num_samples": 4, "seed": 0, "threads": 1,
-              "torch": "t", "commit": "c", "data_entropy": 1.0, "scorer": {"name": "s"}, "notes": [],
-              "variants": {"FLM": {"status": "cached", "step": 3, "val_ce": 0.5, "parameters": 10}},
-              "rows": [{"label": "FLM", "steps": 1, "nfe": 1, "gen_ppl": 12.345, "entropy": 0.9,
-                        "seconds_per_sample": 0.002, "samples_per_s": 500.0}]}
+    result = {
+        "preset": "x",
+        "ablation": None,
+        "description": "d",
+        "num_samples": 4,
+        "seed": 0,
+        "threads": 1,
+        "torch": "t",
+        "commit": "c",
+        "data_entropy": 1.0,
+        "scorer": {"name": "s"},
+        "notes": [],
+        "variants": {"FLM": {"status": "cached", "step": 3, "val_ce": 0.5, "parameters": 10}},
+        "rows": [
+            {
+                "label": "FLM",
+                "steps": 1,
+                "nfe": 1,
+                "gen_ppl": 12.345,
+                "entropy": 0.9,
+                "seconds_per_sample": 0.002,
+                "samples_per_s": 500.0,
+            }
+        ],
+    }
     md = markdown(result)
     assert "| FLM | 1 | 1 | 12.35 | 0.900 | 2.000 | 500 |" in md
     assert "gen-PPL" in md and "valid" not in md.split("| model | steps")[1]
@@ -474,18 +587,30 @@ def test_markdown_table_from_rows():
 
 
 def _rows(label, pts, metric="gen_ppl"):
-    return [{"label": label, "steps": st, "nfe": st, metric: q, "entropy": 1.0, "seconds_per_sample": sec,
-             "samples_per_s": 1 / sec} for st, q, sec in pts]
+    return [
+        {
+            "label": label,
+            "steps": st,
+            "nfe": st,
+            metric: q,
+            "entropy": 1.0,
+            "seconds_per_sample": sec,
+            "samples_per_s": 1 / sec,
+        }
+        for st, q, sec in pts
+    ]
 
 
 def test_headline_finds_the_cheapest_setting_at_least_as_good():
     from fmlm.bench.report import headline
 
-    rows = (_rows("FLM", [(1, 900.0, 0.010), (8, 210.0, 0.08), (64, 190.0, 0.6)])
-            + _rows("FMLM", [(1, 200.0, 0.010), (2, 180.0, 0.02)])
-            + _rows("MDLM", [(1, 300.0, 0.011), (16, 200.0, 0.15), (32, 199.0, 0.30)])
-            + _rows("Duo", [(1, 400.0, 0.012), (1024, 250.0, 9.0)])
-            + _rows("AR", [(128, 150.0, 0.05)]))
+    rows = (
+        _rows("FLM", [(1, 900.0, 0.010), (8, 210.0, 0.08), (64, 190.0, 0.6)])
+        + _rows("FMLM", [(1, 200.0, 0.010), (2, 180.0, 0.02)])
+        + _rows("MDLM", [(1, 300.0, 0.011), (16, 200.0, 0.15), (32, 199.0, 0.30)])
+        + _rows("Duo", [(1, 400.0, 0.012), (1024, 250.0, 9.0)])
+        + _rows("AR", [(128, 150.0, 0.05)])
+    )
     h = headline({"rows": rows, "data_entropy": 1.1})
     assert h["reference"] == "FMLM" and h["gen_ppl"] == 200.0 and h["metric"] == "gen_ppl"
     assert h["others"]["FLM"]["match"]["steps"] == 64  # 210 at 8 steps is worse than 200
@@ -495,8 +620,9 @@ def test_headline_finds_the_cheapest_setting_at_least_as_good():
     assert h["others"]["AR"]["match"]["time_ratio"] == pytest.approx(5.0)
     assert "FMLM" not in h["others"]
     # valid rate: higher is better
-    rows = _rows("FMLM", [(1, 0.95, 0.001)], "valid_rate") + _rows("MDLM", [(8, 0.90, 0.004), (32, 0.96, 0.01)],
-                                                                   "valid_rate")
+    rows = _rows("FMLM", [(1, 0.95, 0.001)], "valid_rate") + _rows(
+        "MDLM", [(8, 0.90, 0.004), (32, 0.96, 0.01)], "valid_rate"
+    )
     h = headline({"rows": rows})
     assert h["metric"] == "valid_rate" and h["others"]["MDLM"]["match"]["steps"] == 32
     # a collapsed setting (entropy far off the data's) is no match, however low its gen-PPL
@@ -529,9 +655,20 @@ def test_headline_uses_bits_per_byte_when_present():
     assert headline(result)["others"]["MDLM"]["match"]["steps"] == 1  # older results: gen-PPL
     for r, bpb in zip(rows, (4.75, 5.79, 4.56)):
         r["gen_bpb"] = bpb
-    result.update(preset="x", ablation=None, description="d", num_samples=4, seed=0, threads=1, torch="t",
-                  commit="c", scorer={"name": "s"}, notes=[], variants={},
-                  references={"data": {"gen_bpb": 1.85, "gen_ppl": 40.0}, "shuffled": {"gen_bpb": 5.3, "gen_ppl": 900.0}})
+    result.update(
+        preset="x",
+        ablation=None,
+        description="d",
+        num_samples=4,
+        seed=0,
+        threads=1,
+        torch="t",
+        commit="c",
+        scorer={"name": "s"},
+        notes=[],
+        variants={},
+        references={"data": {"gen_bpb": 1.85, "gen_ppl": 40.0}, "shuffled": {"gen_bpb": 5.3, "gen_ppl": 900.0}},
+    )
     md = markdown(result)
     assert "| held-out text (reference) | – | – | 1.850 | 40.00 | 1.000 | – | – |" in md
     assert "| shuffled characters (reference) | – | – | 5.300 | 900.00 | – | – | – |" in md
@@ -542,10 +679,21 @@ def test_headline_uses_bits_per_byte_when_present():
 def test_bench_report_rewrites_a_finished_bench(tmp_path, capsys):
     from fmlm.bench.report import markdown
 
-    result = {"preset": "x", "ablation": None, "description": "d", "num_samples": 4, "seed": 0, "threads": 1,
-              "torch": "t", "commit": "c", "data_entropy": 1.0, "scorer": {"name": "s"}, "notes": [],
-              "variants": {"FMLM": {"status": "cached", "step": 3, "parameters": 10}},
-              "rows": _rows("FMLM", [(1, 200.0, 0.01)]) + _rows("MDLM", [(1, 300.0, 0.01), (8, 190.0, 0.0456)])}
+    result = {
+        "preset": "x",
+        "ablation": None,
+        "description": "d",
+        "num_samples": 4,
+        "seed": 0,
+        "threads": 1,
+        "torch": "t",
+        "commit": "c",
+        "data_entropy": 1.0,
+        "scorer": {"name": "s"},
+        "notes": [],
+        "variants": {"FMLM": {"status": "cached", "step": 3, "parameters": 10}},
+        "rows": _rows("FMLM", [(1, 200.0, 0.01)]) + _rows("MDLM", [(1, 300.0, 0.01), (8, 190.0, 0.0456)]),
+    }
     (tmp_path / "results.json").write_text(json.dumps(result))
     code, out, err = run_cli(capsys, "bench", "report", str(tmp_path), "--no-plots")
     assert code == 0, err
@@ -560,7 +708,10 @@ def test_bench_report_rewrites_a_finished_bench(tmp_path, capsys):
     code, _, err = run_cli(capsys, "bench", "report", str(tmp_path))
     assert code == 0, err
     assert json.loads((tmp_path / "results.json").read_text())["plots"] == [
-        "quality_vs_steps.png", "quality_vs_time.png", "entropy_vs_steps.png"]
+        "quality_vs_steps.png",
+        "quality_vs_time.png",
+        "entropy_vs_steps.png",
+    ]
     assert (tmp_path / "quality_vs_time.png").stat().st_size > 1000
     code, _, err = run_cli(capsys, "bench", "report", str(tmp_path / "nowhere"))
     assert code == 2 and "no results.json" in err and "Traceback" not in err
@@ -575,11 +726,34 @@ def test_bench_on_text_with_a_scorer(tmp_path, capsys):
     _tiny_gpt2(tmp_path / "scorer")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"new york {i % 7} san diego, said the {i}th line." for i in range(300)))
-    code, _, err = run_cli(capsys, "bench", "shakespeare-cpu", f"data.dataset={corpus}", "model.size=tiny",
-                           "seq_len=16", "batch_size=8", "max_steps=3", "--distill-set", "max_steps=2",
-                           "--steps", "1,2", "-n", "4", "--scorer", str(tmp_path / "scorer"), "--threads", "1",
-                           "--only", "FMLM,AR", "--out", str(tmp_path / "out"), "--cache-dir",
-                           str(tmp_path / "cache"), "--quiet", f"data.cache_dir={tmp_path / 'data'}")
+    code, _, err = run_cli(
+        capsys,
+        "bench",
+        "shakespeare-cpu",
+        f"data.dataset={corpus}",
+        "model.size=tiny",
+        "seq_len=16",
+        "batch_size=8",
+        "max_steps=3",
+        "--distill-set",
+        "max_steps=2",
+        "--steps",
+        "1,2",
+        "-n",
+        "4",
+        "--scorer",
+        str(tmp_path / "scorer"),
+        "--threads",
+        "1",
+        "--only",
+        "FMLM,AR",
+        "--out",
+        str(tmp_path / "out"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--quiet",
+        f"data.cache_dir={tmp_path / 'data'}",
+    )
     assert code == 0, err
     r = json.loads((tmp_path / "out" / "results.json").read_text())
     assert r["metric"] == "gen_bpb" and r["scorer"]["vocab_size"] == 6
@@ -596,10 +770,25 @@ def test_bench_on_text_with_a_scorer(tmp_path, capsys):
     # every sample is saved: 3 settings and the 2 reference sets of 4 texts each
     lines = [json.loads(x) for x in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     assert len(lines) == 5 * 4 and {(x["label"], x["steps"]) for x in lines} == {
-        ("data", None), ("shuffled", None), ("FMLM", 1), ("FMLM", 2), ("AR", 16)}
+        ("data", None),
+        ("shuffled", None),
+        ("FMLM", 1),
+        ("FMLM", 2),
+        ("AR", 16),
+    }
     # re-scoring under the same scorer reproduces every figure without sampling
-    code, _, err = run_cli(capsys, "bench", "rescore", str(tmp_path / "out"), "--scorer", str(tmp_path / "scorer"),
-                           "--out", str(tmp_path / "re"), "--quiet", "--no-plots")
+    code, _, err = run_cli(
+        capsys,
+        "bench",
+        "rescore",
+        str(tmp_path / "out"),
+        "--scorer",
+        str(tmp_path / "scorer"),
+        "--out",
+        str(tmp_path / "re"),
+        "--quiet",
+        "--no-plots",
+    )
     assert code == 0, err
     r2 = json.loads((tmp_path / "re" / "results.json").read_text())
     for a, b in zip(r["rows"], r2["rows"]):
@@ -619,12 +808,33 @@ def test_bench_on_text_with_a_scorer(tmp_path, capsys):
 def test_bench_lm1b_cpu_at_toy_scale(shared_dir, tmp_path, capsys):
     """The lm1b-cpu preset on the LM1B held-out slice with BERT WordPiece, shrunk to seconds."""
     _tiny_gpt2(tmp_path / "scorer")
-    code, _, err = run_cli(capsys, "bench", "lm1b-cpu", f"data.dataset=lm1b:{shared_dir / 'data' / 'lm1b-heldout'}",
-                           f"data.tokenizer=bert-base-uncased:{shared_dir / 'tokenizers' / 'bert-base-uncased'}",
-                           "model.size=tiny", "seq_len=16", "max_steps=2", "--only", "FLM", "--steps", "1", "-n", "2",
-                           "--scorer", str(tmp_path / "scorer"), "--threads", "1", "--out", str(tmp_path / "out"),
-                           "--cache-dir", str(tmp_path / "cache"), "--quiet", "--no-plots",
-                           f"data.cache_dir={tmp_path / 'data'}")
+    code, _, err = run_cli(
+        capsys,
+        "bench",
+        "lm1b-cpu",
+        f"data.dataset=lm1b:{shared_dir / 'data' / 'lm1b-heldout'}",
+        f"data.tokenizer=bert-base-uncased:{shared_dir / 'tokenizers' / 'bert-base-uncased'}",
+        "model.size=tiny",
+        "seq_len=16",
+        "max_steps=2",
+        "--only",
+        "FLM",
+        "--steps",
+        "1",
+        "-n",
+        "2",
+        "--scorer",
+        str(tmp_path / "scorer"),
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path / "out"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--quiet",
+        "--no-plots",
+        f"data.cache_dir={tmp_path / 'data'}",
+    )
     assert code == 0, err
     r = json.loads((tmp_path / "out" / "results.json").read_text())
     assert r["variants"]["FLM"]["step"] == 2 and r["metric"] == "gen_bpb"

@@ -10,8 +10,28 @@ from fmlm.cli import main
 @pytest.mark.slow
 def test_bench_train_small(tmp_path, capsys):
     out = tmp_path / "bench"
-    code = main(["bench", "train", "--vocab", "300", "--seq-len", "16", "--batch", "2", "--steps", "1",
-                 "--warmup", "0", "--threads", "1", "--configs", "flm-vocab,flm-embedded,mdlm", "--out", str(out)])
+    code = main(
+        [
+            "bench",
+            "train",
+            "--vocab",
+            "300",
+            "--seq-len",
+            "16",
+            "--batch",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+            "--configs",
+            "flm-vocab,flm-embedded,mdlm",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     table = capsys.readouterr().out
     res = json.loads((out / "bench.json").read_text())
@@ -25,11 +45,14 @@ def test_bench_train_small(tmp_path, capsys):
     assert (out / "bench.md").read_text().strip() == table.strip()
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["--configs", "flm,gpt"], "unknown bench configuration"),
-    (["--size", "huge"], "unknown model size"),
-    (["--steps", "0"], "--steps must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--configs", "flm,gpt"], "unknown bench configuration"),
+        (["--size", "huge"], "unknown model size"),
+        (["--steps", "0"], "--steps must be >= 1"),
+    ],
+)
 def test_bench_train_bad_input_one_line(tmp_path, capsys, argv, match):
     code = main(["bench", "train", *argv, "--out", str(tmp_path)])
     err = capsys.readouterr().err

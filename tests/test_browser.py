@@ -19,12 +19,23 @@ webdriver = pytest.importorskip("selenium.webdriver")
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--window-size=1500,900"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1500,900",
+]
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium / chromedriver not installed")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium / chromedriver not installed"),
+]
 
 
 def _free_port() -> int:
@@ -41,8 +52,10 @@ def _models(tmp_path):
         return load_models([s for s in spec.split(",") if s])
     from test_serve import tiny_model
 
-    return [wrap_model("flm", tiny_model("flm", tmp_path / "flm")),
-            wrap_model("fmlm", tiny_model("semigroup", tmp_path / "fmlm"))]
+    return [
+        wrap_model("flm", tiny_model("flm", tmp_path / "flm")),
+        wrap_model("fmlm", tiny_model("semigroup", tmp_path / "fmlm")),
+    ]
 
 
 @pytest.fixture
@@ -52,8 +65,9 @@ def server(tmp_path):
     from fmlm.serve import create_app
 
     port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(_models(tmp_path)), host="127.0.0.1", port=port,
-                                        log_level="warning"))
+    srv = uvicorn.Server(
+        uvicorn.Config(create_app(_models(tmp_path)), host="127.0.0.1", port=port, log_level="warning")
+    )
     t = threading.Thread(target=srv.run, daemon=True)
     t.start()
     deadline = time.monotonic() + 600  # generous: a loaded machine starts slowly; this polls the state
@@ -103,8 +117,11 @@ def test_page_generates_side_by_side(server, browser, tmp_path):
         assert len(p.find_elements(By.CSS_SELECTOR, ".text span")) > 0  # coloured tokens
         steps = int(p.find_element(By.CSS_SELECTOR, ".steps").get_attribute("value"))
         # The page shows what the JSON API returns for the same request.
-        api = httpx.post(server + "/v1/generate", json={"model": p.get_attribute("data-model"), "seed": 3,
-                                                        "steps": steps}, timeout=600).json()
+        api = httpx.post(
+            server + "/v1/generate",
+            json={"model": p.get_attribute("data-model"), "seed": 3, "steps": steps},
+            timeout=600,
+        ).json()
         assert p.get_attribute("data-text") == api["texts"][0]
     assert int(panels[0].find_element(By.CSS_SELECTOR, ".steps").get_attribute("value")) == 32
     assert int(panels[1].find_element(By.CSS_SELECTOR, ".steps").get_attribute("value")) == 1

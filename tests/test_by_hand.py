@@ -12,8 +12,17 @@ from fmlm.train import Trainer
 def test_flm_built_by_hand_trains_as_fmlm_train_does(tmp_path):
     # d_model 8 < V: the embedded noise path draws other numbers than the V-space one, so a
     # different default noise path would show in the loss.
-    cfg = build_config("tiny", ["threads=1", "max_steps=1", "model.d_model=8", "model.n_heads=2",
-                                "model.cond_dim=8", f"data.cache_dir={tmp_path / 'cache'}"])
+    cfg = build_config(
+        "tiny",
+        [
+            "threads=1",
+            "max_steps=1",
+            "model.d_model=8",
+            "model.n_heads=2",
+            "model.cond_dim=8",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ],
+    )
     tr = Trainer(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
     V, L = cfg.model.vocab_size, cfg.model.max_seq_len
     assert cfg.model.d_model < V

@@ -24,8 +24,13 @@ class _Module(torch.nn.Module):
 
 def test_round_trip_and_manifest(tmp_path):
     m = _Module()
-    p = ckpt.save_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000001", {"x": 1}, m.state_dict(),
-                             ema_state=m.state_dict(), trainer_state={"step": 1})
+    p = ckpt.save_checkpoint(
+        tmp_path / "run" / "checkpoints" / "step_00000001",
+        {"x": 1},
+        m.state_dict(),
+        ema_state=m.state_dict(),
+        trainer_state={"step": 1},
+    )
     ckpt.verify(p)
     m2 = _Module()
     ckpt.load_into(m2, ckpt.load_state(p, "model.safetensors"), "weights")
@@ -44,8 +49,11 @@ def test_strict_load_errors(tmp_path):
     with pytest.raises(CheckpointError, match="missing 2 keys"):
         ckpt.load_into(extra, ckpt.load_state(p, "model.safetensors"), "weights")
     with pytest.raises(CheckpointError, match="unexpected 3 keys"):
-        ckpt.load_into(torch.nn.Sequential(torch.nn.Linear(4, 3, bias=False)),
-                       {**ckpt.load_state(p, "model.safetensors"), "0.weight": torch.zeros(3, 4)}, "weights")
+        ckpt.load_into(
+            torch.nn.Sequential(torch.nn.Linear(4, 3, bias=False)),
+            {**ckpt.load_state(p, "model.safetensors"), "0.weight": torch.zeros(3, 4)},
+            "weights",
+        )
 
 
 def test_missing_partial_and_corrupt(tmp_path):
@@ -134,9 +142,16 @@ def test_tree_round_trip_without_pickle(tmp_path):
     opt = torch.optim.AdamW(m.parameters())
     m(torch.randn(4, 3)).sum().backward()
     opt.step()
-    tree = {"optimizer": opt.state_dict(), "np": np.random.get_state(), "py": random.getstate(),
-            "torch": torch.get_rng_state(), "inf": float("inf"), "keys": {1: "int key", "$x": 2},
-            "none": None, "nested": [(1, 2.5), {"a": torch.zeros(2, dtype=torch.bfloat16)}]}
+    tree = {
+        "optimizer": opt.state_dict(),
+        "np": np.random.get_state(),
+        "py": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "inf": float("inf"),
+        "keys": {1: "int key", "$x": 2},
+        "none": None,
+        "nested": [(1, 2.5), {"a": torch.zeros(2, dtype=torch.bfloat16)}],
+    }
     ckpt.save_tree(tree, tmp_path / "t.safetensors")
     back = ckpt.load_tree(tmp_path / "t.safetensors")
     assert back["inf"] == float("inf") and back["keys"] == {1: "int key", "$x": 2} and back["none"] is None

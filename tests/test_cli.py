@@ -45,8 +45,16 @@ def test_train_writes_run_dir(tiny_run):
     assert (run / "config.json").is_file() and (run / "summary.json").is_file()
     ck = sorted((run / "checkpoints").iterdir())
     assert [p.name for p in ck] == ["step_00000025", "step_00000050"]  # keep_last = 2
-    for name in ("config.json", "model.safetensors", "ema.safetensors", "optimizer.safetensors", "trainer_state.json",
-                 "rng.safetensors", "tokenizer", "manifest.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "ema.safetensors",
+        "optimizer.safetensors",
+        "trainer_state.json",
+        "rng.safetensors",
+        "tokenizer",
+        "manifest.json",
+    ):
         assert (ck[-1] / name).exists(), name
     recs = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
     assert any("tokens_per_s" in r and "lr" in r and "loss" in r for r in recs)
@@ -148,13 +156,15 @@ def test_bad_input_needing_a_run(tiny_run, tmp_path, capsys):
 def test_bad_corpus_one_line(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("   \n")
-    code, _, err = run_cli(capsys, "data", "tiny", f"data.dataset={empty}", "tokenizer=char", "seq_len=8",
-                           f"data.cache_dir={tmp_path}")
+    code, _, err = run_cli(
+        capsys, "data", "tiny", f"data.dataset={empty}", "tokenizer=char", "seq_len=8", f"data.cache_dir={tmp_path}"
+    )
     assert_one_line_error(code, err, "empty")
     latin = tmp_path / "latin.txt"
     latin.write_bytes("caf\xe9 ol\xe9 ".encode("latin-1") * 100)
-    code, _, err = run_cli(capsys, "data", "tiny", f"data.dataset={latin}", "tokenizer=char", "seq_len=8",
-                           f"data.cache_dir={tmp_path}")
+    code, _, err = run_cli(
+        capsys, "data", "tiny", f"data.dataset={latin}", "tokenizer=char", "seq_len=8", f"data.cache_dir={tmp_path}"
+    )
     assert_one_line_error(code, err, "UTF-8")
 
 
@@ -168,9 +178,25 @@ def test_console_script_bad_input_has_no_traceback():
 def test_phrases_end_to_end_learns(tmp_path, capsys):
     """400 steps (about 30 s on 2 idle cores) of training on the phrases task, then sampling through the CLI."""
     run = tmp_path / "phrases"
-    code = main(["train", "phrases", "phrases_n=6", "phrases_k=3", "phrases_per_seq=1", "seq_len=3", "lr=2e-3",
-                 "max_steps=400", "max_minutes=0", "threads=1", "--quiet", "--no-samples",
-                 f"data.cache_dir={tmp_path}", "--run-dir", str(run)])
+    code = main(
+        [
+            "train",
+            "phrases",
+            "phrases_n=6",
+            "phrases_k=3",
+            "phrases_per_seq=1",
+            "seq_len=3",
+            "lr=2e-3",
+            "max_steps=400",
+            "max_minutes=0",
+            "threads=1",
+            "--quiet",
+            "--no-samples",
+            f"data.cache_dir={tmp_path}",
+            "--run-dir",
+            str(run),
+        ]
+    )
     assert code == 0
     capsys.readouterr()
     code, out, _ = run_cli(capsys, "sample", "--ckpt", str(run), "--steps", "1,32", "-n", "256", "--check", "--json")

@@ -14,8 +14,19 @@ def test_every_preset_builds_and_round_trips(tmp_path):
 
 
 def test_overrides_short_and_dotted_keys():
-    cfg = build_config("tiny", ["lr=0.01", "train.max_steps=7", "loss=mse_denoiser", "time=uniform",
-                                "model.dropout=0.1", "seed=3", "steps=5", "sample.float64=true"])
+    cfg = build_config(
+        "tiny",
+        [
+            "lr=0.01",
+            "train.max_steps=7",
+            "loss=mse_denoiser",
+            "time=uniform",
+            "model.dropout=0.1",
+            "seed=3",
+            "steps=5",
+            "sample.float64=true",
+        ],
+    )
     assert cfg.train.lr == 0.01 and cfg.train.max_steps == 7
     assert cfg.train.loss == "mse_denoiser" and cfg.train.time == "uniform"
     assert cfg.model.dropout == 0.1 and cfg.train.seed == 3 and cfg.sample.steps == 5 and cfg.sample.float64
@@ -60,8 +71,9 @@ def test_bad_config_is_a_config_error(preset, overrides, match):
 def test_diffusion_section_reaches_the_baselines():
     from fmlm.methods import build_method
 
-    cfg = build_config("tiny", ["method=duo", "curriculum_steps=7", "greedy_of=xhat", "greedy_tail=false",
-                                "t_min=0.01"])
+    cfg = build_config(
+        "tiny", ["method=duo", "curriculum_steps=7", "greedy_of=xhat", "greedy_tail=false", "t_min=0.01"]
+    )
     cfg.model.vocab_size, cfg.model.max_seq_len = 9, 8
     duo = build_method(cfg)
     assert (duo.curriculum_steps, duo.greedy_of, duo.greedy_tail, duo.t_min) == (7, "xhat", False, 0.01)

@@ -117,7 +117,7 @@ def test_sdtt_target_is_the_teachers_prediction_where_it_decodes():
     lp1, z1 = ancestral_step(m.teacher, z, t, t - 0.25, gen)
     lp2, z2 = ancestral_step(m.teacher, z1, t - 0.25, t - 0.5, gen)
     first = (z == m.mask_id) & (z1 != m.mask_id)
-    later = (z1 == m.mask_id)
+    later = z1 == m.mask_id
     assert first.any() and later.any()
     torch.testing.assert_close(target[first], lp1[first])
     torch.testing.assert_close(target[later], lp2[later])
@@ -170,16 +170,45 @@ def test_samplers_are_seeded_and_the_student_is_its_methods_model(kind):
 def teachers(tmp_path_factory):
     root = tmp_path_factory.mktemp("teachers")
     for method in ("duo", "mdlm", "flm"):
-        assert main(["train", "tiny", "threads=1", f"method={method}", "max_steps=8", "eval_every=100",
-                     f"data.cache_dir={root / 'data'}", "--run-dir", str(root / method), "--quiet",
-                     "--no-samples"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "tiny",
+                    "threads=1",
+                    f"method={method}",
+                    "max_steps=8",
+                    "eval_every=100",
+                    f"data.cache_dir={root / 'data'}",
+                    "--run-dir",
+                    str(root / method),
+                    "--quiet",
+                    "--no-samples",
+                ]
+            )
+            == 0
+        )
     return root
 
 
 def _distill(teachers, teacher, run, *extra):
-    return main(["distill", "--teacher", str(teachers / teacher), "threads=1", "log_every=1", "eval_every=100",
-                 "distill.rounds=3", "distill.base_steps=8", *extra, "--run-dir", str(run), "--quiet",
-                 "--no-samples"])
+    return main(
+        [
+            "distill",
+            "--teacher",
+            str(teachers / teacher),
+            "threads=1",
+            "log_every=1",
+            "eval_every=100",
+            "distill.rounds=3",
+            "distill.base_steps=8",
+            *extra,
+            "--run-dir",
+            str(run),
+            "--quiet",
+            "--no-samples",
+        ]
+    )
 
 
 @pytest.mark.parametrize("kind, teacher", [("dcd", "duo"), ("sdtt", "mdlm")])
@@ -209,8 +238,9 @@ def test_distill_cli_sample_and_resume(teachers, tmp_path, capsys, kind, teacher
     shutil.rmtree(b / "checkpoints" / "step_00000006")
     assert _distill(teachers, teacher, b, "max_steps=6", "save_every=3", "eval_every=6") == 0
     capsys.readouterr()
-    losses = [[r["loss"] for r in map(json.loads, (d / "log.jsonl").read_text().splitlines()) if "loss" in r]
-              for d in (a, b)]
+    losses = [
+        [r["loss"] for r in map(json.loads, (d / "log.jsonl").read_text().splitlines()) if "loss" in r] for d in (a, b)
+    ]
     assert len(losses[0]) == 6 and losses[0] == losses[1]
     wa = ckpt.load_state(ckpt.resolve(a), "model.safetensors")
     wb = ckpt.load_state(ckpt.resolve(b), "model.safetensors")
@@ -218,15 +248,18 @@ def test_distill_cli_sample_and_resume(teachers, tmp_path, capsys, kind, teacher
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize("extra, teacher, match", [
-    (["method=dcd"], "mdlm", "method dcd distils a duo run"),
-    (["method=sdtt"], "duo", "method sdtt distils a mdlm run"),
-    (["method=sdtt"], "flm", "method sdtt distils a mdlm run"),
-    (["method=semigroup"], "duo", "a duo teacher distils with method=dcd"),
-    (["distill.divergence=l1"], "duo", "distill.divergence"),
-    (["distill.rounds=4"], "mdlm", "below one step"),
-    (["phrases_n=5"], "duo", "vocabulary"),
-])
+@pytest.mark.parametrize(
+    "extra, teacher, match",
+    [
+        (["method=dcd"], "mdlm", "method dcd distils a duo run"),
+        (["method=sdtt"], "duo", "method sdtt distils a mdlm run"),
+        (["method=sdtt"], "flm", "method sdtt distils a mdlm run"),
+        (["method=semigroup"], "duo", "a duo teacher distils with method=dcd"),
+        (["distill.divergence=l1"], "duo", "distill.divergence"),
+        (["distill.rounds=4"], "mdlm", "below one step"),
+        (["phrases_n=5"], "duo", "vocabulary"),
+    ],
+)
 def test_distill_bad_input_is_one_line(teachers, tmp_path, capsys, extra, teacher, match):
     code = _distill(teachers, teacher, tmp_path / "bad", "max_steps=1", *extra)
     err = capsys.readouterr().err
@@ -246,8 +279,10 @@ def test_bench_variant_configs_share_the_flow_maps_budget():
 
     preset = get_preset("phrases")
     by = {v.label: v for v in MAIN}
-    cfgs = {label: variant_config(preset, by[label], [], "teacher", distill_overrides=["max_steps=77"])
-            for label in ("FMLM", "Duo+DCD", "MDLM+SDTT")}
+    cfgs = {
+        label: variant_config(preset, by[label], [], "teacher", distill_overrides=["max_steps=77"])
+        for label in ("FMLM", "Duo+DCD", "MDLM+SDTT")
+    }
     assert {c.train.max_steps for c in cfgs.values()} == {77}
     assert {c.train.batch_size for c in cfgs.values()} == {128}
     assert cfgs["FMLM"].model.two_time and not cfgs["Duo+DCD"].model.two_time

@@ -41,8 +41,17 @@ def test_times_are_stratified_over_the_global_batch():
 
 def _torchrun(args: list[str], tmp: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "fmlm.cli", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "fmlm.cli",
+        *args,
+    ]
     # A generous timeout: under load two ranks on two busy cores take many times the idle time.
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -64,8 +73,17 @@ def _losses(run: Path) -> list[float]:
 def test_two_gloo_ranks_match_one_process(tmp_path):
     """FLM: 2 ranks x micro-batch 16 (DDP, then FSDP2) == 1 process x 2 accumulation steps x 16,
     including a resume under torchrun; then distillation from that run under DDP."""
-    common = ["tiny", "threads=1", "max_steps=6", "save_every=3", "eval_every=3", "log_every=1",
-              f"data.cache_dir={tmp_path / 'cache'}", "--quiet", "--no-samples"]
+    common = [
+        "tiny",
+        "threads=1",
+        "max_steps=6",
+        "save_every=3",
+        "eval_every=3",
+        "log_every=1",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "--quiet",
+        "--no-samples",
+    ]
     one, ddp, fsdp = tmp_path / "one", tmp_path / "ddp", tmp_path / "fsdp"
     assert main(["train", *common, "micro_batch_size=16", "--run-dir", str(one)]) == 0
     _torchrun(["train", *common, "max_steps=3", "--run-dir", str(ddp)], tmp_path)
@@ -77,8 +95,17 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
         assert _max_diff(one / last, run / last, "ema.safetensors") < 1e-6
         assert _losses(run) == pytest.approx(_losses(one), rel=1e-6)
 
-    dcommon = ["threads=1", "max_steps=2", "save_every=2", "eval_every=2", "distill.target_ema=0.5",
-               "--quiet", "--no-samples", "--teacher", str(one)]
+    dcommon = [
+        "threads=1",
+        "max_steps=2",
+        "save_every=2",
+        "eval_every=2",
+        "distill.target_ema=0.5",
+        "--quiet",
+        "--no-samples",
+        "--teacher",
+        str(one),
+    ]
     d1, d2 = tmp_path / "d1", tmp_path / "d2"
     assert main(["distill", *dcommon, "micro_batch_size=16", "--run-dir", str(d1)]) == 0
     _torchrun(["distill", *dcommon, "--run-dir", str(d2)], tmp_path)

@@ -75,8 +75,7 @@ def _estimates(method, params, noise, ids, reps):
         loss, _ = method.loss(ids, torch.Generator().manual_seed(10_000 + r))
         g = torch.autograd.grad(loss, params, allow_unused=True)
         losses.append(loss.detach())
-        grads.append(torch.cat([(x if x is not None else torch.zeros_like(p)).flatten()
-                                for x, p in zip(g, params)]))
+        grads.append(torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, p in zip(g, params)]))
     return torch.stack(losses).double(), torch.stack(grads).double()
 
 
@@ -124,8 +123,7 @@ def test_distillation_loss_and_gradient_agree_in_expectation(objective, teacher)
         net.ada_out.weight.normal_(0, 0.3)
     params = [p for p in fm.parameters() if p.requires_grad]
     ids = torch.randint(V, (8, L), generator=torch.Generator().manual_seed(4))
-    _assert_same_expectation(fm, params, ids, reps=100 if objective == "eulerian" else 200,
-                             emb_rows=slice(0, V * D))
+    _assert_same_expectation(fm, params, ids, reps=100 if objective == "eulerian" else 200, emb_rows=slice(0, V * D))
 
 
 def test_embedded_state_is_affine():

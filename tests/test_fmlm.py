@@ -53,7 +53,7 @@ def test_ema_target_is_saved_and_restored_but_not_trained():
     state = student.state_dict()
     tkeys = [k for k in state if k.startswith("target.")]
     assert len(tkeys) == len(student._target.state_dict())
-    w = "blocks.0.attn_qkv.weight" if "target.blocks.0.attn_qkv.weight" in state else tkeys[0][len("target."):]
+    w = "blocks.0.attn_qkv.weight" if "target.blocks.0.attn_qkv.weight" in state else tkeys[0][len("target.") :]
     # after one update the target sits strictly between its start and the student
     assert not torch.equal(state["target." + w], state["net." + w])
     _, fresh = teacher_and_student(target_ema=0.5)
@@ -100,8 +100,13 @@ class OneHotNet(nn.Module):
 
     def forward(self, x, tau_s, tau_t=None):
         # Depend (trivially) on every input so JVPs flow through.
-        return self.logits.expand(x.shape[0], -1, -1) + 0 * x + 0 * tau_s[:, None, None] \
-            + (0 * tau_t[:, None, None] if tau_t is not None else 0) + self.dummy
+        return (
+            self.logits.expand(x.shape[0], -1, -1)
+            + 0 * x
+            + 0 * tau_s[:, None, None]
+            + (0 * tau_t[:, None, None] if tau_t is not None else 0)
+            + self.dummy
+        )
 
 
 @pytest.mark.parametrize("objective", ["semigroup", "lagrangian", "eulerian"])
@@ -217,8 +222,9 @@ def _phrases_setup():
     return task, teacher, Vp
 
 
-@pytest.mark.parametrize("objective, self_distill", [("semigroup", False), ("lagrangian", False),
-                                                     ("eulerian", False), ("semigroup", True)])
+@pytest.mark.parametrize(
+    "objective, self_distill", [("semigroup", False), ("lagrangian", False), ("eulerian", False), ("semigroup", True)]
+)
 def test_each_objective_finite_and_falls_on_phrases(objective, self_distill):
     """From a fresh student, each loss falls on a fixed evaluation batch.
 
@@ -255,8 +261,21 @@ def teacher_run(tmp_path_factory):
     from fmlm.cli import main
 
     d = tmp_path_factory.mktemp("teacher")
-    assert main(["train", "tiny", "threads=1", f"data.cache_dir={d / 'cache'}", "--run-dir", str(d / "flm"),
-                 "--quiet", "--no-samples"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "tiny",
+                "threads=1",
+                f"data.cache_dir={d / 'cache'}",
+                "--run-dir",
+                str(d / "flm"),
+                "--quiet",
+                "--no-samples",
+            ]
+        )
+        == 0
+    )
     return d
 
 
@@ -264,8 +283,20 @@ def test_distill_cli_and_sample(teacher_run, capsys):
     from fmlm.cli import main
 
     run = teacher_run / "fm"
-    code = main(["distill", "--teacher", str(teacher_run / "flm"), "max_steps=6", "save_every=3", "eval_every=3",
-                 "--run-dir", str(run), "--quiet", "--no-samples"])
+    code = main(
+        [
+            "distill",
+            "--teacher",
+            str(teacher_run / "flm"),
+            "max_steps=6",
+            "save_every=3",
+            "eval_every=3",
+            "--run-dir",
+            str(run),
+            "--quiet",
+            "--no-samples",
+        ]
+    )
     assert code == 0
     capsys.readouterr()
     cfg = json.loads((run / "config.json").read_text())
@@ -279,8 +310,23 @@ def test_distill_cli_and_sample(teacher_run, capsys):
     model = fmlm.load(run)
     assert model.sample(2, steps=1, seed=0) == model.sample(2, steps=1, seed=0)
     # Resume: same command, bigger budget.
-    assert main(["distill", "--teacher", str(teacher_run / "flm"), "max_steps=9", "save_every=3",
-                 "eval_every=3", "--run-dir", str(run), "--quiet", "--no-samples"]) == 0
+    assert (
+        main(
+            [
+                "distill",
+                "--teacher",
+                str(teacher_run / "flm"),
+                "max_steps=9",
+                "save_every=3",
+                "eval_every=3",
+                "--run-dir",
+                str(run),
+                "--quiet",
+                "--no-samples",
+            ]
+        )
+        == 0
+    )
     assert json.loads((run / "summary.json").read_text())["step"] == 9
 
 
@@ -288,15 +334,43 @@ def test_distill_cli_and_sample(teacher_run, capsys):
 def test_distill_cli_other_objectives(teacher_run, objective):
     from fmlm.cli import main
 
-    assert main(["distill", "--teacher", str(teacher_run / "flm"), f"method={objective}", "max_steps=3",
-                 "--run-dir", str(teacher_run / objective), "--quiet", "--no-samples"]) == 0
+    assert (
+        main(
+            [
+                "distill",
+                "--teacher",
+                str(teacher_run / "flm"),
+                f"method={objective}",
+                "max_steps=3",
+                "--run-dir",
+                str(teacher_run / objective),
+                "--quiet",
+                "--no-samples",
+            ]
+        )
+        == 0
+    )
 
 
 def test_distill_self_cli(tmp_path):
     from fmlm.cli import main
 
-    assert main(["distill", "--self", "tiny", "max_steps=3", f"data.cache_dir={tmp_path}",
-                 "--run-dir", str(tmp_path / "self"), "--quiet", "--no-samples"]) == 0
+    assert (
+        main(
+            [
+                "distill",
+                "--self",
+                "tiny",
+                "max_steps=3",
+                f"data.cache_dir={tmp_path}",
+                "--run-dir",
+                str(tmp_path / "self"),
+                "--quiet",
+                "--no-samples",
+            ]
+        )
+        == 0
+    )
 
 
 @pytest.mark.parametrize(
@@ -310,8 +384,19 @@ def test_distill_self_cli(tmp_path):
 def test_distill_bad_input_one_line(teacher_run, capsys, extra, match):
     from fmlm.cli import main
 
-    code = main(["distill", "--teacher", str(teacher_run / "flm"), *extra, "max_steps=1",
-                 "--run-dir", str(teacher_run / "bad"), "--quiet", "--no-samples"])
+    code = main(
+        [
+            "distill",
+            "--teacher",
+            str(teacher_run / "flm"),
+            *extra,
+            "max_steps=1",
+            "--run-dir",
+            str(teacher_run / "bad"),
+            "--quiet",
+            "--no-samples",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and match in err, err
 
@@ -320,11 +405,34 @@ def test_distill_from_non_flm_teacher_is_an_error(teacher_run, capsys):
     from fmlm.cli import main
 
     run = teacher_run / "fm2"
-    assert main(["distill", "--teacher", str(teacher_run / "flm"), "max_steps=1", "--run-dir", str(run),
-                 "--quiet", "--no-samples"]) == 0
+    assert (
+        main(
+            [
+                "distill",
+                "--teacher",
+                str(teacher_run / "flm"),
+                "max_steps=1",
+                "--run-dir",
+                str(run),
+                "--quiet",
+                "--no-samples",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    code = main(["distill", "--teacher", str(run), "max_steps=1", "--run-dir", str(teacher_run / "fm3"),
-                 "--quiet", "--no-samples"])
+    code = main(
+        [
+            "distill",
+            "--teacher",
+            str(run),
+            "max_steps=1",
+            "--run-dir",
+            str(teacher_run / "fm3"),
+            "--quiet",
+            "--no-samples",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "must be an FLM checkpoint" in err and len(err.strip().splitlines()) == 1
     code = main(["distill", "max_steps=1", "--quiet"])

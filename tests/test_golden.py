@@ -154,8 +154,9 @@ def losses() -> dict:
         "semigroup_teacher_vocab": lambda: loss_record(fmlm("semigroup")),
         "semigroup_teacher_embedded": lambda: loss_record(fmlm("semigroup", noise="embedded")),
         "semigroup_teacher_unfused": lambda: loss_record(fmlm("semigroup", fused=False)),
-        "semigroup_uniform_mid_ema": lambda: loss_record(fmlm("semigroup", teacher=False, mid="uniform",
-                                                               target_ema=0.9)),
+        "semigroup_uniform_mid_ema": lambda: loss_record(
+            fmlm("semigroup", teacher=False, mid="uniform", target_ema=0.9)
+        ),
         "semigroup_strata_part0_of_3": lambda: loss_record(fmlm("semigroup", noise="embedded"), (0, 3)),
         "lagrangian_teacher": lambda: loss_record(fmlm("lagrangian")),
         "lagrangian_self_embedded": lambda: loss_record(fmlm("lagrangian", teacher=False, noise="embedded")),
@@ -256,9 +257,21 @@ def train_record(tmp_path: Path, overrides: list[str]) -> list:
     from fmlm.config import build_config
     from fmlm.train import Trainer
 
-    cfg = build_config("tiny", ["threads=1", "max_steps=3", "save_every=100", "eval_every=100", "log_every=1",
-                                "batch_size=8", "micro_batch_size=4", "eval_batches=1",
-                                f"data.cache_dir={tmp_path / 'cache'}", *overrides])
+    cfg = build_config(
+        "tiny",
+        [
+            "threads=1",
+            "max_steps=3",
+            "save_every=100",
+            "eval_every=100",
+            "log_every=1",
+            "batch_size=8",
+            "micro_batch_size=4",
+            "eval_batches=1",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            *overrides,
+        ],
+    )
     Trainer(cfg, tmp_path / "run", progress=False, log=lambda *a: None).fit()
     recs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k.startswith(("loss", "val_"))} for r in recs]
@@ -273,6 +286,7 @@ def test_golden_training(golden, tmp_path, name):
         golden.setdefault("train", {})[name] = got
         GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
     assert got == golden["train"][name]
+
 
 def test_golden_covers_every_case(golden):
     assert set(golden["loss"]) == set(losses()) and set(golden["sample"]) == set(samples())

@@ -63,8 +63,16 @@ def test_flow_models_keep_known_tokens(make, steps):
 def test_flow_known_positions_follow_their_interpolant():
     m = fmlm()
     seen = []
-    m.sample(4, L, 3, generator=gen(), known=KNOWN, mask=MASK, invert_iters=0,
-             callback=lambda i, z, d: seen.append(z.clone()))
+    m.sample(
+        4,
+        L,
+        3,
+        generator=gen(),
+        known=KNOWN,
+        mask=MASK,
+        invert_iters=0,
+        callback=lambda i, z, d: seen.append(z.clone()),
+    )
     noise = torch.randn(4, L, V, generator=gen())
     ts = m.schedule.t(torch.linspace(0, 1, 4, dtype=torch.float64))
     x1 = torch.nn.functional.one_hot(KNOWN, V).float()
@@ -122,8 +130,9 @@ def test_guidance_weight_zero_is_bit_for_bit(make):
         outs = []
         m.sample(16, L, steps, generator=gen(), callback=lambda i, z, d: outs.append(d))
         guided = []
-        ids = m.sample(16, L, steps, generator=gen(), guide_weak=weak, guide_weight=0.0,
-                       callback=lambda i, z, d: guided.append(d))
+        ids = m.sample(
+            16, L, steps, generator=gen(), guide_weak=weak, guide_weight=0.0, callback=lambda i, z, d: guided.append(d)
+        )
         assert torch.equal(ids, plain)
         assert all(torch.equal(a, b) for a, b in zip(outs, guided))
         strong = m.sample(16, L, steps, generator=gen(), guide_weak=weak, guide_weight=3.0)
@@ -158,11 +167,14 @@ def test_reward_gradient_is_finite_nonzero_and_raises_the_reward(make):
     z = 0.5 * torch.randn(32, L, V, generator=gen())
     tau = torch.full((32,), 0.3)
     if isinstance(m, FMLM):
+
         def lookahead(x):
             return m.delta(x, tau, torch.ones(32))
     else:
+
         def lookahead(x):
             return m.denoise(x, tau)
+
     g = guidance.reward_gradient(z, lookahead, reward)
     assert torch.isfinite(g).all() and g.abs().sum() > 0
     before = reward(lookahead(z))
@@ -201,8 +213,12 @@ def test_classifier_accepts_soft_inputs_and_learns_phrase_labels():
 
 def test_phrase_labels():
     task = PhrasesTask(n=4, k=2, phrases_per_seq=2)
-    ids = torch.tensor([list(task.phrases[2]) + list(task.phrases[0]),
-                        [task.phrases[1][0], task.phrases[2][1]] + list(task.phrases[3])])
+    ids = torch.tensor(
+        [
+            list(task.phrases[2]) + list(task.phrases[0]),
+            [task.phrases[1][0], task.phrases[2][1]] + list(task.phrases[3]),
+        ]
+    )
     assert task.labels(ids).tolist() == [2, -1]
 
 
@@ -217,8 +233,12 @@ def test_parse_infill_word_and_char():
     tok = CharTokenizer(list("abc Y"))
     ids, mask = guidance.parse_infill("a [MASK:3] Y", tok, 10)
     assert mask == [True, True, False, False, False, True, True] and ids[-1] == tok.encode("Y")[0]
-    for bad, msg in [("a [MASK:x] b", "bad mask syntax"), ("a [MASK:0] b", "at least one"),
-                     ("no masks", "at least one"), ("a [MASK:20]", "sequence length")]:
+    for bad, msg in [
+        ("a [MASK:x] b", "bad mask syntax"),
+        ("a [MASK:0] b", "at least one"),
+        ("no masks", "at least one"),
+        ("a [MASK:20]", "sequence length"),
+    ]:
         with pytest.raises(FmlmError, match=msg):
             guidance.parse_infill(bad, tok, 10)
 
@@ -231,10 +251,10 @@ def runs(tmp_path_factory):
     common = ["--quiet", "--no-samples", "threads=1", f"cache_dir={root / 'cache'}"]
     assert main(["train", "tiny", "max_steps=30", "--run-dir", str(root / "flm"), *common]) == 0
     assert main(["train", "tiny", "max_steps=10", "seed=1", "--run-dir", str(root / "weak"), *common]) == 0
-    assert main(["distill", "--teacher", str(root / "flm"), "max_steps=10", "--run-dir", str(root / "fm"),
-                 *common]) == 0
-    assert main(["train", "tiny", "method=classifier", "max_steps=30", "--run-dir", str(root / "clf"),
-                 *common]) == 0
+    assert (
+        main(["distill", "--teacher", str(root / "flm"), "max_steps=10", "--run-dir", str(root / "fm"), *common]) == 0
+    )
+    assert main(["train", "tiny", "method=classifier", "max_steps=30", "--run-dir", str(root / "clf"), *common]) == 0
     return root
 
 
@@ -249,29 +269,86 @@ def test_cli_prefix_infill_guidance_and_reward(runs, capsys):
     assert main(["sample", "--ckpt", fm_run, "--steps", "1", "-n", "8", "--threads", "1", "--prefix", first]) == 0
     out = [line for line in capsys.readouterr().out.splitlines() if line]
     assert len(out) == 8 and all(line.split()[0] == first for line in out)
-    assert main(["sample", "--ckpt", flm_run, "--steps", "2", "-n", "8", "--threads", "1", "--infill",
-                 f"[MASK] {task.tokenizer.decode([task.phrases[0][1]])}"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--ckpt",
+                flm_run,
+                "--steps",
+                "2",
+                "-n",
+                "8",
+                "--threads",
+                "1",
+                "--infill",
+                f"[MASK] {task.tokenizer.decode([task.phrases[0][1]])}",
+            ]
+        )
+        == 0
+    )
     out = [line for line in capsys.readouterr().out.splitlines() if line]
     assert all(line.split()[1] == task.tokenizer.decode([task.phrases[0][1]]) for line in out)
-    assert main(["sample", "--ckpt", flm_run, "--steps", "2", "-n", "8", "--threads", "1", "--json",
-                 "--guide-weak", str(runs / "weak"), "--guide-weight", "0.5"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--ckpt",
+                flm_run,
+                "--steps",
+                "2",
+                "-n",
+                "8",
+                "--threads",
+                "1",
+                "--json",
+                "--guide-weak",
+                str(runs / "weak"),
+                "--guide-weight",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     assert len(json.loads(capsys.readouterr().out)["results"]) == 1
-    assert main(["sample", "--ckpt", fm_run, "--steps", "1", "-n", "16", "--threads", "1", "--check",
-                 "--reward", str(runs / "clf"), "--reward-target", "2"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--ckpt",
+                fm_run,
+                "--steps",
+                "1",
+                "-n",
+                "16",
+                "--threads",
+                "1",
+                "--check",
+                "--reward",
+                str(runs / "clf"),
+                "--reward-target",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert "target" in capsys.readouterr().out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("argv, msg", [
-    (["--infill", "[MASK:y]"], "bad mask syntax"),
-    (["--prefix", "zz qq"], "cannot tokenise"),
-    (["--prefix", "x", "--infill", "[MASK]"], "either --prefix/--suffix or --infill"),
-    (["--guide-weight", "2"], "needs --guide-weak"),
-    (["--reward-target", "1"], "need --reward"),
-    (["--reward", "FLM", "--reward-target", "0"], "not a classifier"),
-    (["--reward", "CLF", "--reward-target", "9"], "outside"),
-    (["--reward", "CLF"], "needs a target"),
-])
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["--infill", "[MASK:y]"], "bad mask syntax"),
+        (["--prefix", "zz qq"], "cannot tokenise"),
+        (["--prefix", "x", "--infill", "[MASK]"], "either --prefix/--suffix or --infill"),
+        (["--guide-weight", "2"], "needs --guide-weak"),
+        (["--reward-target", "1"], "need --reward"),
+        (["--reward", "FLM", "--reward-target", "0"], "not a classifier"),
+        (["--reward", "CLF", "--reward-target", "9"], "outside"),
+        (["--reward", "CLF"], "needs a target"),
+    ],
+)
 def test_cli_guidance_errors(runs, capsys, argv, msg):
     argv = [str(runs / "flm") if a == "FLM" else str(runs / "clf") if a == "CLF" else a for a in argv]
     assert main(["sample", "--ckpt", str(runs / "fm"), "--steps", "1", "-n", "2", "--threads", "1", *argv]) == 2
@@ -289,8 +366,23 @@ def test_cli_too_long_prefix_and_mismatched_weak_model(runs, capsys, tmp_path):
     assert "more than the sequence length" in capsys.readouterr().err
     assert main(["sample", "--ckpt", str(runs / "fm"), "-n", "2", "--guide-weak", str(runs / "flm")]) == 2
     assert "must be a FMLM" in capsys.readouterr().err
-    assert main(["train", "tiny", "phrases_n=5", "max_steps=5", "--quiet", "--no-samples", "threads=1",
-                 f"cache_dir={runs / 'cache'}", "--run-dir", str(tmp_path / "other")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "tiny",
+                "phrases_n=5",
+                "max_steps=5",
+                "--quiet",
+                "--no-samples",
+                "threads=1",
+                f"cache_dir={runs / 'cache'}",
+                "--run-dir",
+                str(tmp_path / "other"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["sample", "--ckpt", str(runs / "flm"), "-n", "2", "--guide-weak", str(tmp_path / "other")]) == 2
     assert "different vocabulary" in capsys.readouterr().err
@@ -332,8 +424,28 @@ def test_ngram_scorer_is_normalised_and_entropy():
 def test_guidance_bench_writes_json_markdown_and_plot(runs, tmp_path):
     from fmlm.guidance_bench import main as bench
 
-    assert bench(["reward", "--models", str(runs / "fm"), "--classifier", str(runs / "clf"), "--steps", "1",
-                  "--scales", "0.1", "--iters", "2", "-n", "4", "--out", str(tmp_path)]) == 0
+    assert (
+        bench(
+            [
+                "reward",
+                "--models",
+                str(runs / "fm"),
+                "--classifier",
+                str(runs / "clf"),
+                "--steps",
+                "1",
+                "--scales",
+                "0.1",
+                "--iters",
+                "2",
+                "-n",
+                "4",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     res = json.loads((tmp_path / "reward.json").read_text())
     assert [r["reward_scale"] for r in res["rows"]] == [0.0, 0.1]
     assert (tmp_path / "reward.md").is_file() and (tmp_path / "reward.png").is_file()

@@ -45,8 +45,9 @@ def test_input_layer_is_linear_and_bias_free():
     net = tiny()
     perturb(net)
     x, y = torch.randn(2, L, V), torch.randn(2, L, V)
-    torch.testing.assert_close(net.embed_input(2 * x + 3 * y), 2 * net.embed_input(x) + 3 * net.embed_input(y),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        net.embed_input(2 * x + 3 * y), 2 * net.embed_input(x) + 3 * net.embed_input(y), atol=1e-5, rtol=1e-5
+    )
     assert net.embed_input(torch.zeros(1, L, V)).abs().max() == 0
 
 
@@ -126,7 +127,7 @@ def _oracle(phrases: torch.Tensor, schedule):
     def denoiser(z, tau):
         t = schedule.t(tau.double())[:, None, None, None]  # (B,1,1,1)
         diff = z.double()[:, None] - t * onehots[None]  # (B, n, L, V)
-        logp = -(diff ** 2).sum((-1, -2)) / (2 * (1 - t[:, :, 0, 0]).clamp_min(1e-6) ** 2)  # (B, n)
+        logp = -(diff**2).sum((-1, -2)) / (2 * (1 - t[:, :, 0, 0]).clamp_min(1e-6) ** 2)  # (B, n)
         w = logp.softmax(-1)
         return torch.einsum("bn,nlv->blv", w, onehots).to(z.dtype)
 
@@ -146,9 +147,14 @@ def test_euler_with_exact_denoiser_many_steps_valid_one_step_factorises():
     share = (many[:, None] == phrases[None]).all(-1).float().mean(0)
     assert share.min() > 0.35  # both phrases, roughly evenly
     one = euler_sample(den, noise, schedule, steps=1)
-    torch.testing.assert_close(one[0], torch.full((L, V), 0.0).index_put_(
-        (torch.arange(L), phrases[0]), torch.tensor(0.5)).index_put_(
-        (torch.arange(L), phrases[1]), torch.tensor(0.5), accumulate=True), atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        one[0],
+        torch.full((L, V), 0.0)
+        .index_put_((torch.arange(L), phrases[0]), torch.tensor(0.5))
+        .index_put_((torch.arange(L), phrases[1]), torch.tensor(0.5), accumulate=True),
+        atol=1e-3,
+        rtol=0,
+    )
 
 
 def test_sampler_is_seeded_and_float64_option():

@@ -57,8 +57,9 @@ def test_plot_schedule_writes_png_and_svg(tmp_path):
 
 @pytest.mark.slow
 def test_plot_simplex_trains_and_draws(tmp_path):
-    r = plot_simplex(tmp_path, seed=0, flm_steps=100, fmlm_steps=10, progress=False, n_metrics=300, ref_steps=16,
-                     res=24)
+    r = plot_simplex(
+        tmp_path, seed=0, flm_steps=100, fmlm_steps=10, progress=False, n_metrics=300, ref_steps=16, res=24
+    )
     names = {p.rsplit("/", 1)[1] for p in r["files"]}
     for stem in ("simplex-field", "simplex-trajectories", "simplex-flow-vs-map"):
         assert {f"{stem}.png", f"{stem}.svg"} <= names

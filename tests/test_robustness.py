@@ -29,8 +29,14 @@ def _losses(run: Path) -> dict[int, float]:
 
 def _start(args: list[str], tmp: Path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "fmlm.cli", "train", *args], env=env, cwd=tmp,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fmlm.cli", "train", *args],
+        env=env,
+        cwd=tmp,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 1200.0) -> None:
@@ -44,8 +50,17 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 1200.0) -> No
 
 @pytest.fixture
 def common(tmp_path):
-    return ["tiny", "threads=1", "max_steps=80", "save_every=10", "log_every=1", "eval_every=1000",
-            f"data.cache_dir={tmp_path / 'cache'}", "--quiet", "--no-samples"]
+    return [
+        "tiny",
+        "threads=1",
+        "max_steps=80",
+        "save_every=10",
+        "log_every=1",
+        "eval_every=1000",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "--quiet",
+        "--no-samples",
+    ]
 
 
 @pytest.mark.slow
@@ -57,8 +72,11 @@ def test_kill_9_then_rerun_matches_an_uninterrupted_run(tmp_path, common):
     proc.send_signal(signal.SIGKILL)  # at whatever it is doing: a step, a log line or the next save
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
-    resumed_at = max(int(p.name[5:]) for p in (killed / "checkpoints").iterdir() if p.name.startswith("step_")
-                     and (p / "manifest.json").is_file())
+    resumed_at = max(
+        int(p.name[5:])
+        for p in (killed / "checkpoints").iterdir()
+        if p.name.startswith("step_") and (p / "manifest.json").is_file()
+    )
     end = max(80, resumed_at + 20)  # the schedule is constant, so max_steps does not change the trajectory
     rerun = _start([*common, f"max_steps={end}", "--run-dir", str(killed)], tmp_path)  # the same command
     out, err = rerun.communicate(timeout=1800)
@@ -132,15 +150,34 @@ def test_ctrl_c_during_startup_exits_130_without_a_traceback(tmp_path, capsys, m
     import fmlm.train.loop
 
     _sigint_in(fmlm.train.loop, "load_data")
-    code = main(["train", "tiny", "threads=1", f"data.cache_dir={tmp_path / 'cache'}", "--quiet", "--no-samples",
-                 "--run-dir", str(tmp_path / "run")])
+    code = main(
+        [
+            "train",
+            "tiny",
+            "threads=1",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "--quiet",
+            "--no-samples",
+            "--run-dir",
+            str(tmp_path / "run"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 130 and "interrupted" in err and "Traceback" not in err
 
 
 def _trainer(tmp_path, *overrides):
-    cfg = build_config("tiny", ["threads=1", "max_steps=6", "save_every=100", "eval_every=100",
-                                f"data.cache_dir={tmp_path / 'cache'}", *overrides])
+    cfg = build_config(
+        "tiny",
+        [
+            "threads=1",
+            "max_steps=6",
+            "save_every=100",
+            "eval_every=100",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            *overrides,
+        ],
+    )
     return Trainer(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
 
 

@@ -17,14 +17,30 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _row(label, steps, bpb, entropy=3.0, sec=0.01):
-    return {"label": label, "steps": steps, "nfe": steps, "gen_bpb": bpb, "gen_ppl": 2 ** bpb, "entropy": entropy,
-            "seconds_per_sample": sec * steps, "samples_per_s": 1 / (sec * steps)}
+    return {
+        "label": label,
+        "steps": steps,
+        "nfe": steps,
+        "gen_bpb": bpb,
+        "gen_ppl": 2**bpb,
+        "entropy": entropy,
+        "seconds_per_sample": sec * steps,
+        "samples_per_s": 1 / (sec * steps),
+    }
 
 
 def test_claims_by_bits_per_byte():
-    rows = [_row("FMLM", 1, 4.0), _row("MDLM", 1, 5.0), _row("MDLM", 8, 4.2), _row("Duo", 2, 4.5),
-            _row("Duo", 4, 1.0, entropy=0.5),  # collapsed: a rival setting that does not count
-            _row("FLM", 1024, 3.2), _row("MDLM", 1024, 2.9), _row("Duo", 1024, 3.0), _row("AR", 128, 2.1)]
+    rows = [
+        _row("FMLM", 1, 4.0),
+        _row("MDLM", 1, 5.0),
+        _row("MDLM", 8, 4.2),
+        _row("Duo", 2, 4.5),
+        _row("Duo", 4, 1.0, entropy=0.5),  # collapsed: a rival setting that does not count
+        _row("FLM", 1024, 3.2),
+        _row("MDLM", 1024, 2.9),
+        _row("Duo", 1024, 3.0),
+        _row("AR", 128, 2.1),
+    ]
     c = claims({"rows": rows, "data_entropy": 3.1})
     assert c["one_step"]["holds"] and c["one_step"]["best_rival"] == "MDLM 8"
     assert c["one_step"]["margin"] == pytest.approx(0.2)
@@ -34,8 +50,16 @@ def test_claims_by_bits_per_byte():
     # a collapsed one-step flow map does not hold the claim, however low its score
     rows[0]["entropy"] = 0.4
     assert not claims({"rows": rows, "data_entropy": 3.1})["one_step"]["holds"]
-    point = {"size": "mini", "budget": 500, "tokens": 2048000, "scorer": "s", "data_bpb": 1.9, "shuffled_bpb": 5.1,
-             "rows": [{**r, "collapsed": False} for r in rows], "claims": c}
+    point = {
+        "size": "mini",
+        "budget": 500,
+        "tokens": 2048000,
+        "scorer": "s",
+        "data_bpb": 1.9,
+        "shuffled_bpb": 5.1,
+        "rows": [{**r, "collapsed": False} for r in rows],
+        "claims": c,
+    }
     md = markdown({"points": [point]})
     assert "| held-out text | – | 1.900 |" in md and "| mini 500 | 2,048,000 | holds (+0.200) | fails (+0.300) |" in md
 
@@ -46,10 +70,23 @@ def test_gpu_study_script_at_tiny_size_on_cpu(tmp_path):
     _tiny_gpt2(tmp_path / "scorer")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"new york {i % 7} san diego, said the {i}th line." for i in range(300)))
-    env = {**os.environ, "SIZE": "tiny", "BUDGET": "2", "BATCH": "4", "SEQ_LEN": "16", "STEPS": "1,2", "N": "4",
-           "SCORERS": "none", "DATA": str(corpus), "DEVICE": "cpu", "THREADS": "1", "OUT_DIR": str(tmp_path / "out"),
-           "CACHE": str(tmp_path / "cache"), "PYTHON": sys.executable,
-           "EXTRA": f"data.cache_dir={tmp_path / 'data'} --quiet --no-plots"}
+    env = {
+        **os.environ,
+        "SIZE": "tiny",
+        "BUDGET": "2",
+        "BATCH": "4",
+        "SEQ_LEN": "16",
+        "STEPS": "1,2",
+        "N": "4",
+        "SCORERS": "none",
+        "DATA": str(corpus),
+        "DEVICE": "cpu",
+        "THREADS": "1",
+        "OUT_DIR": str(tmp_path / "out"),
+        "CACHE": str(tmp_path / "cache"),
+        "PYTHON": sys.executable,
+        "EXTRA": f"data.cache_dir={tmp_path / 'data'} --quiet --no-plots",
+    }
     script = ROOT / "benchmarks" / "gpu_study.sh"
     done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -51,8 +51,7 @@ def _quad_p_correct(t: float, K: int) -> float:
 
     z0 = float(ndtri(0.5 ** (1.0 / (K - 1)))) - m  # where Phi(z+m)^(K-1) = 1/2
     pts = [p for p in (z0 - 3, z0 - 1, z0, z0 + 1, z0 + 3, 0.0) if -38 < p < 38]
-    val, _ = integrate.quad(f, -40.0, 40.0, points=sorted(set(pts)), limit=500,
-                            epsabs=1e-15, epsrel=1e-13)
+    val, _ = integrate.quad(f, -40.0, 40.0, points=sorted(set(pts)), limit=500, epsabs=1e-15, epsrel=1e-13)
     return val
 
 

@@ -38,8 +38,9 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(models):
-    with TestClient(create_app(models, ServeLimits(max_steps=64, max_samples=4, max_body_bytes=2048,
-                                                   max_text_chars=100))) as c:
+    with TestClient(
+        create_app(models, ServeLimits(max_steps=64, max_samples=4, max_body_bytes=2048, max_text_chars=100))
+    ) as c:
         yield c
 
 
@@ -74,28 +75,31 @@ def test_generate_is_deterministic_and_timed(client):
     assert d["model"] == "flm" and d["num_samples"] == 1 and d["steps"] == 8
 
 
-@pytest.mark.parametrize("body,status,match", [
-    (b"{bad", 400, "not valid JSON"),
-    (b"[1, 2]", 400, "must be a JSON object"),
-    (b'{"steps": 0}', 400, "steps must be in 1..64, got 0"),
-    (b'{"steps": 65}', 400, "steps must be in 1..64"),
-    (b'{"steps": "4"}', 400, "steps must be an integer"),
-    (b'{"num_samples": 5}', 400, "num_samples must be in 1.."),
-    (b'{"num_samples": true}', 400, "num_samples must be an integer"),
-    (b'{"seed": -1}', 400, "seed must be in"),
-    (b'{"seq_len": 3}', 400, "seq_len must be in 1..2"),
-    (b'{"stepz": 3}', 400, "unknown field(s) stepz"),
-    (b'{"model": "gpt"}', 404, "unknown model"),
-    (b'{"gamma": 0.5}', 400, "gamma does not apply to model 'flm'"),
-    (b'{"model": "semigroup", "gamma": 1.5}', 400, "gamma must be a number in [0, 1)"),
-    (b'{"prefix": "notaword"}', 400, "cannot tokenise"),
-    (b'{"model": "ar", "suffix": "a"}', 400, "suffix does not apply to model 'ar' (method ar; it takes prefix)"),
-    (b'{"model": "ar", "infill": "[MASK] a"}', 400, "infill does not apply to model 'ar'"),
-    (b'{"prefix": "a", "infill": "[MASK] a"}', 400, "either infill or prefix/suffix"),
-    (b'{"prefix": 3}', 400, "prefix must be a string"),
-    (json.dumps({"prefix": "x" * 101}).encode(), 413, "prefix has 101 characters; the limit is 100"),
-    (json.dumps({"seed": 1, "pad": "x" * 3000}).encode(), 413, "the limit is 2048"),
-])
+@pytest.mark.parametrize(
+    "body,status,match",
+    [
+        (b"{bad", 400, "not valid JSON"),
+        (b"[1, 2]", 400, "must be a JSON object"),
+        (b'{"steps": 0}', 400, "steps must be in 1..64, got 0"),
+        (b'{"steps": 65}', 400, "steps must be in 1..64"),
+        (b'{"steps": "4"}', 400, "steps must be an integer"),
+        (b'{"num_samples": 5}', 400, "num_samples must be in 1.."),
+        (b'{"num_samples": true}', 400, "num_samples must be an integer"),
+        (b'{"seed": -1}', 400, "seed must be in"),
+        (b'{"seq_len": 3}', 400, "seq_len must be in 1..2"),
+        (b'{"stepz": 3}', 400, "unknown field(s) stepz"),
+        (b'{"model": "gpt"}', 404, "unknown model"),
+        (b'{"gamma": 0.5}', 400, "gamma does not apply to model 'flm'"),
+        (b'{"model": "semigroup", "gamma": 1.5}', 400, "gamma must be a number in [0, 1)"),
+        (b'{"prefix": "notaword"}', 400, "cannot tokenise"),
+        (b'{"model": "ar", "suffix": "a"}', 400, "suffix does not apply to model 'ar' (method ar; it takes prefix)"),
+        (b'{"model": "ar", "infill": "[MASK] a"}', 400, "infill does not apply to model 'ar'"),
+        (b'{"prefix": "a", "infill": "[MASK] a"}', 400, "either infill or prefix/suffix"),
+        (b'{"prefix": 3}', 400, "prefix must be a string"),
+        (json.dumps({"prefix": "x" * 101}).encode(), 413, "prefix has 101 characters; the limit is 100"),
+        (json.dumps({"seed": 1, "pad": "x" * 3000}).encode(), 413, "the limit is 2048"),
+    ],
+)
 def test_bad_requests_get_clear_4xx(client, body, status, match):
     for path in ("/v1/generate", "/v1/stream"):
         r = client.post(path, content=body, headers={"Content-Type": "application/json"})
@@ -195,8 +199,9 @@ def test_full_queue_answers_503_over_http(models):
 
     slow.model = Slow()
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app([slow], ServeLimits(max_queue=1)), host="127.0.0.1",
-                                           port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app([slow], ServeLimits(max_queue=1)), host="127.0.0.1", port=port, log_level="warning")
+    )
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
     try:
@@ -226,10 +231,13 @@ def test_full_queue_answers_503_over_http(models):
         t.join(10)
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["serve", "--ckpt", "=x"], "--ckpt expects NAME=PATH or PATH"),
-    (["serve", "--ckpt", "flm=/nonexistent/run"], "checkpoint not found"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["serve", "--ckpt", "=x"], "--ckpt expects NAME=PATH or PATH"),
+        (["serve", "--ckpt", "flm=/nonexistent/run"], "checkpoint not found"),
+    ],
+)
 def test_cli_serve_bad_checkpoint_is_one_line(argv, match, capsys):
     from fmlm.cli import main
 
@@ -270,23 +278,61 @@ MALFORMED = [
     b'{"gamma": 0.' + b"5" * 5000 + b"}",  # a float of 5,000 digits
     b'{"gamma": 1e999}',  # overflows to inf
     b'{"gamma": -1e999}',
-    b'{"gamma": NaN}', b'{"gamma": Infinity}', b'{"steps": -Infinity}',
+    b'{"gamma": NaN}',
+    b'{"gamma": Infinity}',
+    b'{"steps": -Infinity}',
     _nested("[", "]", 8000),  # arrays nested 8,000 deep within 16 KB
     b'{"prefix": ' + _nested("[", "]", 7000) + b"}",
     b'{"a":' * 2000 + b"1" + b"}" * 2000,  # objects nested 2,000 deep
     b'{"steps": [[[[[[1]]]]]]}',
-    b"\xff\xfe\x00garbage", b'{"prefix": "\xff\xfe"}', b"\x00" * 100,
-    b"null", b"true", b"123", b'"a string"', b"[]", b'[{"steps": 1}]',
-    b'{"steps": 4', b'{"steps": 4} x', b"{'steps': 4}", b'{"steps": 4,}', b'{/* comment */}', b'{"steps"}',
-    b'{"": 1}', b'{"' + b"k" * 1000 + b'": 1}', b'{"steps": 1, "steps": "two"}',
-    b'{"steps": 1.5}', b'{"steps": "1"}', b'{"steps": {}}', b'{"steps": null, "seq_len": 0}', b'{"seq_len": 1e300}',
-    b'{"num_samples": 0}', b'{"num_samples": 100000}', b'{"seed": 1e30}', b'{"seed": -0.5}',
-    b'{"max_events": 0}', b'{"max_events": 10000}', b'{"model": 3}', b'{"model": ["flm"]}', b'{"model": "nope"}',
-    b'{"gamma": "0.5"}', b'{"gamma": true}', b'{"gamma": 0.5}', b'{"model": "semigroup", "gamma": -0.1}',
-    b'{"prefix": ["a"]}', b'{"prefix": {"a": 1}}', b'{"prefix": "notaword"}', b'{"prefix": "\\ud800"}',
-    b'{"suffix": 1}', b'{"infill": "no mask"}', b'{"infill": "a [MASK:x]"}', b'{"infill": "[MASK:999999999999]"}',
-    b'{"infill": "[MASK:' + b"9" * 3000 + b']"}', b'{"prefix": "zogu", "infill": "[MASK]"}',
-    b'{"model": "ar", "suffix": "zogu"}', b'{"model": "ar", "infill": "[MASK] zogu"}',
+    b"\xff\xfe\x00garbage",
+    b'{"prefix": "\xff\xfe"}',
+    b"\x00" * 100,
+    b"null",
+    b"true",
+    b"123",
+    b'"a string"',
+    b"[]",
+    b'[{"steps": 1}]',
+    b'{"steps": 4',
+    b'{"steps": 4} x',
+    b"{'steps': 4}",
+    b'{"steps": 4,}',
+    b"{/* comment */}",
+    b'{"steps"}',
+    b'{"": 1}',
+    b'{"' + b"k" * 1000 + b'": 1}',
+    b'{"steps": 1, "steps": "two"}',
+    b'{"steps": 1.5}',
+    b'{"steps": "1"}',
+    b'{"steps": {}}',
+    b'{"steps": null, "seq_len": 0}',
+    b'{"seq_len": 1e300}',
+    b'{"num_samples": 0}',
+    b'{"num_samples": 100000}',
+    b'{"seed": 1e30}',
+    b'{"seed": -0.5}',
+    b'{"max_events": 0}',
+    b'{"max_events": 10000}',
+    b'{"model": 3}',
+    b'{"model": ["flm"]}',
+    b'{"model": "nope"}',
+    b'{"gamma": "0.5"}',
+    b'{"gamma": true}',
+    b'{"gamma": 0.5}',
+    b'{"model": "semigroup", "gamma": -0.1}',
+    b'{"prefix": ["a"]}',
+    b'{"prefix": {"a": 1}}',
+    b'{"prefix": "notaword"}',
+    b'{"prefix": "\\ud800"}',
+    b'{"suffix": 1}',
+    b'{"infill": "no mask"}',
+    b'{"infill": "a [MASK:x]"}',
+    b'{"infill": "[MASK:999999999999]"}',
+    b'{"infill": "[MASK:' + b"9" * 3000 + b']"}',
+    b'{"prefix": "zogu", "infill": "[MASK]"}',
+    b'{"model": "ar", "suffix": "zogu"}',
+    b'{"model": "ar", "infill": "[MASK] zogu"}',
     b'{"prefix": "' + b"zogu " * 3 + b'"}',  # longer than the sequence (2 tokens)
     b'{"prefix": "' + b"x" * 5000 + b'"}',  # over the 4,096-character text limit
     b'{"pad": "' + b"x" * 20000 + b'"}',  # over the 16 KiB body limit
@@ -317,9 +363,13 @@ def test_mutated_bodies_are_answered_200_or_4xx(default_client):
     import random
 
     rng = random.Random(15)
-    valid = [b'{"model": "flm", "steps": 2, "seed": 1}', b'{"model": "semigroup", "gamma": 0.25, "steps": 1}',
-             b'{"model": "mdlm", "prefix": "zogu", "steps": 2}', b'{"infill": "[MASK] zogu", "steps": 2}',
-             b'{"model": "ar", "num_samples": 2, "seq_len": 2}']
+    valid = [
+        b'{"model": "flm", "steps": 2, "seed": 1}',
+        b'{"model": "semigroup", "gamma": 0.25, "steps": 1}',
+        b'{"model": "mdlm", "prefix": "zogu", "steps": 2}',
+        b'{"infill": "[MASK] zogu", "steps": 2}',
+        b'{"model": "ar", "num_samples": 2, "seq_len": 2}',
+    ]
     alphabet = b'{}[]":,0123456789.eE+-\\ntrufalsNI \x00\xff'
     codes = []
     for i in range(200):
@@ -364,8 +414,10 @@ def _post_and_leave(port: int, body: dict):
     """Send a request on a raw connection (the caller closes it without reading the answer)."""
     data = json.dumps(body).encode()
     s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-              b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    s.sendall(
+        b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(data), data)
+    )
     return s
 
 
@@ -440,8 +492,11 @@ def test_a_disconnected_clients_request_is_dropped(models):
     try:
         url = f"http://127.0.0.1:{port}"
         results = []
-        first = threading.Thread(target=lambda: results.append(
-            httpx.post(f"{url}/v1/generate", json={"seed": 1, "steps": 2}, timeout=600).status_code))
+        first = threading.Thread(
+            target=lambda: results.append(
+                httpx.post(f"{url}/v1/generate", json={"seed": 1, "steps": 2}, timeout=600).status_code
+            )
+        )
         first.start()
         _wait_until(lambda: seeds == [1])  # the worker is busy with the first request
         for waiting, seed in enumerate((2, 3), start=1):  # two clients send a request and leave

@@ -124,9 +124,16 @@ def _distill(objective: str, noise: str, fused: bool, self_distill: bool = False
     return FMLM.from_teacher(teacher, student.net, objective=objective, noise=noise, fused=fused)
 
 
-@pytest.mark.parametrize("objective,noise,self_distill", [
-    ("semigroup", "embedded", False), ("semigroup", "vocab", False), ("semigroup", "embedded", True),
-    ("lagrangian", "embedded", False), ("eulerian", "vocab", False)])
+@pytest.mark.parametrize(
+    "objective,noise,self_distill",
+    [
+        ("semigroup", "embedded", False),
+        ("semigroup", "vocab", False),
+        ("semigroup", "embedded", True),
+        ("lagrangian", "embedded", False),
+        ("eulerian", "vocab", False),
+    ],
+)
 def test_fused_distillation_loss_equals_the_reference(objective, noise, self_distill):
     ids = torch.randint(120, (6, 16), generator=torch.Generator().manual_seed(1))
     out = []
@@ -134,8 +141,13 @@ def test_fused_distillation_loss_equals_the_reference(objective, noise, self_dis
         m = _distill(objective, noise, fused, self_distill)
         loss, metrics = m.loss(ids, torch.Generator().manual_seed(2))
         loss.backward()
-        out.append((loss.detach(), {k: v.item() for k, v in metrics.items()},
-                    [p.grad.clone() for p in m.net.parameters() if p.grad is not None]))
+        out.append(
+            (
+                loss.detach(),
+                {k: v.item() for k, v in metrics.items()},
+                [p.grad.clone() for p in m.net.parameters() if p.grad is not None],
+            )
+        )
     (l1, m1, g1), (l2, m2, g2) = out
     assert torch.allclose(l1, l2, rtol=1e-5, atol=1e-6)
     assert m1.keys() == m2.keys() and all(abs(m1[k] - m2[k]) <= 1e-5 * (1 + abs(m2[k])) for k in m1)
@@ -173,12 +185,17 @@ def test_ar_cached_decoder_same_tokens_as_full_recompute(opts):
     torch.manual_seed(0)
     m = build_method(cfg).eval()
     seen = []
-    a = m.sample(5, 12, generator=torch.Generator().manual_seed(4),
-                 callback=lambda l, ids, logits: seen.append(ids.clone()), **opts)
+    a = m.sample(
+        5,
+        12,
+        generator=torch.Generator().manual_seed(4),
+        callback=lambda l, ids, logits: seen.append(ids.clone()),
+        **opts,
+    )
     b = m.sample(5, 12, generator=torch.Generator().manual_seed(4), use_cache=False, **opts)
     assert torch.equal(a, b)
     assert [s.shape[1] for s in seen] == list(range(1, 13)) and torch.equal(seen[-1], a)
-    assert all(torch.equal(s, a[:, :s.shape[1]]) for s in seen)
+    assert all(torch.equal(s, a[:, : s.shape[1]]) for s in seen)
 
 
 def test_bench_speed_counts_flops_exactly_and_writes_its_outputs(tmp_path):
@@ -186,18 +203,37 @@ def test_bench_speed_counts_flops_exactly_and_writes_its_outputs(tmp_path):
     from fmlm.bench.flops import ar_flops, dit_flops
 
     out = tmp_path / "speed"
-    rc = dispatch("speed", ["--shape", "tiny:50:16:1,2", "--shape", "tiny:300:16:2", "--steps", "2",
-                            "--repeats", "2", "--min-seconds", "0", "--gemm", "128", "--threads", "1",
-                            "--profile", "--out", str(out)])
+    rc = dispatch(
+        "speed",
+        [
+            "--shape",
+            "tiny:50:16:1,2",
+            "--shape",
+            "tiny:300:16:2",
+            "--steps",
+            "2",
+            "--repeats",
+            "2",
+            "--min-seconds",
+            "0",
+            "--gemm",
+            "128",
+            "--threads",
+            "1",
+            "--profile",
+            "--out",
+            str(out),
+        ],
+    )
     assert rc == 0
     res = json.loads((out / "speed.json").read_text())
     assert (out / "speed.md").read_text().count("### tiny") == 2
     assert (out / "speed.png").stat().st_size > 0
     assert len(res["shapes"]) == 2
     s0 = res["shapes"][0]
-    assert {(r["method"], r["batch"]) for r in s0["rows"]} == {(m, b) for m in
-                                                               ("fmlm", "fmlm-ref", "flm", "mdlm", "duo", "ar")
-                                                               for b in (1, 2)}
+    assert {(r["method"], r["batch"]) for r in s0["rows"]} == {
+        (m, b) for m in ("fmlm", "fmlm-ref", "flm", "mdlm", "duo", "ar") for b in (1, 2)
+    }
     for shape in res["shapes"]:
         V = shape["shape"]["vocab"]
         fm, ar = _fmlm(V), None
@@ -243,10 +279,16 @@ def test_bench_speed_bad_input_is_a_config_error(tmp_path):
 
 
 def test_gpu_check_runs_in_tiny_cpu_mode(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               PYTHON=sys.executable)
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--tiny", "--out", str(tmp_path)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    env = dict(
+        os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHON=sys.executable
+    )
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--tiny", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [r["config"] for r in res["train"]] == ["flm-vocab", "flm-embedded", "fmlm", "mdlm"]
@@ -262,12 +304,47 @@ def test_bench_speed_times_a_checkpoint(tmp_path):
     from test_cli import TINY  # the CLI tests' tiny preset
 
     run = tmp_path / "flm"
-    assert main(["train", *TINY, "method=flm", f"data.cache_dir={tmp_path / 'cache'}", "--run-dir", str(run),
-                 "--quiet", "--no-samples"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *TINY,
+                "method=flm",
+                f"data.cache_dir={tmp_path / 'cache'}",
+                "--run-dir",
+                str(run),
+                "--quiet",
+                "--no-samples",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "speed"
-    assert dispatch("speed", ["--ckpt", str(run), "--batches", "1,2", "--steps", "2", "--repeats", "1",
-                              "--min-seconds", "0", "--gemm", "128", "--threads", "1", "--no-plot",
-                              "--out", str(out)]) == 0
+    assert (
+        dispatch(
+            "speed",
+            [
+                "--ckpt",
+                str(run),
+                "--batches",
+                "1,2",
+                "--steps",
+                "2",
+                "--repeats",
+                "1",
+                "--min-seconds",
+                "0",
+                "--gemm",
+                "128",
+                "--threads",
+                "1",
+                "--no-plot",
+                "--out",
+                str(out),
+            ],
+        )
+        == 0
+    )
     res = json.loads((out / "speed.json").read_text())
     assert [(r["method"], r["batch"]) for r in res["shapes"][0]["rows"]] == [("flm", 1), ("flm", 2)]
     assert res["settings"]["ckpt"] == str(run)

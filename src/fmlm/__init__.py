@@ -22,8 +22,9 @@ if TYPE_CHECKING:  # importing fmlm stays light: torch and the API load on first
 __version__ = "0.1.0"
 
 
-def load(path: str | Path, device: str | torch.device | None = None, ema: bool = True,
-         tokenizer: Tokenizer | None = None) -> Model:
+def load(
+    path: str | Path, device: str | torch.device | None = None, ema: bool = True, tokenizer: Tokenizer | None = None
+) -> Model:
     """Load a checkpoint or run directory; see :func:`fmlm.api.load`."""
     from fmlm.api import load as _load
 

@@ -55,9 +55,16 @@ class Model:
         return ("prefix", "suffix", "infill")
 
     @torch.no_grad()
-    def sample_ids(self, num_samples: int = 4, steps: int | None = None, seed: int = 0,
-                   seq_len: int | None = None, float64: bool = False, batch_size: int = 256,
-                   **options) -> torch.Tensor:
+    def sample_ids(
+        self,
+        num_samples: int = 4,
+        steps: int | None = None,
+        seed: int = 0,
+        seq_len: int | None = None,
+        float64: bool = False,
+        batch_size: int = 256,
+        **options,
+    ) -> torch.Tensor:
         """Token ids (num_samples, seq_len). The same seed gives the same ids.
 
         ``options`` go to the method's sampler when it has them, e.g. ``gamma`` (flow-map
@@ -88,8 +95,9 @@ class Model:
         if num_samples < 1:
             raise FmlmError(f"num_samples must be >= 1, got {num_samples}")
         if seq_len < 1 or seq_len > self.config.model.max_seq_len:
-            raise FmlmError(f"sequence length {seq_len} is outside 1..{self.config.model.max_seq_len}, "
-                            "the model's maximum")
+            raise FmlmError(
+                f"sequence length {seq_len} is outside 1..{self.config.model.max_seq_len}, the model's maximum"
+            )
         # None means "not given"; gamma = 0 is the deterministic sampler every method has.
         extra = {k: v for k, v in options.items() if v is not None and not (k == "gamma" and v == 0)}
         accepted = inspect.signature(self.method.sample).parameters
@@ -125,13 +133,16 @@ class Model:
             raise FmlmError("give only one of prefix (and/or suffix), infill and known")
         for name, v in (("prefix", prefix), ("suffix", suffix), ("infill", infill)):
             if v is not None and name not in self.conditioning:
-                raise FmlmError(f"{name} conditioning does not apply to method {self.config.train.method!r}"
-                                + (f" (it takes: {', '.join(self.conditioning)})" if self.conditioning else ""))
+                raise FmlmError(
+                    f"{name} conditioning does not apply to method {self.config.train.method!r}"
+                    + (f" (it takes: {', '.join(self.conditioning)})" if self.conditioning else "")
+                )
         if suffix is not None:
             options["known"], options["mask"] = guidance.prefix_suffix(prefix, suffix, self.tokenizer, seq_len)
         elif prefix is not None:
-            options["known"] = (guidance.prefix_ids(prefix, self.tokenizer, seq_len)
-                                if isinstance(prefix, str) else prefix)
+            options["known"] = (
+                guidance.prefix_ids(prefix, self.tokenizer, seq_len) if isinstance(prefix, str) else prefix
+            )
         if infill is not None:
             options["known"], options["mask"] = guidance.parse_infill(infill, self.tokenizer, seq_len)
         weak = options.get("guide_weak")
@@ -156,13 +167,19 @@ class Model:
 
     def _check_companion(self, other: "Model", what: str) -> None:
         """A weak model or classifier must share this model's tokenizer and sequence length."""
-        if other.config.model.vocab_size != self.config.model.vocab_size or \
-                other.tokenizer.fingerprint != self.tokenizer.fingerprint:
-            raise FmlmError(f"the {what} {other.path} has a different vocabulary "
-                            f"({other.config.model.vocab_size} tokens) from {self.path} ({self.config.model.vocab_size})")
+        if (
+            other.config.model.vocab_size != self.config.model.vocab_size
+            or other.tokenizer.fingerprint != self.tokenizer.fingerprint
+        ):
+            raise FmlmError(
+                f"the {what} {other.path} has a different vocabulary "
+                f"({other.config.model.vocab_size} tokens) from {self.path} ({self.config.model.vocab_size})"
+            )
         if other.config.model.max_seq_len != self.config.model.max_seq_len:
-            raise FmlmError(f"the {what} {other.path} has sequence length {other.config.model.max_seq_len}, "
-                            f"not {self.config.model.max_seq_len}")
+            raise FmlmError(
+                f"the {what} {other.path} has sequence length {other.config.model.max_seq_len}, "
+                f"not {self.config.model.max_seq_len}"
+            )
 
     def class_names(self) -> list[str]:
         """A classifier's class names (phrase texts, or with/without the keyword)."""
@@ -201,11 +218,10 @@ class Model:
 def _rows(x, start: int, n: int, total: int):
     """Rows start..start+n of a per-sample (total, L) conditioning tensor; shared ones unchanged."""
     t = torch.as_tensor(x)
-    return t[start:start + n] if t.dim() == 2 and t.shape[0] == total and total > 1 else x
+    return t[start : start + n] if t.dim() == 2 and t.shape[0] == total and total > 1 else x
 
 
-def load(path: str | Path, device: str | torch.device | None = None, ema: bool = True,
-         tokenizer=None) -> Model:
+def load(path: str | Path, device: str | torch.device | None = None, ema: bool = True, tokenizer=None) -> Model:
     """Load a checkpoint directory or a run directory (its newest checkpoint).
 
     Loading is strict: a missing or corrupt file, a weight of the wrong shape or a

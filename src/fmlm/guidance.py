@@ -60,9 +60,14 @@ Reward = Callable[[torch.Tensor], torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------- known tokens
-def known_tensors(known: Sequence[int] | torch.Tensor | None, mask: Sequence[bool] | torch.Tensor | None,
-                  num_samples: int, seq_len: int, vocab_size: int,
-                  device: str | torch.device | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def known_tensors(
+    known: Sequence[int] | torch.Tensor | None,
+    mask: Sequence[bool] | torch.Tensor | None,
+    num_samples: int,
+    seq_len: int,
+    vocab_size: int,
+    device: str | torch.device | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Normalise conditioning arguments to ids (B, L) int64 and a mask (B, L) bool.
 
     ``known`` is a sequence or tensor of ids, (L,), (B, L), or shorter than L along the
@@ -98,8 +103,9 @@ def known_tensors(known: Sequence[int] | torch.Tensor | None, mask: Sequence[boo
     return ids.expand(num_samples, seq_len), m.expand(num_samples, seq_len)
 
 
-def replace_known(z: torch.Tensor, known: torch.Tensor | None, mask: torch.Tensor | None,
-                  noise: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+def replace_known(
+    z: torch.Tensor, known: torch.Tensor | None, mask: torch.Tensor | None, noise: torch.Tensor, t: float | torch.Tensor
+) -> torch.Tensor:
     """z with the known positions set to the interpolant (1 − t)·noise + t·onehot(known)."""
     if known is None:
         return z
@@ -123,8 +129,15 @@ def known_loglik(known: torch.Tensor, mask: torch.Tensor) -> Reward:
     return reward
 
 
-def invert_known(z: torch.Tensor, lookahead: Callable[[torch.Tensor], torch.Tensor], known: torch.Tensor,
-                 mask: torch.Tensor, scale: float = 0.1, iters: int = 50, threshold: float = 0.99) -> torch.Tensor:
+def invert_known(
+    z: torch.Tensor,
+    lookahead: Callable[[torch.Tensor], torch.Tensor],
+    known: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float = 0.1,
+    iters: int = 50,
+    threshold: float = 0.99,
+) -> torch.Tensor:
     """Move the known positions of a t = 0 state until the look-ahead predicts the known tokens.
 
     Each iteration takes one normalised gradient step (RMS ``scale`` per moved coordinate) on
@@ -167,11 +180,11 @@ def guided_logits(logits: torch.Tensor, weak_logits: torch.Tensor | None, weight
 def check_weak(main: torch.nn.Module, weak: torch.nn.Module, what: str = "weak model") -> None:
     """Autoguidance needs a weak model of the same kind, vocabulary and time reparameterisation."""
     if type(weak) is not type(main):
-        raise FmlmError(f"the {what} must be a {type(main).__name__} like the main model, "
-                        f"got a {type(weak).__name__}")
+        raise FmlmError(f"the {what} must be a {type(main).__name__} like the main model, got a {type(weak).__name__}")
     if weak.vocab_size != main.vocab_size:
-        raise FmlmError(f"the {what}'s vocabulary ({weak.vocab_size}) differs from the main model's "
-                        f"({main.vocab_size})")
+        raise FmlmError(
+            f"the {what}'s vocabulary ({weak.vocab_size}) differs from the main model's ({main.vocab_size})"
+        )
     if type(weak.schedule) is not type(main.schedule):
         raise FmlmError(f"the {what} uses a different time reparameterisation")
 
@@ -226,8 +239,7 @@ def chain(steers: list[Steering]) -> Callable | None:
     return steer
 
 
-def reward_gradient(z: torch.Tensor, lookahead: Callable[[torch.Tensor], torch.Tensor],
-                    reward: Reward) -> torch.Tensor:
+def reward_gradient(z: torch.Tensor, lookahead: Callable[[torch.Tensor], torch.Tensor], reward: Reward) -> torch.Tensor:
     """∇_z Σ_b r(lookahead(z))_b, float32, with gradients enabled even inside ``no_grad``."""
     with torch.enable_grad():
         zz = z.detach().float().requires_grad_(True)
@@ -275,8 +287,10 @@ def parse_infill(text: str, tokenizer: Tokenizer, seq_len: int) -> tuple[list[in
             if n < 1:
                 raise FmlmError(f"[MASK:{n}] must mask at least one token")
             if len(ids) + n > seq_len:  # checked before anything of that size is allocated
-                raise FmlmError(f"[MASK:{piece}] does not fit: the infill template would be longer than the "
-                                f"sequence length {seq_len}")
+                raise FmlmError(
+                    f"[MASK:{piece}] does not fit: the infill template would be longer than the "
+                    f"sequence length {seq_len}"
+                )
             ids += [0] * n
             mask += [False] * n
         elif piece and (piece.strip() or not _is_word_level(tokenizer)):
@@ -310,16 +324,22 @@ def prefix_ids(text: str, tokenizer: Tokenizer, seq_len: int) -> list[int]:
     return ids
 
 
-def prefix_suffix(prefix: str | Sequence[int] | None, suffix: str, tokenizer: Tokenizer, seq_len: int) -> tuple[list[int], list[bool]]:
+def prefix_suffix(
+    prefix: str | Sequence[int] | None, suffix: str, tokenizer: Tokenizer, seq_len: int
+) -> tuple[list[int], list[bool]]:
     """Known ids and mask (length ``seq_len``) for a suffix the samples end with, and an optional
     prefix (text or ids) they start with; the positions between are free."""
-    head = [] if prefix is None else (prefix_ids(prefix, tokenizer, seq_len) if isinstance(prefix, str)
-                                      else [int(i) for i in prefix])
+    head = (
+        []
+        if prefix is None
+        else (prefix_ids(prefix, tokenizer, seq_len) if isinstance(prefix, str) else [int(i) for i in prefix])
+    )
     tail = encode_text(suffix, tokenizer)
     if not tail:
         raise FmlmError("the suffix is empty after tokenisation")
     if len(head) + len(tail) > seq_len:
-        raise FmlmError(f"the prefix and suffix are {len(head) + len(tail)} tokens long, more than the sequence "
-                        f"length {seq_len}")
+        raise FmlmError(
+            f"the prefix and suffix are {len(head) + len(tail)} tokens long, more than the sequence length {seq_len}"
+        )
     free = seq_len - len(head) - len(tail)
     return head + [0] * free + tail, [True] * len(head) + [False] * free + [True] * len(tail)

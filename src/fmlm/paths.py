@@ -88,8 +88,9 @@ def cholesky_psd(cov: torch.Tensor, max_tries: int = 6) -> torch.Tensor:
     raise RuntimeError("covariance of the embedded noise is not positive semi-definite")
 
 
-def embedded_noise(embeds: Sequence[torch.Tensor], shape: Sequence[int], generator: torch.Generator | None = None
-                   ) -> list[torch.Tensor]:
+def embedded_noise(
+    embeds: Sequence[torch.Tensor], shape: Sequence[int], generator: torch.Generator | None = None
+) -> list[torch.Tensor]:
     """x0 @ E_i for every E_i in ``embeds`` (V x d_i), one common x0 ~ N(0, I_V) per position.
 
     Returns float32 tensors of shape (*shape, d_i). Drawn in the (Σ d_i)-dimensional joint
@@ -109,8 +110,13 @@ def embedded_noise(embeds: Sequence[torch.Tensor], shape: Sequence[int], generat
         W = torch.cat([u.detach().float() for u in uniq], dim=1)  # (V, n)
         # Wᵀ E_i with a gradient to E_i where needed (its value is the i-th block column of WᵀW).
         cols = [W.t() @ u.float() if u.requires_grad else None for u in uniq]
-        cov = W.t() @ W if all(c is None for c in cols) else torch.cat(
-            [(c if c is not None else W.t() @ u.detach().float()).detach() for c, u in zip(cols, uniq)], dim=1)
+        cov = (
+            W.t() @ W
+            if all(c is None for c in cols)
+            else torch.cat(
+                [(c if c is not None else W.t() @ u.detach().float()).detach() for c, u in zip(cols, uniq)], dim=1
+            )
+        )
         chol = cholesky_psd(cov.double())  # (n, n), lower
         z = torch.randn(*shape, n, generator=generator, device=device)
         Y = z @ chol.t().float()  # (*shape, n) ~ x0 @ W
@@ -141,8 +147,9 @@ def noise_factor(E: torch.Tensor) -> torch.Tensor | None:
         return cholesky_psd((W.t() @ W).double()).float()
 
 
-def draw_embedded(E: torch.Tensor, shape: Sequence[int], generator: torch.Generator | None,
-                  factor: torch.Tensor | None) -> torch.Tensor:
+def draw_embedded(
+    E: torch.Tensor, shape: Sequence[int], generator: torch.Generator | None, factor: torch.Tensor | None
+) -> torch.Tensor:
     """x0 @ E for x0 ~ N(0, I_V) per position, float32 (*shape, d), drawn as :func:`embedded_noise`
     draws it for one network (the same random stream); ``factor`` from :func:`noise_factor`."""
     with torch.no_grad(), torch.autocast(E.device.type, enabled=False):
@@ -185,8 +192,9 @@ def run_net(net: torch.nn.Module, x: torch.Tensor | EmbeddedState, *times: torch
     return net(x, *times, **kw)
 
 
-def flow_map(x: torch.Tensor | EmbeddedState, delta: torch.Tensor, t_s: torch.Tensor,
-             t_t: torch.Tensor) -> torch.Tensor | EmbeddedState:
+def flow_map(
+    x: torch.Tensor | EmbeddedState, delta: torch.Tensor, t_s: torch.Tensor, t_t: torch.Tensor
+) -> torch.Tensor | EmbeddedState:
     """X_{s,t}(x) = ((1−t)/(1−s))·x + ((t−s)/(1−s))·δ_{s,t}(x); t_s, t_t: (B,) interpolant times.
 
     ``x`` may be an :class:`EmbeddedState`: the map is affine in x, so the result is one too.

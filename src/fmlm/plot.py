@@ -57,11 +57,18 @@ def plot_schedule(vocab_sizes: list[int], out: Path) -> list[str]:
         s = DecodingErrorSchedule(K)
         ax1.semilogy(t, s.p_error(t), label=f"V = {K:,}")
         ax2.plot(t, s.tau(torch.as_tensor(t)).numpy(), label=f"V = {K:,}")
-    ax1.set(xlabel="interpolant time t", ylabel="P_e(t) = P[argmax I_t ≠ true token]",
-            title="Decoding error of the noisy one-hot", ylim=(1e-6, 1.0))
+    ax1.set(
+        xlabel="interpolant time t",
+        ylabel="P_e(t) = P[argmax I_t ≠ true token]",
+        title="Decoding error of the noisy one-hot",
+        ylim=(1e-6, 1.0),
+    )
     ax2.plot(t, t, "k:", lw=1, label="τ = t (uniform)")
-    ax2.set(xlabel="interpolant time t", ylabel="τ(t) = 1 − V/(V−1)·P_e(t)",
-            title="Network time τ (sampler steps are uniform in τ)")
+    ax2.set(
+        xlabel="interpolant time t",
+        ylabel="τ(t) = 1 − V/(V−1)·P_e(t)",
+        title="Network time τ (sampler steps are uniform in τ)",
+    )
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -143,11 +150,22 @@ def toy_metrics(task, flm, fmlm, n: int = 2000, seed: int = 1, ref_steps: int = 
     tv = 0.5 * (d - exact).abs().sum(-1)
     ref_traj, ref_ids = _trajectories(flm, n, ref_steps, seed)
     ref = f"flm{ref_steps}"
-    out = {"denoiser_tv_mean": float(tv.mean()), "denoiser_tv_p95": float(tv.quantile(0.95)),
-           "data_probs": task.probs.tolist(),
-           "ref_steps": ref_steps, f"{ref}_freq": torch.bincount(ref_ids, minlength=3).div(n).tolist()}
-    for name, m, steps in (("flm", flm, 1), ("flm", flm, 2), ("flm", flm, 4), ("flm", flm, 16),
-                           ("fmlm", fmlm, 1), ("fmlm", fmlm, 2), ("fmlm", fmlm, 4)):
+    out = {
+        "denoiser_tv_mean": float(tv.mean()),
+        "denoiser_tv_p95": float(tv.quantile(0.95)),
+        "data_probs": task.probs.tolist(),
+        "ref_steps": ref_steps,
+        f"{ref}_freq": torch.bincount(ref_ids, minlength=3).div(n).tolist(),
+    }
+    for name, m, steps in (
+        ("flm", flm, 1),
+        ("flm", flm, 2),
+        ("flm", flm, 4),
+        ("flm", flm, 16),
+        ("fmlm", fmlm, 1),
+        ("fmlm", fmlm, 2),
+        ("fmlm", fmlm, 4),
+    ):
         traj, got = _trajectories(m, n, steps, seed)
         out[f"{name}{steps}_agree_{ref}"] = float((got == ref_ids).double().mean())
         out[f"{name}{steps}_end_dist_{ref}"] = float((traj[:, -1] - ref_traj[:, -1]).norm(dim=-1).mean())
@@ -164,8 +182,16 @@ def _triangle(ax, lim: float):
     ax.plot(tri[:, 0], tri[:, 1], "k-", lw=1.2)
     for k, name in enumerate("abc"):
         u, v = corners[k].tolist()
-        ax.annotate(name, (u, v), xytext=(u * 1.13, v * 1.13 - 0.02), ha="center", va="center",
-                    fontsize=11, fontweight="bold", color=_COLOURS[k])
+        ax.annotate(
+            name,
+            (u, v),
+            xytext=(u * 1.13, v * 1.13 - 0.02),
+            ha="center",
+            va="center",
+            fontsize=11,
+            fontweight="bold",
+            color=_COLOURS[k],
+        )
     ax.set_xlim(-lim, lim)
     ax.set_ylim(-lim, lim)
     ax.set_aspect("equal")
@@ -198,14 +224,26 @@ def plot_field(task, flm, out: Path, taus=(0.15, 0.4, 0.65, 0.9), lim: float = 1
         xs, ds = x[::step, ::step], d[::step, ::step]
         vel = to_plane((ds.double() - xs.double()) / (1 - t))
         pos = to_plane(xs)
-        ax.quiver(pos[..., 0], pos[..., 1], vel[..., 0], vel[..., 1], color="k", alpha=0.55, angles="xy",
-                  scale_units="xy", scale=max(1.0, float(vel.norm(dim=-1).max()) / 0.25), width=0.004)
+        ax.quiver(
+            pos[..., 0],
+            pos[..., 1],
+            vel[..., 0],
+            vel[..., 1],
+            color="k",
+            alpha=0.55,
+            angles="xy",
+            scale_units="xy",
+            scale=max(1.0, float(vel.norm(dim=-1).max()) / 0.25),
+            width=0.004,
+        )
         _triangle(ax, lim)
         ax.set_title(f"τ = {tau:.2f}  (t = {t:.2f})")
-    fig.suptitle("Learned denoiser on the simplex plane (V = 3, p = "
-                 f"{', '.join(f'{p:.1f}' for p in task.probs.tolist())}): colour = D_t(x), "
-                 "white = learned decision boundary, dashed = exact, arrows = velocity (D − x)/(1 − t)",
-                 fontsize=10)
+    fig.suptitle(
+        "Learned denoiser on the simplex plane (V = 3, p = "
+        f"{', '.join(f'{p:.1f}' for p in task.probs.tolist())}): colour = D_t(x), "
+        "white = learned decision boundary, dashed = exact, arrows = velocity (D − x)/(1 − t)",
+        fontsize=10,
+    )
     fig.tight_layout()
     return _save(fig, out, "simplex-field")
 
@@ -215,8 +253,7 @@ def _draw_paths(ax, traj: torch.Tensor, ids: torch.Tensor, alpha: float, lw: flo
 
     p = to_plane(traj)
     for j in range(p.shape[0]):
-        ax.plot(p[j, :, 0], p[j, :, 1], "-", color=_COLOURS[int(ids[j])], alpha=alpha, lw=lw, marker=marker,
-                ms=3)
+        ax.plot(p[j, :, 0], p[j, :, 1], "-", color=_COLOURS[int(ids[j])], alpha=alpha, lw=lw, marker=marker, ms=3)
 
 
 @torch.no_grad()
@@ -231,9 +268,12 @@ def plot_trajectories(task, flm, out: Path, n: int = 200, steps: int = 64, seed:
     ax.scatter(start[:, 0], start[:, 1], s=6, c="k", alpha=0.5, label="noise x0 (projected)", zorder=3)
     _triangle(ax, lim)
     freq = torch.bincount(ids, minlength=3).div(n).tolist()
-    ax.set_title(f"FLM sample paths, {steps} Euler steps, {n} samples\n"
-                 f"end tokens a/b/c: {freq[0]:.2f}/{freq[1]:.2f}/{freq[2]:.2f}  (data "
-                 f"{'/'.join(f'{p:.2f}' for p in task.probs.tolist())})", fontsize=10)
+    ax.set_title(
+        f"FLM sample paths, {steps} Euler steps, {n} samples\n"
+        f"end tokens a/b/c: {freq[0]:.2f}/{freq[1]:.2f}/{freq[2]:.2f}  (data "
+        f"{'/'.join(f'{p:.2f}' for p in task.probs.tolist())})",
+        fontsize=10,
+    )
     ax.legend(loc="lower right", fontsize=8)
     return _save(fig, out, "simplex-trajectories")
 
@@ -259,29 +299,50 @@ def plot_flow_vs_map(task, flm, fmlm, out: Path, metrics: dict, n: int = 14, see
     for traj, style in ((one, "-"), (two, ":")):
         p = to_plane(traj)
         for j in range(n):
-            axes[1].annotate("", xy=tuple(p[j, -1].tolist()), xytext=tuple(p[j, -2].tolist()),
-                             arrowprops=dict(arrowstyle="->", color="0.15", lw=1.3, linestyle=style))
+            axes[1].annotate(
+                "",
+                xy=tuple(p[j, -1].tolist()),
+                xytext=tuple(p[j, -2].tolist()),
+                arrowprops=dict(arrowstyle="->", color="0.15", lw=1.3, linestyle=style),
+            )
             if traj.shape[1] > 2:
-                axes[1].annotate("", xy=tuple(p[j, 1].tolist()), xytext=tuple(p[j, 0].tolist()),
-                                 arrowprops=dict(arrowstyle="->", color="0.15", lw=1.3, linestyle=style))
+                axes[1].annotate(
+                    "",
+                    xy=tuple(p[j, 1].tolist()),
+                    xytext=tuple(p[j, 0].tolist()),
+                    arrowprops=dict(arrowstyle="->", color="0.15", lw=1.3, linestyle=style),
+                )
     for ax in axes:
         _triangle(ax, lim)
     m = metrics
-    axes[0].set_title(f"Flow: coloured = {r} Euler steps; dashed = 2 Euler steps\n"
-                      f"2 steps end on the {r}-step token for {m[f'flm2_agree_flm{r}']:.0%} of starts "
-                      f"(1 step: {m[f'flm1_agree_flm{r}']:.0%}, 4: {m[f'flm4_agree_flm{r}']:.0%})", fontsize=10)
-    axes[1].set_title("Flow map: solid = 1 jump X(0→1); dotted = 2 jumps\n"
-                      f"1 jump ends on the {r}-step token for {m[f'fmlm1_agree_flm{r}']:.0%} of starts "
-                      f"(2 jumps: {m[f'fmlm2_agree_flm{r}']:.0%})", fontsize=10)
-    fig.suptitle("Same noise, same teacher: integrating the flow vs jumping with the flow map (V = 3)",
-                 fontsize=11)
+    axes[0].set_title(
+        f"Flow: coloured = {r} Euler steps; dashed = 2 Euler steps\n"
+        f"2 steps end on the {r}-step token for {m[f'flm2_agree_flm{r}']:.0%} of starts "
+        f"(1 step: {m[f'flm1_agree_flm{r}']:.0%}, 4: {m[f'flm4_agree_flm{r}']:.0%})",
+        fontsize=10,
+    )
+    axes[1].set_title(
+        "Flow map: solid = 1 jump X(0→1); dotted = 2 jumps\n"
+        f"1 jump ends on the {r}-step token for {m[f'fmlm1_agree_flm{r}']:.0%} of starts "
+        f"(2 jumps: {m[f'fmlm2_agree_flm{r}']:.0%})",
+        fontsize=10,
+    )
+    fig.suptitle("Same noise, same teacher: integrating the flow vs jumping with the flow map (V = 3)", fontsize=11)
     fig.tight_layout()
     return _save(fig, out, "simplex-flow-vs-map")
 
 
-def plot_simplex(out: Path, seed: int = 0, flm_steps: int = 1000, fmlm_steps: int = 1500,
-                 probs=(0.6, 0.3, 0.1), progress: bool = True, n_metrics: int = 2000, ref_steps: int = 128,
-                 res: int = 112) -> dict:
+def plot_simplex(
+    out: Path,
+    seed: int = 0,
+    flm_steps: int = 1000,
+    fmlm_steps: int = 1500,
+    probs=(0.6, 0.3, 0.1),
+    progress: bool = True,
+    n_metrics: int = 2000,
+    ref_steps: int = 128,
+    res: int = 112,
+) -> dict:
     from fmlm.data.simplex import Simplex3
 
     task = Simplex3(probs)
@@ -294,8 +355,15 @@ def plot_simplex(out: Path, seed: int = 0, flm_steps: int = 1000, fmlm_steps: in
     return {"files": files + [str(out / "simplex-metrics.json")], "metrics": metrics}
 
 
-def run(what: str, out: Path, vocab_sizes: list[int], seed: int = 0, flm_steps: int = 1000,
-        fmlm_steps: int = 1500, progress: bool = True) -> dict:
+def run(
+    what: str,
+    out: Path,
+    vocab_sizes: list[int],
+    seed: int = 0,
+    flm_steps: int = 1000,
+    fmlm_steps: int = 1500,
+    progress: bool = True,
+) -> dict:
     result: dict = {"files": []}
     if what in ("schedule", "all"):
         result["files"] += plot_schedule(vocab_sizes, out)

@@ -54,10 +54,12 @@ def dispatch(target: str, rest: list[str]) -> int:
         from fmlm.argtypes import positive
         from fmlm.bench.scorers import load_scorer
 
-        parser = Parser(prog="fmlm bench rescore",
-                         description="Score the saved samples (samples.jsonl) of a finished bench under another "
-                                     "scorer LM, without sampling again; writes results.json, results.md and "
-                                     "plots to DIR-<scorer> (or --out).")
+        parser = Parser(
+            prog="fmlm bench rescore",
+            description="Score the saved samples (samples.jsonl) of a finished bench under another "
+            "scorer LM, without sampling again; writes results.json, results.md and "
+            "plots to DIR-<scorer> (or --out).",
+        )
         parser.add_argument("folder", metavar="DIR", help="the output folder of `fmlm bench PRESET`")
         parser.add_argument("--scorer", required=True, help="gemma-3-270m, smollm2-135m, ar:RUN, a HF name or dir")
         parser.add_argument("--scorer-batch", type=positive, help="texts per scorer forward pass")
@@ -72,15 +74,16 @@ def dispatch(target: str, rest: list[str]) -> int:
         rescore.read_samples(args.folder)  # fail on a missing file before loading a scorer
         scorer = load_scorer(args.scorer, batch_size=args.scorer_batch, device=args.device)
         command = "fmlm bench rescore " + " ".join(shlex.quote(a) for a in rest)
-        result, dest = rescore.rescore(args.folder, scorer, args.out, plots=not args.no_plots, command=command,
-                                      log=log)
+        result, dest = rescore.rescore(args.folder, scorer, args.out, plots=not args.no_plots, command=command, log=log)
         log(f"wrote {dest / 'results.json'}, {dest / 'results.md'}")
         print(report.markdown(result))
         return 0
     if target == "report":
-        parser = Parser(prog="fmlm bench report",
-                         description="Rewrite results.md, the headline and the plots of a finished bench "
-                                     "from its results.json (after an upgrade, or on another machine).")
+        parser = Parser(
+            prog="fmlm bench report",
+            description="Rewrite results.md, the headline and the plots of a finished bench "
+            "from its results.json (after an upgrade, or on another machine).",
+        )
         parser.add_argument("folder", metavar="DIR", help="the output folder of `fmlm bench PRESET`")
         parser.add_argument("--no-plots", action="store_true")
         args = parser.parse_args(rest)

@@ -25,8 +25,18 @@ from fmlm.errors import ConfigError
 from fmlm.io import write_text
 
 
-def measure(model, steps: int, num_samples: int, seed: int = 0, batch_size: int = 256, scorer=None,
-            float64: bool = False, keep_texts: int = 0, samples: list | None = None, **options) -> dict:
+def measure(
+    model,
+    steps: int,
+    num_samples: int,
+    seed: int = 0,
+    batch_size: int = 256,
+    scorer=None,
+    float64: bool = False,
+    keep_texts: int = 0,
+    samples: list | None = None,
+    **options,
+) -> dict:
     """Sample ``num_samples`` with ``steps`` steps; time it; score it.
 
     Returns a row with ``steps``, ``nfe`` (network passes per sample: L for AR),
@@ -41,9 +51,15 @@ def measure(model, steps: int, num_samples: int, seed: int = 0, batch_size: int 
     ids = model.sample_ids(num_samples, steps, seed, float64=float64, batch_size=batch_size, **options)
     dt = time.perf_counter() - t0
     L = ids.shape[1]
-    row = {"steps": steps, "nfe": L if method == "ar" else steps, "num_samples": num_samples,
-           "seconds": dt, "seconds_per_sample": dt / num_samples, "samples_per_s": num_samples / max(dt, 1e-12),
-           "entropy": mean_entropy(ids)}
+    row = {
+        "steps": steps,
+        "nfe": L if method == "ar" else steps,
+        "num_samples": num_samples,
+        "seconds": dt,
+        "seconds_per_sample": dt / num_samples,
+        "samples_per_s": num_samples / max(dt, 1e-12),
+        "entropy": mean_entropy(ids),
+    }
     if model.task is not None:
         m = model.task.check(ids)
         row.update(valid_rate=m["valid_rate"], block_valid_rate=m["block_valid_rate"], coverage=m["coverage"])
@@ -64,14 +80,31 @@ def warm_up(model, batch_size: int, **options) -> None:
 
 
 def environment(threads: int | None) -> dict:
-    return {"commit": git_commit(), "torch": torch.__version__, "python": platform.python_version(),
-            "threads": threads or torch.get_num_threads(), "machine": platform.machine()}
+    return {
+        "commit": git_commit(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": threads or torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
 
 
-def evaluate(path: str, steps_list: list[int] | None = None, num_samples: int = 256, seed: int = 0,
-             scorer_name: str | None = "auto", scorer_batch: int | None = None, val_batches: int = 8,
-             batch_size: int = 256, float64: bool = False, device: str | None = None, threads: int | None = None,
-             keep_texts: int = 2, log=None, **options) -> dict:
+def evaluate(
+    path: str,
+    steps_list: list[int] | None = None,
+    num_samples: int = 256,
+    seed: int = 0,
+    scorer_name: str | None = "auto",
+    scorer_batch: int | None = None,
+    val_batches: int = 8,
+    batch_size: int = 256,
+    float64: bool = False,
+    device: str | None = None,
+    threads: int | None = None,
+    keep_texts: int = 2,
+    log=None,
+    **options,
+) -> dict:
     """Evaluate one checkpoint (see :func:`measure`); the dict ``fmlm eval`` writes as JSON.
 
     ``scorer_name`` ``"auto"`` means the default scorer for real text and none for the
@@ -100,9 +133,14 @@ def evaluate(path: str, steps_list: list[int] | None = None, num_samples: int = 
         scorer = load_scorer(scorer_name, batch_size=scorer_batch, device=device)
     data = load_data(cfg, tokenizer=model.tokenizer)
     result = {
-        "checkpoint": str(model.path), "method": cfg.train.method, "preset": cfg.preset,
-        **environment(threads), "seed": seed, "num_samples": num_samples,
-        "precision": "float64" if float64 else "float32", "device": str(model.device),
+        "checkpoint": str(model.path),
+        "method": cfg.train.method,
+        "preset": cfg.preset,
+        **environment(threads),
+        "seed": seed,
+        "num_samples": num_samples,
+        "precision": "float64" if float64 else "float32",
+        "device": str(model.device),
         "scorer": scorer.describe() if scorer is not None else None,
         "data_entropy": reference_entropy(data.val),
         "options": {k: v for k, v in options.items() if v is not None},
@@ -112,12 +150,13 @@ def evaluate(path: str, steps_list: list[int] | None = None, num_samples: int = 
         result["references"] = score_references(reference_texts(data.val, model.tokenizer, num_samples, seed), scorer)
         result["data_bpb"] = result["references"].get("data", {}).get("gen_bpb")
         result["shuffled_bpb"] = result["references"].get("shuffled", {}).get("gen_bpb")
-        log(f"data {_fmt_bpb(result['data_bpb'])} bits/byte, shuffled characters "
-            f"{_fmt_bpb(result['shuffled_bpb'])} bits/byte")
+        log(
+            f"data {_fmt_bpb(result['data_bpb'])} bits/byte, shuffled characters "
+            f"{_fmt_bpb(result['shuffled_bpb'])} bits/byte"
+        )
     if val_batches > 0:
         log("validation metrics")
-        result.update(validation_metrics(model.method, data.val, batch_size=cfg.train.batch_size,
-                                         batches=val_batches))
+        result.update(validation_metrics(model.method, data.val, batch_size=cfg.train.batch_size, batches=val_batches))
     warm_up(model, batch_size, float64=float64, **options)
     rows = []
     for steps in steps_list:
@@ -143,9 +182,21 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--num-samples must be >= 1")
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     options = {"gamma": args.gamma}
-    result = evaluate(args.ckpt, args.steps, args.num_samples, args.seed, args.scorer, args.scorer_batch,
-                      args.val_batches, args.batch_size, args.float64, args.device, args.threads, log=log,
-                      **options)
+    result = evaluate(
+        args.ckpt,
+        args.steps,
+        args.num_samples,
+        args.seed,
+        args.scorer,
+        args.scorer_batch,
+        args.val_batches,
+        args.batch_size,
+        args.float64,
+        args.device,
+        args.threads,
+        log=log,
+        **options,
+    )
     text = json.dumps(result, indent=2)
     if args.out:
         out = Path(args.out)
@@ -164,9 +215,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=steps_list, help="comma-separated step counts (default: the run's)")
     p.add_argument("--num-samples", "-n", type=positive, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scorer", default="auto",
-                   help="gen-PPL scorer: gemma-3-270m (default for text), smollm2-135m, ar:RUN, a Hugging Face "
-                        "name or local directory, or none (default for the phrases task: valid rate instead)")
+    p.add_argument(
+        "--scorer",
+        default="auto",
+        help="gen-PPL scorer: gemma-3-270m (default for text), smollm2-135m, ar:RUN, a Hugging Face "
+        "name or local directory, or none (default for the phrases task: valid rate instead)",
+    )
     p.add_argument("--scorer-batch", type=positive, help="texts per scorer forward pass (default 4 for gemma)")
     p.add_argument("--val-batches", type=int, default=8, help="validation batches for the likelihood (0: skip)")
     p.add_argument("--batch-size", type=positive, default=256, help="samples per sampling call")

@@ -74,10 +74,15 @@ def profile_breakdown(call, device) -> dict:
     cat = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
     for k, t in times.items():
         cat["matmul" if k in _MATMUL_OPS else "attention" if "scaled_dot_product" in k else "other"] += t
-    rest = sorted(((k, t) for k, t in times.items() if k not in _MATMUL_OPS and "scaled_dot_product" not in k),
-                  key=lambda kt: -kt[1])[:6]
-    return {"shares": {k: v / total for k, v in cat.items()}, "operator_seconds": total / 1e6,
-            "other_top": [{"op": k, "share": t / total} for k, t in rest]}
+    rest = sorted(
+        ((k, t) for k, t in times.items() if k not in _MATMUL_OPS and "scaled_dot_product" not in k),
+        key=lambda kt: -kt[1],
+    )[:6]
+    return {
+        "shares": {k: v / total for k, v in cat.items()},
+        "operator_seconds": total / 1e6,
+        "other_top": [{"op": k, "share": t / total} for k, t in rest],
+    }
 
 
 def _sync(device) -> None:

@@ -56,7 +56,7 @@ class CharNgram:
                 continue
             ctx = np.zeros(len(ids) - k, dtype=np.int64)
             for j in range(k):
-                ctx = ctx * vocab_size + ids[j:len(ids) - k + j]
+                ctx = ctx * vocab_size + ids[j : len(ids) - k + j]
             nxt = ids[k:]
             keys, inv = np.unique(ctx, return_inverse=True)
             table = np.zeros((len(keys), vocab_size))
@@ -100,16 +100,25 @@ def bench_prefix(models: list[str], steps: list[int], n: int, seed: int) -> dict
                 ids = m.sample_ids(n, s, seed + j, known=[phrase[0]])
                 rates.append(_first_phrase_rate(task, ids, j))
                 valid.append(task.check(ids)["valid_rate"])
-            rows.append({"model": str(path), "method": m.config.train.method, "steps": s, "n_per_phrase": n,
-                         "completion_rate": float(np.mean(rates)), "min_completion_rate": float(np.min(rates)),
-                         "valid_rate": float(np.mean(valid)),
-                         "seconds_per_sample": (time.perf_counter() - t0) / (n * task.n)})
+            rows.append(
+                {
+                    "model": str(path),
+                    "method": m.config.train.method,
+                    "steps": s,
+                    "n_per_phrase": n,
+                    "completion_rate": float(np.mean(rates)),
+                    "min_completion_rate": float(np.min(rates)),
+                    "valid_rate": float(np.mean(valid)),
+                    "seconds_per_sample": (time.perf_counter() - t0) / (n * task.n),
+                }
+            )
             print(json.dumps(rows[-1]), file=sys.stderr)
     return {"task": "prefix", "rows": rows}
 
 
-def bench_reward(model: str, classifier: str, steps: list[int], scales: list[float], iters: int, n: int,
-                 seed: int) -> dict:
+def bench_reward(
+    model: str, classifier: str, steps: list[int], scales: list[float], iters: int, n: int, seed: int
+) -> dict:
     m, clf = load(model, device="cpu"), load(classifier, device="cpu")
     task = m.task
     rows = []
@@ -122,10 +131,18 @@ def bench_reward(model: str, classifier: str, steps: list[int], scales: list[flo
                 ids = m.sample_ids(n, s, seed + j, **opts)
                 shares.append(_first_phrase_rate(task, ids, j))
                 valid.append(task.check(ids)["valid_rate"])
-            rows.append({"steps": s, "reward_scale": scale, "reward_iters": iters if scale else 0,
-                         "n_per_target": n, "target_share": float(np.mean(shares)),
-                         "min_target_share": float(np.min(shares)), "valid_rate": float(np.mean(valid)),
-                         "seconds_per_sample": (time.perf_counter() - t0) / (n * task.n)})
+            rows.append(
+                {
+                    "steps": s,
+                    "reward_scale": scale,
+                    "reward_iters": iters if scale else 0,
+                    "n_per_target": n,
+                    "target_share": float(np.mean(shares)),
+                    "min_target_share": float(np.min(shares)),
+                    "valid_rate": float(np.mean(valid)),
+                    "seconds_per_sample": (time.perf_counter() - t0) / (n * task.n),
+                }
+            )
             print(json.dumps(rows[-1]), file=sys.stderr)
     return {"task": "reward", "model": model, "classifier": classifier, "chance": 1.0 / task.n, "rows": rows}
 
@@ -150,8 +167,9 @@ def _text_record(rec: dict, model: Model, ids: torch.Tensor, t0: float, scorer, 
     return rec
 
 
-def bench_autoguide(models: list[str], weaks: list[str], steps: list[int], weights: list[float], n: int,
-                    seed: int, ngram: int) -> dict:
+def bench_autoguide(
+    models: list[str], weaks: list[str], steps: list[int], weights: list[float], n: int, seed: int, ngram: int
+) -> dict:
     rows = []
     scorer = None
     for path, weak_path, s in zip(models, weaks, steps):
@@ -160,13 +178,25 @@ def bench_autoguide(models: list[str], weaks: list[str], steps: list[int], weigh
         for w in tqdm(weights, desc=Path(path).name, leave=False):
             t0 = time.perf_counter()
             ids = m.sample_ids(n, s, seed, guide_weak=weak, guide_weight=w)
-            rows.append(_text_record({"model": path, "weak": weak_path, "steps": s, "w": w, "num_samples": n},
-                                     m, ids, t0, scorer, ngram))
+            rows.append(
+                _text_record(
+                    {"model": path, "weak": weak_path, "steps": s, "w": w, "num_samples": n}, m, ids, t0, scorer, ngram
+                )
+            )
     return {"task": "autoguide", "rows": rows}
 
 
-def bench_attribute(models: list[str], classifier: str, target: str, steps: list[int], scales: list[float],
-                    iters: int, n: int, seed: int, ngram: int) -> dict:
+def bench_attribute(
+    models: list[str],
+    classifier: str,
+    target: str,
+    steps: list[int],
+    scales: list[float],
+    iters: int,
+    n: int,
+    seed: int,
+    ngram: int,
+) -> dict:
     clf = load(classifier, device="cpu")
     rows = []
     scorer = None
@@ -178,9 +208,23 @@ def bench_attribute(models: list[str], classifier: str, target: str, steps: list
             opts = {} if scale == 0 else dict(classifier=clf, target=target, reward_scale=scale, reward_iters=iters)
             ids = m.sample_ids(n, s, seed, **opts)
             rate = float((clf.labels(ids) == clf.class_index(target)).float().mean())
-            rows.append(_text_record({"model": path, "steps": s, "reward_scale": scale,
-                                      "reward_iters": iters if scale else 0, "num_samples": n,
-                                      "attribute_rate": rate}, m, ids, t0, scorer, ngram))
+            rows.append(
+                _text_record(
+                    {
+                        "model": path,
+                        "steps": s,
+                        "reward_scale": scale,
+                        "reward_iters": iters if scale else 0,
+                        "num_samples": n,
+                        "attribute_rate": rate,
+                    },
+                    m,
+                    ids,
+                    t0,
+                    scorer,
+                    ngram,
+                )
+            )
     return {"task": "attribute", "classifier": classifier, "target": target, "rows": rows}
 
 
@@ -207,8 +251,9 @@ def _plot(result: dict, path: Path) -> None:
     rows = result["rows"]
     task = result["task"]
     if task == "autoguide":
-        fig, axes = plt.subplots(1, 2 if any(k.endswith("_ppl") for k in rows[0]) else 1, figsize=(10, 4),
-                                 squeeze=False)
+        fig, axes = plt.subplots(
+            1, 2 if any(k.endswith("_ppl") for k in rows[0]) else 1, figsize=(10, 4), squeeze=False
+        )
         ppl_key = next((k for k in rows[0] if k.endswith("_ppl")), None)
         for model in dict.fromkeys(r["model"] for r in rows):
             rs = [r for r in rows if r["model"] == model]
@@ -265,8 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     elif a.task == "autoguide":
         res = bench_autoguide(a.models, a.weak, steps, floats(a.weights), a.n, a.seed, a.scorer_ngram)
     else:
-        res = bench_attribute(a.models, a.classifier, a.target, steps, floats(a.scales), a.iters, a.n, a.seed,
-                              a.scorer_ngram)
+        res = bench_attribute(
+            a.models, a.classifier, a.target, steps, floats(a.scales), a.iters, a.n, a.seed, a.scorer_ngram
+        )
     res["command"] = "python -m fmlm.guidance_bench " + " ".join(sys.argv[1:] if argv is None else argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ def split_at_eos(ids: torch.Tensor, eos_id: int) -> tuple[list[list[int]], list[
     rows, ended = [], []
     for row in ids.tolist():
         if eos_id in row:
-            rows.append(row[:row.index(eos_id)])
+            rows.append(row[: row.index(eos_id)])
             ended.append(True)
         else:
             rows.append(row)
@@ -79,9 +79,14 @@ def score_texts(texts, ended, scorer) -> dict:
     """
     res = scorer.score(texts, ended)
     n_bytes = utf8_bytes(texts)
-    return {"gen_ppl": res.ppl, "gen_nll": res.mean_nll, "scored_tokens": res.tokens,
-            "gen_bpb": bits_per_byte(res.nll, n_bytes), "bytes": n_bytes,
-            "ended_with_eos": float(np.mean(ended)) if len(ended) else 0.0}
+    return {
+        "gen_ppl": res.ppl,
+        "gen_nll": res.mean_nll,
+        "scored_tokens": res.tokens,
+        "gen_bpb": bits_per_byte(res.nll, n_bytes),
+        "bytes": n_bytes,
+        "ended_with_eos": float(np.mean(ended)) if len(ended) else 0.0,
+    }
 
 
 def generative_perplexity(ids: torch.Tensor, tokenizer, scorer) -> dict:
@@ -132,8 +137,9 @@ def score_references(refs: dict, scorer) -> dict:
 
 
 @torch.no_grad()
-def validation_metrics(method: torch.nn.Module, blocks, batch_size: int = 64, batches: int = 8,
-                       seed: int = 12345) -> dict:
+def validation_metrics(
+    method: torch.nn.Module, blocks, batch_size: int = 64, batches: int = 8, seed: int = 12345
+) -> dict:
     """The method's own validation metrics (FLM/FMLM denoising CE, AR NLL, MDLM/Duo NELBO).
 
     Averaged over ``batches`` fixed batches with a fixed noise generator, as in training.
@@ -162,12 +168,18 @@ def git_commit(path: str | Path | None = None) -> str | None:
     """The commit of the source checkout (with ``-dirty`` when it has changes), or None."""
     where = Path(path) if path else Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
         if not commit:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None

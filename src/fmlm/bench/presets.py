@@ -94,79 +94,131 @@ _PAPER_NOTES = (
 
 PRESETS: dict[str, BenchPreset] = {
     "tiny": BenchPreset(
-        "tiny", "smoke test: the tiny phrases task, seconds", "tiny",
-        ("max_steps=30", "eval_every=1000", "save_every=1000"), ("max_steps=20",),
-        steps=(1, 2, 4), num_samples=64, scorer="none", sample_batch=64,
+        "tiny",
+        "smoke test: the tiny phrases task, seconds",
+        "tiny",
+        ("max_steps=30", "eval_every=1000", "save_every=1000"),
+        ("max_steps=20",),
+        steps=(1, 2, 4),
+        num_samples=64,
+        scorer="none",
+        sample_batch=64,
     ),
     "phrases": BenchPreset(
-        "phrases", "phrases task n=6 phrases of k=3 words, L=3: exact valid rate and coverage; minutes",
+        "phrases",
+        "phrases task n=6 phrases of k=3 words, L=3: exact valid rate and coverage; minutes",
         "phrases",
         ("phrases_n=6", "phrases_k=3", "phrases_per_seq=1", "seq_len=3", "max_steps=1000", "max_minutes=0"),
         ("max_steps=12000", "distill.boundary_fraction=0.25"),
-        num_samples=1024, scorer="none", sample_batch=256,
-        notes=("Stage 1 (FLM, MDLM, Duo, AR): 1,000 steps of batch 128, the same token budget for all.",
-               "FMLM: semigroup distillation of the FLM, 12,000 steps, a quarter of the off-diagonal pairs "
-               "at (s, t) = (0, 1).",
-               "Duo+DCD (of the Duo) and MDLM+SDTT (of the MDLM): the same distillation budget and optimiser as "
-               "FMLM, in 6 rounds of step halving from 64 steps."),
+        num_samples=1024,
+        scorer="none",
+        sample_batch=256,
+        notes=(
+            "Stage 1 (FLM, MDLM, Duo, AR): 1,000 steps of batch 128, the same token budget for all.",
+            "FMLM: semigroup distillation of the FLM, 12,000 steps, a quarter of the off-diagonal pairs "
+            "at (s, t) = (0, 1).",
+            "Duo+DCD (of the Duo) and MDLM+SDTT (of the MDLM): the same distillation budget and optimiser as "
+            "FMLM, in 6 rounds of step halving from 64 steps.",
+        ),
     ),
     "shakespeare-cpu": BenchPreset(
-        "shakespeare-cpu", "the embedded Shakespeare corpus, characters, L=128, mini DiT; about 2 h 20 min "
-                           "on 2 CPU cores (measured: 44 min training, 92 min sampling and Gemma scoring)",
+        "shakespeare-cpu",
+        "the embedded Shakespeare corpus, characters, L=128, mini DiT; about 2 h 20 min "
+        "on 2 CPU cores (measured: 44 min training, 92 min sampling and Gemma scoring)",
         "shakespeare",
-        ("model.size=mini", "batch_size=32", "max_steps=1500", "max_minutes=0", "eval_every=500",
-         "save_every=500"),
+        ("model.size=mini", "batch_size=32", "max_steps=1500", "max_minutes=0", "eval_every=500", "save_every=500"),
         ("max_steps=800",),
-        num_samples=128, scorer="gemma-3-270m", sample_batch=128,
+        num_samples=128,
+        scorer="gemma-3-270m",
+        sample_batch=128,
     ),
     "lm1b-cpu": BenchPreset(
-        "lm1b-cpu", "LM1B (the Hugging Face dataset, or local files with data.dataset=lm1b:PATH), "
-                    "bert-base-uncased, L=128, mini DiT; about 60-90 min on 2 CPU cores (estimate, not run at full size)",
+        "lm1b-cpu",
+        "LM1B (the Hugging Face dataset, or local files with data.dataset=lm1b:PATH), "
+        "bert-base-uncased, L=128, mini DiT; about 60-90 min on 2 CPU cores (estimate, not run at full size)",
         "lm1b",
-        ("model.size=mini", "dropout=0", "batch_size=16", "lr=1e-3", "warmup_steps=100", "max_steps=400",
-         "ema=0.99", "eval_every=200", "save_every=200", "log_every=20"),
+        (
+            "model.size=mini",
+            "dropout=0",
+            "batch_size=16",
+            "lr=1e-3",
+            "warmup_steps=100",
+            "max_steps=400",
+            "ema=0.99",
+            "eval_every=200",
+            "save_every=200",
+            "log_every=20",
+        ),
         ("max_steps=200",),
-        num_samples=64, scorer="gemma-3-270m", sample_batch=64,
+        num_samples=64,
+        scorer="gemma-3-270m",
+        sample_batch=64,
     ),
     "lm1b": BenchPreset(
-        "lm1b", "paper recipe (METHOD.md §5): LM1B, bert-base-uncased, L=128, DiT-small 12x768, batch 512, "
-                "1M steps; a GPU job", "lm1b", (), ("max_steps=100000",),
-        num_samples=1024, scorer="gpt2-large", sample_batch=256, gpu_recipe=True, notes=_PAPER_NOTES,
+        "lm1b",
+        "paper recipe (METHOD.md §5): LM1B, bert-base-uncased, L=128, DiT-small 12x768, batch 512, 1M steps; a GPU job",
+        "lm1b",
+        (),
+        ("max_steps=100000",),
+        num_samples=1024,
+        scorer="gpt2-large",
+        sample_batch=256,
+        gpu_recipe=True,
+        notes=_PAPER_NOTES,
     ),
     "owt": BenchPreset(
-        "owt", "paper recipe (METHOD.md §5): OpenWebText, GPT-2 tokenizer, L=1024, DiT-small, batch 512, "
-               "1M steps; a GPU job", "owt", (), ("max_steps=100000",),
-        num_samples=1024, scorer="gpt2-large", sample_batch=64, gpu_recipe=True, notes=_PAPER_NOTES,
+        "owt",
+        "paper recipe (METHOD.md §5): OpenWebText, GPT-2 tokenizer, L=1024, DiT-small, batch 512, 1M steps; a GPU job",
+        "owt",
+        (),
+        ("max_steps=100000",),
+        num_samples=1024,
+        scorer="gpt2-large",
+        sample_batch=64,
+        gpu_recipe=True,
+        notes=_PAPER_NOTES,
     ),
 }
 
 ABLATIONS: dict[str, tuple[str, tuple[Variant, ...]]] = {
-    "loss": ("CE denoiser vs MSE denoiser vs MSE velocity (FLM)", (
-        Variant("FLM", "flm"),  # loss=ce: the same run as the main bench's FLM
-        Variant("FLM-mse_denoiser", "flm", ("loss=mse_denoiser",)),
-        Variant("FLM-mse_velocity", "flm", ("loss=mse_velocity",)),
-    )),
-    "time": ("decoding-error time τ vs uniform t (FLM)", (
-        Variant("FLM", "flm"),
-        Variant("FLM-uniform", "flm", ("time=uniform",)),
-    )),
-    "recipe": ("the DiT's small-scale recipe for the FLM, one change at a time: τ into the time embedding "
-               "unscaled (the authors'), a zero-initialised output layer (the authors'), the input embedding's "
-               "initial scale, LayerNorm gains, learned absolute positions", (
-        Variant("FLM", "flm", steps=(32,)),
-        Variant("FLM-time-scale-1", "flm", ("model.time_scale=1",), steps=(32,)),
-        Variant("FLM-zero-out", "flm", ("model.zero_out=true",), steps=(32,)),
-        Variant("FLM-embed-std-1", "flm", ("model.embed_std=1",), steps=(32,)),
-        Variant("FLM-ln-gains", "flm", ("model.norm_affine=true",), steps=(32,)),
-        Variant("FLM-abs-pos", "flm", ("model.position_embedding=true",), steps=(32,)),
-    )),
-    "distill": ("semigroup vs Lagrangian vs Eulerian vs self-distilled semigroup, 1-8 steps", (
-        Variant("FLM", "flm", steps=(1, 2, 4, 8)),
-        Variant("FMLM", "semigroup", teacher="FLM", steps=(1, 2, 4, 8)),
-        Variant("FMLM-lagrangian", "lagrangian", teacher="FLM", steps=(1, 2, 4, 8)),
-        Variant("FMLM-eulerian", "eulerian", teacher="FLM", steps=(1, 2, 4, 8)),
-        Variant("FMLM-self", "semigroup", self_distill=True, steps=(1, 2, 4, 8)),
-    )),
+    "loss": (
+        "CE denoiser vs MSE denoiser vs MSE velocity (FLM)",
+        (
+            Variant("FLM", "flm"),  # loss=ce: the same run as the main bench's FLM
+            Variant("FLM-mse_denoiser", "flm", ("loss=mse_denoiser",)),
+            Variant("FLM-mse_velocity", "flm", ("loss=mse_velocity",)),
+        ),
+    ),
+    "time": (
+        "decoding-error time τ vs uniform t (FLM)",
+        (
+            Variant("FLM", "flm"),
+            Variant("FLM-uniform", "flm", ("time=uniform",)),
+        ),
+    ),
+    "recipe": (
+        "the DiT's small-scale recipe for the FLM, one change at a time: τ into the time embedding "
+        "unscaled (the authors'), a zero-initialised output layer (the authors'), the input embedding's "
+        "initial scale, LayerNorm gains, learned absolute positions",
+        (
+            Variant("FLM", "flm", steps=(32,)),
+            Variant("FLM-time-scale-1", "flm", ("model.time_scale=1",), steps=(32,)),
+            Variant("FLM-zero-out", "flm", ("model.zero_out=true",), steps=(32,)),
+            Variant("FLM-embed-std-1", "flm", ("model.embed_std=1",), steps=(32,)),
+            Variant("FLM-ln-gains", "flm", ("model.norm_affine=true",), steps=(32,)),
+            Variant("FLM-abs-pos", "flm", ("model.position_embedding=true",), steps=(32,)),
+        ),
+    ),
+    "distill": (
+        "semigroup vs Lagrangian vs Eulerian vs self-distilled semigroup, 1-8 steps",
+        (
+            Variant("FLM", "flm", steps=(1, 2, 4, 8)),
+            Variant("FMLM", "semigroup", teacher="FLM", steps=(1, 2, 4, 8)),
+            Variant("FMLM-lagrangian", "lagrangian", teacher="FLM", steps=(1, 2, 4, 8)),
+            Variant("FMLM-eulerian", "eulerian", teacher="FLM", steps=(1, 2, 4, 8)),
+            Variant("FMLM-self", "semigroup", self_distill=True, steps=(1, 2, 4, 8)),
+        ),
+    ),
 }
 
 

@@ -70,8 +70,9 @@ def add_references(result: dict, references: dict) -> None:
 
 
 # ------------------------------------------------------------------ the headline
-def headline(result: dict, reference: str = "FMLM", steps: int = 1,
-             entropy_tolerance: float = ENTROPY_TOLERANCE) -> dict | None:
+def headline(
+    result: dict, reference: str = "FMLM", steps: int = 1, entropy_tolerance: float = ENTROPY_TOLERANCE
+) -> dict | None:
     """The seed's speed claim, read off the rows: ``reference`` at ``steps`` against the rest.
 
     For every other model, the cheapest setting (least wall time per sample) whose
@@ -87,8 +88,7 @@ def headline(result: dict, reference: str = "FMLM", steps: int = 1,
     metric = quality_metric(result)
     if metric is None:
         return None
-    ref = next((r for r in rows if r["label"] == reference and r["steps"] == steps and r.get(metric) is not None),
-               None)
+    ref = next((r for r in rows if r["label"] == reference and r["steps"] == steps and r.get(metric) is not None), None)
     if ref is None:
         return None
     lower = metric in LOWER_IS_BETTER
@@ -102,13 +102,27 @@ def headline(result: dict, reference: str = "FMLM", steps: int = 1,
         return q is not None and healthy(r) and (q <= ref[metric] if lower else q >= ref[metric])
 
     def brief(r) -> dict:
-        return {"steps": r["steps"], "nfe": r["nfe"], metric: r[metric], "entropy": r.get("entropy"),
-                "seconds_per_sample": r["seconds_per_sample"],
-                "time_ratio": r["seconds_per_sample"] / ref["seconds_per_sample"]}
+        return {
+            "steps": r["steps"],
+            "nfe": r["nfe"],
+            metric: r[metric],
+            "entropy": r.get("entropy"),
+            "seconds_per_sample": r["seconds_per_sample"],
+            "time_ratio": r["seconds_per_sample"] / ref["seconds_per_sample"],
+        }
 
-    out = {"reference": reference, "steps": steps, "metric": metric, metric: ref[metric],
-           "entropy": ref.get("entropy"), "data_entropy": data_h, "entropy_tolerance": entropy_tolerance,
-           "entropy_ok": healthy(ref), "seconds_per_sample": ref["seconds_per_sample"], "others": {}}
+    out = {
+        "reference": reference,
+        "steps": steps,
+        "metric": metric,
+        metric: ref[metric],
+        "entropy": ref.get("entropy"),
+        "data_entropy": data_h,
+        "entropy_tolerance": entropy_tolerance,
+        "entropy_ok": healthy(ref),
+        "seconds_per_sample": ref["seconds_per_sample"],
+        "others": {},
+    }
     for key in ("data_bpb", "shuffled_bpb"):
         if metric == "gen_bpb" and result.get(key) is not None:
             out[key] = result[key]
@@ -122,8 +136,10 @@ def headline(result: dict, reference: str = "FMLM", steps: int = 1,
             continue
         good = [r for r in sane if at_least_as_good(r)]
         best = min(sane, key=lambda r: r[metric] if lower else -r[metric])
-        out["others"][label] = {"match": brief(min(good, key=lambda r: r["seconds_per_sample"])) if good else None,
-                                "best": brief(best)}
+        out["others"][label] = {
+            "match": brief(min(good, key=lambda r: r["seconds_per_sample"])) if good else None,
+            "best": brief(best),
+        }
     return out
 
 
@@ -138,21 +154,30 @@ def _headline_md(h: dict) -> list[str]:
     if h.get("entropy") is not None:
         ent = f", entropy {_fmt(h['entropy'], '.3f')}"
         if h.get("data_entropy") is not None:
-            ent += (f" ({'within' if h.get('entropy_ok', True) else 'NOT within'} "
-                    f"{h.get('entropy_tolerance', ENTROPY_TOLERANCE):.0%} of the data's {_fmt(h['data_entropy'], '.3f')})")
+            ent += (
+                f" ({'within' if h.get('entropy_ok', True) else 'NOT within'} "
+                f"{h.get('entropy_tolerance', ENTROPY_TOLERANCE):.0%} of the data's {_fmt(h['data_entropy'], '.3f')})"
+            )
     refs = ""
     if h.get("data_bpb") is not None:
-        refs = (f" (held-out text {_fmt(h['data_bpb'], spec)}, the same text with shuffled characters "
-                f"{_fmt(h.get('shuffled_bpb'), spec)})")
+        refs = (
+            f" (held-out text {_fmt(h['data_bpb'], spec)}, the same text with shuffled characters "
+            f"{_fmt(h.get('shuffled_bpb'), spec)})"
+        )
     tolerance = h.get("entropy_tolerance", ENTROPY_TOLERANCE)
-    rule = ("" if h.get("data_entropy") is None else
-            f"; settings whose entropy is off the data's by more than {tolerance:.0%} "
-            "(collapsed samples) are left out")
-    lines = [f"{h['reference']} at {at(h['steps'])}: {name} {_fmt(h[metric], spec)}{refs}{ent}, "
-             f"{_fmt(h['seconds_per_sample'] * 1e3, '.3f')} ms/sample. The cheapest setting of every other model "
-             f"that is at least as good ({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better{rule}):", "",
-             f"| model | steps | {name} | entropy | ms/sample | × {h['reference']} time | best in sweep |",
-             "|---|---|---|---|---|---|---|"]
+    rule = (
+        ""
+        if h.get("data_entropy") is None
+        else f"; settings whose entropy is off the data's by more than {tolerance:.0%} (collapsed samples) are left out"
+    )
+    lines = [
+        f"{h['reference']} at {at(h['steps'])}: {name} {_fmt(h[metric], spec)}{refs}{ent}, "
+        f"{_fmt(h['seconds_per_sample'] * 1e3, '.3f')} ms/sample. The cheapest setting of every other model "
+        f"that is at least as good ({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better{rule}):",
+        "",
+        f"| model | steps | {name} | entropy | ms/sample | × {h['reference']} time | best in sweep |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for label, o in h["others"].items():
         b = o["best"]
         best = "–" if b is None else f"{_fmt(b[metric], spec)} at {at(b['steps'])} ({b['time_ratio']:.3g}×)"
@@ -160,8 +185,10 @@ def _headline_md(h: dict) -> list[str]:
         if m is None:
             lines.append(f"| {label} | none in the sweep | | | | | {best} |")
         else:
-            lines.append(f"| {label} | {m['steps']} | {_fmt(m[metric], spec)} | {_fmt(m['entropy'], '.3f')} | "
-                         f"{_fmt(m['seconds_per_sample'] * 1e3, '.3f')} | {m['time_ratio']:.3g} | {best} |")
+            lines.append(
+                f"| {label} | {m['steps']} | {_fmt(m[metric], spec)} | {_fmt(m['entropy'], '.3f')} | "
+                f"{_fmt(m['seconds_per_sample'] * 1e3, '.3f')} | {m['time_ratio']:.3g} | {best} |"
+            )
     return lines + [""]
 
 
@@ -173,13 +200,19 @@ def markdown(result: dict) -> str:
         lines += [f"Command: `{result['command']}`", ""]
     if result.get("rescored"):
         rs = result["rescored"]
-        lines += [f"Re-scored from the saved samples of `{rs.get('from')}` (first scored by "
-                  f"{rs.get('from_scorer')}): `{rs.get('command')}`", ""]
+        lines += [
+            f"Re-scored from the saved samples of `{rs.get('from')}` (first scored by "
+            f"{rs.get('from_scorer')}): `{rs.get('command')}`",
+            "",
+        ]
     desc = result["description"] + (f"; ablation: {result['ablation_description']}" if result["ablation"] else "")
-    lines += [f"{desc}. {result['num_samples']} samples per setting, seed {result['seed']}, "
-              f"{result['threads']} thread(s), torch {result['torch']}, commit {result['commit']}. "
-              f"Data entropy {_fmt(result.get('data_entropy'), '.3f')} nats."
-              + (f" Scorer: {result['scorer']['name']}." if result.get("scorer") else ""), ""]
+    lines += [
+        f"{desc}. {result['num_samples']} samples per setting, seed {result['seed']}, "
+        f"{result['threads']} thread(s), torch {result['torch']}, commit {result['commit']}. "
+        f"Data entropy {_fmt(result.get('data_entropy'), '.3f')} nats."
+        + (f" Scorer: {result['scorer']['name']}." if result.get("scorer") else ""),
+        "",
+    ]
     for note in result.get("notes", []):
         lines.append(f"- {note}")
     if result.get("notes"):
@@ -219,12 +252,14 @@ def markdown(result: dict) -> str:
             cells += [_fmt(r.get("gen_bpb"), ".3f")]
         if ppl:
             cells += [_fmt(r.get("gen_ppl"), ".2f")]
-        cells += [_fmt(r["entropy"], ".3f"), _fmt(r["seconds_per_sample"] * 1e3, ".3f"),
-                  _rate(r["samples_per_s"])]
+        cells += [_fmt(r["entropy"], ".3f"), _fmt(r["seconds_per_sample"] * 1e3, ".3f"), _rate(r["samples_per_s"])]
         lines.append("| " + " | ".join(cells) + " |")
     if bpb:
-        lines += ["", "bits/byte: the scorer's total NLL (up to and including the first EOS) in bits per UTF-8 "
-                      "byte of the decoded samples; read every row between the two reference rows."]
+        lines += [
+            "",
+            "bits/byte: the scorer's total NLL (up to and including the first EOS) in bits per UTF-8 "
+            "byte of the decoded samples; read every row between the two reference rows.",
+        ]
     h = headline(result)
     if h is not None:
         lines += ["", *_headline_md(h)]
@@ -252,8 +287,11 @@ def plot(result: dict, out: Path) -> list[Path]:
         return []
     rows = result["rows"]
     metric = quality_metric(result) or "valid_rate"
-    qname = {"gen_bpb": "bits per byte under the scorer (lower is better)",
-             "gen_ppl": "gen-PPL (lower is better)", "valid_rate": "valid rate"}[metric]
+    qname = {
+        "gen_bpb": "bits per byte under the scorer (lower is better)",
+        "gen_ppl": "gen-PPL (lower is better)",
+        "valid_rate": "valid rate",
+    }[metric]
     labels = list(dict.fromkeys(r["label"] for r in rows))
     title = f"fmlm bench {result['preset']}" + (f" --ablation {result['ablation']}" if result["ablation"] else "")
     data_h = result.get("data_entropy")
@@ -270,12 +308,24 @@ def plot(result: dict, out: Path) -> list[Path]:
             if not pts:
                 continue
             xs, ys = zip(*sorted(pts))
-            line, = ax.plot(xs, ys, marker="o", label=label)
-            bad = [] if y == "entropy" else [(r[x], r[y]) for r in rows if r["label"] == label
-                                              and r.get(y) is not None and _collapsed(r, data_h)]
+            (line,) = ax.plot(xs, ys, marker="o", label=label)
+            bad = (
+                []
+                if y == "entropy"
+                else [
+                    (r[x], r[y]) for r in rows if r["label"] == label and r.get(y) is not None and _collapsed(r, data_h)
+                ]
+            )
             if bad:
-                ax.plot(*zip(*bad), linestyle="none", marker="o", markersize=9, markerfacecolor="white",
-                        color=line.get_color(), zorder=3)
+                ax.plot(
+                    *zip(*bad),
+                    linestyle="none",
+                    marker="o",
+                    markersize=9,
+                    markerfacecolor="white",
+                    color=line.get_color(),
+                    zorder=3,
+                )
                 collapsed = True
         ax.set_xscale("log", base=2 if x == "nfe" else 10)
         if y == "gen_ppl":
@@ -293,9 +343,15 @@ def plot(result: dict, out: Path) -> list[Path]:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
         if collapsed:
-            ax.text(0.01, 0.01, f"hollow: collapsed samples (entropy off the data's by more than "
-                                f"{ENTROPY_TOLERANCE:.0%})",
-                    transform=ax.transAxes, fontsize=7, color="dimgray", va="bottom")
+            ax.text(
+                0.01,
+                0.01,
+                f"hollow: collapsed samples (entropy off the data's by more than {ENTROPY_TOLERANCE:.0%})",
+                transform=ax.transAxes,
+                fontsize=7,
+                color="dimgray",
+                va="bottom",
+            )
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)

@@ -14,16 +14,29 @@ from fmlm.errors import ConfigError, FmlmError
 from fmlm.train import RESUMABLE_KEYS, Trainer
 
 # Keys that do not change what a run learns (bookkeeping, placement, paths).
-_IGNORED = set(RESUMABLE_KEYS) | {"preset", "model.vocab_size", "model.max_seq_len", "distill.teacher",
-                                  "train.threads", "train.device", "data.cache_dir"}
+_IGNORED = set(RESUMABLE_KEYS) | {
+    "preset",
+    "model.vocab_size",
+    "model.max_seq_len",
+    "distill.teacher",
+    "train.threads",
+    "train.device",
+    "data.cache_dir",
+}
 
 
 _BUDGET = ("train.max_steps", "train.max_minutes")
 
 
-def variant_config(preset: BenchPreset, variant: Variant, overrides: list[str], teacher: str | None = None,
-                   threads: int | None = None, device: str | None = None,
-                   distill_overrides: list[str] | None = None) -> RunConfig:
+def variant_config(
+    preset: BenchPreset,
+    variant: Variant,
+    overrides: list[str],
+    teacher: str | None = None,
+    threads: int | None = None,
+    device: str | None = None,
+    distill_overrides: list[str] | None = None,
+) -> RunConfig:
     """The run config of one variant: the preset's shared overrides, then the variant's.
 
     Distilled models follow ``fmlm distill``: AdamW β2 = 0.95, one-step samples (flow maps:
@@ -51,8 +64,9 @@ def variant_config(preset: BenchPreset, variant: Variant, overrides: list[str], 
             if teacher is None:
                 raise ConfigError(f"variant {variant.label} needs its teacher's checkpoint")
             cfg.distill.teacher = str(teacher)
-    if variant.curriculum > 0 and not any(o.split("=", 1)[0].strip().endswith("curriculum_steps")
-                                          for o in list(overrides) + list(variant.overrides)):
+    if variant.curriculum > 0 and not any(
+        o.split("=", 1)[0].strip().endswith("curriculum_steps") for o in list(overrides) + list(variant.overrides)
+    ):
         cfg.diffusion.curriculum_steps = max(1, int(variant.curriculum * cfg.train.max_steps))
     if threads:
         cfg.train.threads = threads
@@ -103,9 +117,19 @@ def finished(run_dir: Path, cfg: RunConfig) -> tuple[Path, dict] | None:
 class Runs:
     """Finds, checks or trains the run of each variant."""
 
-    def __init__(self, preset: BenchPreset, overrides: list[str], cache_dir: Path, use: dict[str, str],
-                 threads: int | None, device: str | None, log, progress: bool, train: bool = True,
-                 distill_overrides: list[str] | None = None):
+    def __init__(
+        self,
+        preset: BenchPreset,
+        overrides: list[str],
+        cache_dir: Path,
+        use: dict[str, str],
+        threads: int | None,
+        device: str | None,
+        log,
+        progress: bool,
+        train: bool = True,
+        distill_overrides: list[str] | None = None,
+    ):
         self.preset, self.overrides, self.cache_dir = preset, overrides, cache_dir
         self.distill_overrides = list(distill_overrides or [])
         self.use, self.threads, self.device = use, threads, device
@@ -121,8 +145,9 @@ class Runs:
                 raise ConfigError(f"variant {variant.label}: teacher {variant.teacher!r} is not in this bench")
             rec = self.get(by_label[variant.teacher], by_label)
             teacher_ckpt, teacher_key = rec["checkpoint"], rec["key"]
-        cfg = variant_config(self.preset, variant, self.overrides, teacher_ckpt, self.threads, self.device,
-                             self.distill_overrides)
+        cfg = variant_config(
+            self.preset, variant, self.overrides, teacher_ckpt, self.threads, self.device, self.distill_overrides
+        )
         key = config_key(cfg, teacher_key)
         if variant.label in self.use:
             rec = self._reuse(variant, cfg, Path(self.use[variant.label]))
@@ -146,18 +171,26 @@ class Runs:
             # The teacher must be the bench's FLM: compare the teacher checkpoints' configs.
             t_saved = Path(saved["distill"].get("teacher", ""))
             if t_saved.is_dir() and (t_saved / "config.json").is_file():
-                diff = config_difference(ckpt.read_json(t_saved / "config.json"),
-                                         ckpt.read_json(Path(cfg.distill.teacher) / "config.json"))
+                diff = config_difference(
+                    ckpt.read_json(t_saved / "config.json"), ckpt.read_json(Path(cfg.distill.teacher) / "config.json")
+                )
                 diff = f"its teacher's {diff}" if diff else None
         if diff is not None:
             raise ConfigError(f"--use {variant.label}={run_dir}: its config differs from the bench's ({diff})")
         state = ckpt.read_json(latest / "trainer_state.json")
         if state.get("step", 0) < cfg.train.max_steps:
-            raise ConfigError(f"--use {variant.label}={run_dir}: trained {state.get('step', 0)} of "
-                              f"{cfg.train.max_steps} steps")
+            raise ConfigError(
+                f"--use {variant.label}={run_dir}: trained {state.get('step', 0)} of {cfg.train.max_steps} steps"
+            )
         self.log(f"{variant.label}: reusing {latest} (config matches the bench)")
-        return {"run_dir": str(run_dir), "checkpoint": str(latest), "status": "reused", "step": state.get("step"),
-                "train_seconds": state.get("elapsed"), "tokens": state.get("tokens")}
+        return {
+            "run_dir": str(run_dir),
+            "checkpoint": str(latest),
+            "status": "reused",
+            "step": state.get("step"),
+            "train_seconds": state.get("elapsed"),
+            "tokens": state.get("tokens"),
+        }
 
     def _cached_or_train(self, variant: Variant, cfg: RunConfig, run_dir: Path) -> dict:
         done = finished(run_dir, cfg)
@@ -182,5 +215,11 @@ class Runs:
         else:
             self.log(f"{variant.label}: cached run {done[0]}")
         latest, state = done
-        return {"run_dir": str(run_dir), "checkpoint": str(latest), "status": status, "step": state.get("step"),
-                "train_seconds": state.get("elapsed"), "tokens": state.get("tokens")}
+        return {
+            "run_dir": str(run_dir),
+            "checkpoint": str(latest),
+            "status": status,
+            "step": state.get("step"),
+            "train_seconds": state.get("elapsed"),
+            "tokens": state.get("tokens"),
+        }

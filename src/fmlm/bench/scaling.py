@@ -43,18 +43,37 @@ def point_overrides(size: str, budget: int) -> list[str]:
 
 def _matches(result: dict, preset: str, overrides: list[str], distill: list[str], steps: list[int], n: int) -> bool:
     """Whether a finished bench was sampled with these settings (whatever its scorer)."""
-    return (result.get("preset") == preset and result.get("overrides") == overrides
-            and result.get("distill_overrides") == distill and result.get("steps") == steps
-            and result.get("num_samples") == n and bool(result.get("samples_file")))
+    return (
+        result.get("preset") == preset
+        and result.get("overrides") == overrides
+        and result.get("distill_overrides") == distill
+        and result.get("steps") == steps
+        and result.get("num_samples") == n
+        and bool(result.get("samples_file"))
+    )
 
 
 def _scorer_name(result: dict) -> str | None:
     return (result.get("scorer") or {}).get("name")
 
 
-def run_point(preset: str, size: str, budget: int, overrides: list[str], out: Path, steps: list[int], n: int,
-              scorers: list[str], distill_ratio: float, cache_dir, threads, device, quiet: bool, log,
-              load=None) -> list[Path]:
+def run_point(
+    preset: str,
+    size: str,
+    budget: int,
+    overrides: list[str],
+    out: Path,
+    steps: list[int],
+    n: int,
+    scorers: list[str],
+    distill_ratio: float,
+    cache_dir,
+    threads,
+    device,
+    quiet: bool,
+    log,
+    load=None,
+) -> list[Path]:
     """One point of the study: the bench and a scored folder per scorer; returns the scored folders.
 
     The bench folder ``OUT/SIZE-BUDGET`` is reused when it holds a finished bench sampled
@@ -80,11 +99,36 @@ def run_point(preset: str, size: str, budget: int, overrides: list[str], out: Pa
         log(f"{folder}: sampled with the same settings, reused")
     else:
         log(f"bench {preset} at {size}, {budget} steps -> {folder}")
-        command = "fmlm bench " + " ".join(shlex.quote(a) for a in [preset, *ov, "--distill-set", distill[0],
-                                                                      "--steps", ",".join(map(str, steps)),
-                                                                      "-n", str(n), "--scorer", first])
-        existing = run_bench(preset, None, ov, folder, cache_dir, steps=steps, num_samples=n, scorer=first,
-                             threads=threads, device=device, quiet=quiet, command=command, distill_overrides=distill)
+        command = "fmlm bench " + " ".join(
+            shlex.quote(a)
+            for a in [
+                preset,
+                *ov,
+                "--distill-set",
+                distill[0],
+                "--steps",
+                ",".join(map(str, steps)),
+                "-n",
+                str(n),
+                "--scorer",
+                first,
+            ]
+        )
+        existing = run_bench(
+            preset,
+            None,
+            ov,
+            folder,
+            cache_dir,
+            steps=steps,
+            num_samples=n,
+            scorer=first,
+            threads=threads,
+            device=device,
+            quiet=quiet,
+            command=command,
+            distill_overrides=distill,
+        )
     folders = []
     for name in scorers:
         if name == "none":
@@ -97,8 +141,9 @@ def run_point(preset: str, size: str, budget: int, overrides: list[str], out: Pa
             log(f"{dest}: already re-scored, reused")
         else:
             log(f"re-scoring {folder} under {name} -> {dest}")
-            rescore(folder, load(name), dest,
-                    command=f"fmlm bench rescore {folder} --scorer {name} --out {dest}", log=log)
+            rescore(
+                folder, load(name), dest, command=f"fmlm bench rescore {folder} --scorer {name} --out {dest}", log=log
+            )
         folders.append(dest)
     return folders
 
@@ -111,13 +156,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     p.add_argument("--budgets", type=steps_list, required=True, help="comma-separated stage-1 step budgets")
     p.add_argument("--sizes", default="mini", help="comma-separated model sizes (default mini)")
-    p.add_argument("--scorers", default="gemma-3-270m",
-                   help="comma-separated scorers; the first scores while sampling, the rest re-score the saved "
-                        "samples (none: sample only, e.g. on a machine without the scorers; score later)")
+    p.add_argument(
+        "--scorers",
+        default="gemma-3-270m",
+        help="comma-separated scorers; the first scores while sampling, the rest re-score the saved "
+        "samples (none: sample only, e.g. on a machine without the scorers; score later)",
+    )
     p.add_argument("--steps", type=steps_list, default=list(STEPS), help="step sweep (default 1,2,4,8,32,1024)")
     p.add_argument("--num-samples", "-n", type=positive, default=128)
-    p.add_argument("--distill-ratio", type=float, default=DISTILL_RATIO,
-                   help="flow-map distillation steps per stage-1 step (default 800/1500)")
+    p.add_argument(
+        "--distill-ratio",
+        type=float,
+        default=DISTILL_RATIO,
+        help="flow-map distillation steps per stage-1 step (default 800/1500)",
+    )
     p.add_argument("--out", default="runs/bench/scaling", help="output folder")
     p.add_argument("--cache-dir", help="where trained runs are cached (default: $FMLM_CACHE/bench)")
     p.add_argument("--threads", type=positive)
@@ -155,9 +207,23 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     for i, size in enumerate(sizes):
         for j, budget in enumerate(args.budgets):
             log(f"[point {i * len(args.budgets) + j + 1}/{total}] {size}, {budget} steps")
-            for folder in run_point(args.preset, size, budget, args.overrides, out, list(args.steps),
-                                    args.num_samples, scorers, args.distill_ratio, args.cache_dir, args.threads,
-                                    args.device, args.quiet, log, load):
+            for folder in run_point(
+                args.preset,
+                size,
+                budget,
+                args.overrides,
+                out,
+                list(args.steps),
+                args.num_samples,
+                scorers,
+                args.distill_ratio,
+                args.cache_dir,
+                args.threads,
+                args.device,
+                args.quiet,
+                log,
+                load,
+            ):
                 done.append((size, budget, folder))
     study = aggregate(done)
     command = "fmlm bench scaling " + " ".join(shlex.quote(a) for a in argv)

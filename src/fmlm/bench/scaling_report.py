@@ -24,31 +24,50 @@ def claims(result: dict, tolerance: float = ENTROPY_TOLERANCE) -> dict:
     rows, data_h = result["rows"], result.get("data_entropy")
 
     def at(label, steps):
-        return next((r for r in rows if r["label"] == label and r["steps"] == steps and r.get("gen_bpb") is not None),
-                    None)
+        return next(
+            (r for r in rows if r["label"] == label and r["steps"] == steps and r.get("gen_bpb") is not None), None
+        )
 
     out: dict = {}
     f1 = at("FMLM", 1)
-    rivals = [r for r in rows if r["label"] in ("MDLM", "Duo") and r["steps"] <= 8 and r.get("gen_bpb") is not None
-              and not _collapsed(r, data_h, tolerance)]
+    rivals = [
+        r
+        for r in rows
+        if r["label"] in ("MDLM", "Duo")
+        and r["steps"] <= 8
+        and r.get("gen_bpb") is not None
+        and not _collapsed(r, data_h, tolerance)
+    ]
     if f1 is not None and rivals:
         best = min(rivals, key=lambda r: r["gen_bpb"])
         ok = not _collapsed(f1, data_h, tolerance)
-        out["one_step"] = {"holds": ok and f1["gen_bpb"] < best["gen_bpb"], "fmlm_bpb": f1["gen_bpb"],
-                           "entropy_ok": ok, "best_rival": f"{best['label']} {best['steps']}",
-                           "best_rival_bpb": best["gen_bpb"], "margin": best["gen_bpb"] - f1["gen_bpb"]}
+        out["one_step"] = {
+            "holds": ok and f1["gen_bpb"] < best["gen_bpb"],
+            "fmlm_bpb": f1["gen_bpb"],
+            "entropy_ok": ok,
+            "best_rival": f"{best['label']} {best['steps']}",
+            "best_rival_bpb": best["gen_bpb"],
+            "margin": best["gen_bpb"] - f1["gen_bpb"],
+        }
     flm = at("FLM", 1024)
     others = [r for r in (at("MDLM", 1024), at("Duo", 1024)) if r is not None]
     if flm is not None and others:
         best = min(others, key=lambda r: r["gen_bpb"])
-        out["many_step"] = {"holds": flm["gen_bpb"] <= best["gen_bpb"], "flm_bpb": flm["gen_bpb"],
-                            "best_rival": best["label"], "best_rival_bpb": best["gen_bpb"],
-                            "gap": flm["gen_bpb"] - best["gen_bpb"]}
+        out["many_step"] = {
+            "holds": flm["gen_bpb"] <= best["gen_bpb"],
+            "flm_bpb": flm["gen_bpb"],
+            "best_rival": best["label"],
+            "best_rival_bpb": best["gen_bpb"],
+            "gap": flm["gen_bpb"] - best["gen_bpb"],
+        }
     h = headline(result, entropy_tolerance=tolerance)
     if h is not None and h["metric"] == "gen_bpb":
-        out["speed"] = {label: (None if o["match"] is None else
-                                {"steps": o["match"]["steps"], "time_ratio": o["match"]["time_ratio"]})
-                        for label, o in h["others"].items()}
+        out["speed"] = {
+            label: (
+                None if o["match"] is None else {"steps": o["match"]["steps"], "time_ratio": o["match"]["time_ratio"]}
+            )
+            for label, o in h["others"].items()
+        }
     return out
 
 
@@ -59,17 +78,29 @@ def aggregate(folders: list[tuple[str, int, Path]]) -> dict:
         r = read_result(folder)
         # Stage-1 training tokens (the distilled models' own tokens are distillation steps on top).
         tokens = max((v.get("tokens") or 0) for v in r["variants"].values() if v.get("method") not in DISTILLED)
-        points.append({
-            "size": size, "budget": budget, "tokens": tokens, "folder": folder.name,
-            "scorer": (r.get("scorer") or {}).get("name"), "data_bpb": r.get("data_bpb"),
-            "shuffled_bpb": r.get("shuffled_bpb"), "data_entropy": r.get("data_entropy"),
-            "parameters": {k: v.get("parameters") for k, v in r["variants"].items()},
-            "val": {k: {m: x for m, x in v.items() if m.startswith("val_")} for k, v in r["variants"].items()},
-            "rows": [{k: row.get(k) for k in ("label", "steps", "nfe", "gen_bpb", "gen_ppl", "entropy",
-                                               "seconds_per_sample")}
-                     | {"collapsed": _collapsed(row, r.get("data_entropy"))} for row in r["rows"]],
-            "claims": claims(r),
-        })
+        points.append(
+            {
+                "size": size,
+                "budget": budget,
+                "tokens": tokens,
+                "folder": folder.name,
+                "scorer": (r.get("scorer") or {}).get("name"),
+                "data_bpb": r.get("data_bpb"),
+                "shuffled_bpb": r.get("shuffled_bpb"),
+                "data_entropy": r.get("data_entropy"),
+                "parameters": {k: v.get("parameters") for k, v in r["variants"].items()},
+                "val": {k: {m: x for m, x in v.items() if m.startswith("val_")} for k, v in r["variants"].items()},
+                "rows": [
+                    {
+                        k: row.get(k)
+                        for k in ("label", "steps", "nfe", "gen_bpb", "gen_ppl", "entropy", "seconds_per_sample")
+                    }
+                    | {"collapsed": _collapsed(row, r.get("data_entropy"))}
+                    for row in r["rows"]
+                ],
+                "claims": claims(r),
+            }
+        )
     return {"points": points}
 
 
@@ -83,9 +114,12 @@ def markdown(study: dict, command: str | None = None) -> str:
     lines = ["## fmlm bench scaling", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
-    lines += ["Bits per byte under each scorer (lower is better; collapsed settings, entropy off the data's by "
-              f"more than {ENTROPY_TOLERANCE:.0%}, marked *). Reference rows: held-out text and the same text with "
-              "its characters shuffled.", ""]
+    lines += [
+        "Bits per byte under each scorer (lower is better; collapsed settings, entropy off the data's by "
+        f"more than {ENTROPY_TOLERANCE:.0%}, marked *). Reference rows: held-out text and the same text with "
+        "its characters shuffled.",
+        "",
+    ]
     for scorer in dict.fromkeys(p["scorer"] for p in study["points"]):
         pts = [p for p in study["points"] if p["scorer"] == scorer]
         cols = [f"{p['size']} {p['budget']}" for p in pts]
@@ -99,17 +133,32 @@ def markdown(study: dict, command: str | None = None) -> str:
                 r = next((x for x in p["rows"] if x["label"] == label and x["steps"] == steps), None)
                 cells.append("–" if r is None else _fmt(r["gen_bpb"], ".3f") + ("*" if r["collapsed"] else ""))
             lines.append(f"| {label} | {steps} | " + " | ".join(cells) + " |")
-        lines += ["", "| point | training tokens | (1) FMLM 1 step < MDLM, Duo at 1–8 | (2) FLM 1,024 ≤ MDLM, Duo 1,024 "
-                      "| (3) × FMLM time of the cheapest setting at least as good |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| point | training tokens | (1) FMLM 1 step < MDLM, Duo at 1–8 | (2) FLM 1,024 ≤ MDLM, Duo 1,024 "
+            "| (3) × FMLM time of the cheapest setting at least as good |",
+            "|---|---|---|---|---|",
+        ]
         for p in pts:
             c = p["claims"]
             speed = c.get("speed") or {}
-            sp = ", ".join(f"{k} " + ("none" if v is None else f"{v['time_ratio']:.3g}× ({v['steps']})")
-                           for k, v in speed.items()) or "–"
-            lines.append(f"| {p['size']} {p['budget']} | {p['tokens']:,} | {_verdict(c.get('one_step'), 'margin')} "
-                         f"| {_verdict(c.get('many_step'), 'gap')} | {sp} |")
-        lines += ["", "(1): margin = best rival's bits/byte − FMLM's (positive: FMLM better). (2): gap = FLM's − "
-                      "the best rival's (negative: FLM better).", ""]
+            sp = (
+                ", ".join(
+                    f"{k} " + ("none" if v is None else f"{v['time_ratio']:.3g}× ({v['steps']})")
+                    for k, v in speed.items()
+                )
+                or "–"
+            )
+            lines.append(
+                f"| {p['size']} {p['budget']} | {p['tokens']:,} | {_verdict(c.get('one_step'), 'margin')} "
+                f"| {_verdict(c.get('many_step'), 'gap')} | {sp} |"
+            )
+        lines += [
+            "",
+            "(1): margin = best rival's bits/byte − FMLM's (positive: FMLM better). (2): gap = FLM's − "
+            "the best rival's (negative: FLM better).",
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -128,16 +177,25 @@ def plot(study: dict, out: Path) -> list[Path]:
         all_steps = sorted({r["steps"] for p in line_pts for r in p["rows"]})
         markers = dict(zip(all_steps, "os^vDP*Xh"))
         for label, steps in dict.fromkeys((r["label"], r["steps"]) for p in line_pts for r in p["rows"]):
-            xy = [(p["tokens"], r["gen_bpb"]) for p in line_pts for r in p["rows"]
-                  if r["label"] == label and r["steps"] == steps and r["gen_bpb"] is not None]
+            xy = [
+                (p["tokens"], r["gen_bpb"])
+                for p in line_pts
+                for r in p["rows"]
+                if r["label"] == label and r["steps"] == steps and r["gen_bpb"] is not None
+            ]
             if xy:
-                ax.plot(*zip(*xy), color=colors[label], marker=markers.get(steps, "o"), alpha=0.8,
-                        label=f"{label} {steps}")
+                ax.plot(
+                    *zip(*xy), color=colors[label], marker=markers.get(steps, "o"), alpha=0.8, label=f"{label} {steps}"
+                )
         for key, style in (("data_bpb", "--"), ("shuffled_bpb", ":")):
             xy = [(p["tokens"], p[key]) for p in line_pts if p[key] is not None]
             if xy:
-                ax.plot(*zip(*xy), color="gray", linestyle=style,
-                        label="held-out text" if key == "data_bpb" else "shuffled characters")
+                ax.plot(
+                    *zip(*xy),
+                    color="gray",
+                    linestyle=style,
+                    label="held-out text" if key == "data_bpb" else "shuffled characters",
+                )
         ax.set_xscale("log")
         ax.set_xlabel(f"training tokens ({size})")
         ax.set_ylabel(f"bits per byte under {scorer}")
@@ -152,14 +210,21 @@ def plot(study: dict, out: Path) -> list[Path]:
         top = max(line_pts, key=lambda p: p["tokens"])
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for label in labels:
-            xy = sorted((r["seconds_per_sample"], r["gen_bpb"]) for r in top["rows"]
-                        if r["label"] == label and r["gen_bpb"] is not None)
+            xy = sorted(
+                (r["seconds_per_sample"], r["gen_bpb"])
+                for r in top["rows"]
+                if r["label"] == label and r["gen_bpb"] is not None
+            )
             if xy:
                 ax.plot(*zip(*xy), marker="o", color=colors[label], label=label)
         for key, style in (("data_bpb", "--"), ("shuffled_bpb", ":")):
             if top[key] is not None:
-                ax.axhline(top[key], color="gray", linestyle=style,
-                           label="held-out text" if key == "data_bpb" else "shuffled characters")
+                ax.axhline(
+                    top[key],
+                    color="gray",
+                    linestyle=style,
+                    label="held-out text" if key == "data_bpb" else "shuffled characters",
+                )
         ax.set_xscale("log")
         ax.set_xlabel("seconds per sample")
         ax.set_ylabel(f"bits per byte under {scorer}")

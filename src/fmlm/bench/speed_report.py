@@ -10,46 +10,70 @@ from fmlm.io import write_atomic
 METHODS = ("fmlm", "fmlm-ref", "flm", "mdlm", "duo", "ar")
 
 
-LABELS = {"fmlm": "FMLM 1 step (lean)", "fmlm-ref": "FMLM 1 step (reference)", "flm": "FLM", "mdlm": "MDLM",
-          "duo": "Duo", "ar": "AR (KV cache)"}
+LABELS = {
+    "fmlm": "FMLM 1 step (lean)",
+    "fmlm-ref": "FMLM 1 step (reference)",
+    "flm": "FLM",
+    "mdlm": "MDLM",
+    "duo": "Duo",
+    "ar": "AR (KV cache)",
+}
 
 
 def markdown(result: dict) -> str:
     s = result["settings"]
-    lines = [f"device {s['device']}, {s['dtype'].replace('torch.', '')}, threads {s['threads']}, "
-             f"best of {s['repeats']} interleaved rounds (each ≥ {s['min_seconds']} s), N = {s['steps']} "
-             f"steps for FLM/MDLM/Duo, load average {s['load_start']:.2f} at start, {s['load_end']:.2f} at end"]
+    lines = [
+        f"device {s['device']}, {s['dtype'].replace('torch.', '')}, threads {s['threads']}, "
+        f"best of {s['repeats']} interleaved rounds (each ≥ {s['min_seconds']} s), N = {s['steps']} "
+        f"steps for FLM/MDLM/Duo, load average {s['load_start']:.2f} at start, {s['load_end']:.2f} at end"
+    ]
     for r in result["shapes"]:
         sh = r["shape"]
         p = r["peaks"]
-        lines += ["", f"### {sh['size']}, V = {sh['vocab']:,}, L = {sh['seq_len']:,}", "",
-                  f"matmul peak ({p[0]['gemm']}² GEMM, {p[0]['dtype']}): "
-                  f"{', '.join('%.1f' % (q['flop_per_s'] / 1e9) for q in p)} GFLOP/s (before, after; the higher is "
-                  f"the reference)", "",
-                  "| sampler | batch | passes | ms / sample | samples/s | network GFLOP / call | GFLOP/s | "
-                  "utilisation | load |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"### {sh['size']}, V = {sh['vocab']:,}, L = {sh['seq_len']:,}",
+            "",
+            f"matmul peak ({p[0]['gemm']}² GEMM, {p[0]['dtype']}): "
+            f"{', '.join('%.1f' % (q['flop_per_s'] / 1e9) for q in p)} GFLOP/s (before, after; the higher is "
+            f"the reference)",
+            "",
+            "| sampler | batch | passes | ms / sample | samples/s | network GFLOP / call | GFLOP/s | "
+            "utilisation | load |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for row in r["rows"]:
-            lines.append(f"| {LABELS[row['method']]} | {row['batch']} | {row['passes']} | "
-                         f"{row['seconds_per_sample'] * 1e3:,.2f} | {row['samples_per_s']:,.3g} | "
-                         f"{row['network_flops'] / 1e9:,.3f} | {row['network_flop_per_s'] / 1e9:,.1f} | "
-                         f"{row['utilisation']:.0%} | {row['load_at_best']:.2f} |")
+            lines.append(
+                f"| {LABELS[row['method']]} | {row['batch']} | {row['passes']} | "
+                f"{row['seconds_per_sample'] * 1e3:,.2f} | {row['samples_per_s']:,.3g} | "
+                f"{row['network_flops'] / 1e9:,.3f} | {row['network_flop_per_s'] / 1e9:,.1f} | "
+                f"{row['utilisation']:.0%} | {row['load_at_best']:.2f} |"
+            )
         sm = r["summary"]
         best = ", ".join(f"{LABELS[m]} {b['utilisation']:.0%} (batch {b['batch']})" for m, b in sm["best"].items())
         lines += ["", f"Best utilisation: {best}."]
         if sm["lean_speedup"]:
-            lines.append("One step, reference / lean time per sample: " + ", ".join(
-                f"{v:.2f}× (batch {b})" for b, v in sm["lean_speedup"].items()) + ".")
+            lines.append(
+                "One step, reference / lean time per sample: "
+                + ", ".join(f"{v:.2f}× (batch {b})" for b, v in sm["lean_speedup"].items())
+                + "."
+            )
         if sm["fmlm_vs_ar"]:
-            lines.append("AR / FMLM one-step time per sample: " + ", ".join(
-                f"{v:.1f}× (batch {b})" for b, v in sm["fmlm_vs_ar"].items()) + ".")
+            lines.append(
+                "AR / FMLM one-step time per sample: "
+                + ", ".join(f"{v:.1f}× (batch {b})" for b, v in sm["fmlm_vs_ar"].items())
+                + "."
+            )
         for row in r["rows"]:
             pr = row.get("profile")
             if pr:
                 sh_ = pr["shares"]
                 top = ", ".join(f"{o['op'].replace('aten::', '')} {o['share']:.0%}" for o in pr["other_top"][:4])
-                lines.append(f"Where the time goes ({LABELS[row['method']]}, batch {row['batch']}; operator self "
-                             f"time): matmuls {sh_['matmul']:.0%}, attention kernels {sh_['attention']:.0%}, "
-                             f"the rest {sh_['other']:.0%} ({top}).")
+                lines.append(
+                    f"Where the time goes ({LABELS[row['method']]}, batch {row['batch']}; operator self "
+                    f"time): matmuls {sh_['matmul']:.0%}, attention kernels {sh_['attention']:.0%}, "
+                    f"the rest {sh_['other']:.0%} ({top})."
+                )
         goals = []
         if "fmlm_goal_met" in sm:
             goals.append(f"FMLM one step ≥ 50%: {'met' if sm['fmlm_goal_met'] else 'NOT met'}")

@@ -53,13 +53,28 @@ def variant_steps(variant: Variant, steps: list[int]) -> list[int]:
     return [s for s in variant.steps if s in steps] or list(variant.steps)
 
 
-def run_bench(preset_name: str, ablation: str | None = None, overrides: list[str] | None = None,
-              out_dir: str | Path | None = None, cache_dir: str | Path | None = None, use: list[str] | None = None,
-              steps: list[int] | None = None, num_samples: int | None = None, seed: int = 0,
-              scorer: str | None = None, scorer_batch: int | None = None, sample_batch: int | None = None,
-              threads: int | None = None, device: str | None = None, only: list[str] | None = None,
-              train: bool = True, quiet: bool = False, plots: bool = True, command: str | None = None,
-              distill_overrides: list[str] | None = None) -> dict:
+def run_bench(
+    preset_name: str,
+    ablation: str | None = None,
+    overrides: list[str] | None = None,
+    out_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    use: list[str] | None = None,
+    steps: list[int] | None = None,
+    num_samples: int | None = None,
+    seed: int = 0,
+    scorer: str | None = None,
+    scorer_batch: int | None = None,
+    sample_batch: int | None = None,
+    threads: int | None = None,
+    device: str | None = None,
+    only: list[str] | None = None,
+    train: bool = True,
+    quiet: bool = False,
+    plots: bool = True,
+    command: str | None = None,
+    distill_overrides: list[str] | None = None,
+) -> dict:
     """Run a bench; returns the results dict (also written to ``out_dir``)."""
     from tqdm.auto import tqdm
 
@@ -78,8 +93,9 @@ def run_bench(preset_name: str, ablation: str | None = None, overrides: list[str
         wanted = {o.lower() for o in only}
         unknown = wanted - {v.label.lower() for v in variants}
         if unknown:
-            raise ConfigError(f"--only: unknown variant(s) {', '.join(sorted(unknown))} "
-                              f"(have {', '.join(v.label for v in variants)})")
+            raise ConfigError(
+                f"--only: unknown variant(s) {', '.join(sorted(unknown))} (have {', '.join(v.label for v in variants)})"
+            )
         sampled = [v for v in variants if v.label.lower() in wanted]
     else:
         sampled = variants
@@ -96,11 +112,28 @@ def run_bench(preset_name: str, ablation: str | None = None, overrides: list[str
         torch.set_num_threads(threads)
     # Check every config before spending time on any of them.
     for v in variants:
-        variant_config(preset, v, overrides, None if v.self_distill or not v.distilled else "teacher",
-                       threads, device, distill_overrides)
+        variant_config(
+            preset,
+            v,
+            overrides,
+            None if v.self_distill or not v.distilled else "teacher",
+            threads,
+            device,
+            distill_overrides,
+        )
 
-    runs = Runs(preset, overrides, cache, use_map, threads, device, log, progress=not quiet, train=train,
-                distill_overrides=distill_overrides)
+    runs = Runs(
+        preset,
+        overrides,
+        cache,
+        use_map,
+        threads,
+        device,
+        log,
+        progress=not quiet,
+        train=train,
+        distill_overrides=distill_overrides,
+    )
     t_start = time.perf_counter()
     for i, v in enumerate(sampled, 1):
         log(f"[{i}/{len(sampled)}] {v.label}")
@@ -112,13 +145,25 @@ def run_bench(preset_name: str, ablation: str | None = None, overrides: list[str
         score = load_scorer(scorer_name, batch_size=scorer_batch, device=device)
 
     result = {
-        "preset": preset.name, "description": preset.description, "ablation": ablation,
+        "preset": preset.name,
+        "description": preset.description,
+        "ablation": ablation,
         "ablation_description": ABLATIONS[ablation][0] if ablation else None,
-        "command": command, "overrides": overrides, "distill_overrides": distill_overrides, **environment(threads), "device": device or "auto",
-        "seed": seed, "num_samples": num_samples, "steps": steps, "sample_batch": sample_batch,
-        "precision": "float32", "scorer": score.describe() if score is not None else None,
-        "metric": "gen_bpb" if score is not None else None, "notes": list(preset.notes),
-        "variants": {}, "rows": [],
+        "command": command,
+        "overrides": overrides,
+        "distill_overrides": distill_overrides,
+        **environment(threads),
+        "device": device or "auto",
+        "seed": seed,
+        "num_samples": num_samples,
+        "steps": steps,
+        "sample_batch": sample_batch,
+        "precision": "float32",
+        "scorer": score.describe() if score is not None else None,
+        "metric": "gen_bpb" if score is not None else None,
+        "notes": list(preset.notes),
+        "variants": {},
+        "rows": [],
     }
     distilled = [v for v in variants if v.distilled and v.label in runs.done]
     if distilled:
@@ -126,8 +171,11 @@ def run_bench(preset_name: str, ablation: str | None = None, overrides: list[str
         for v in distilled:
             t = variant_config(preset, v, overrides, "teacher", threads, device, distill_overrides).train
             budgets.setdefault(f"{t.max_steps:,} steps of batch {t.batch_size}", []).append(v.label)
-        result["notes"].append("Distillation budget of this run: " + "; ".join(
-            f"{b} ({', '.join(labels)})" for b, labels in budgets.items()) + ".")
+        result["notes"].append(
+            "Distillation budget of this run: "
+            + "; ".join(f"{b} ({', '.join(labels)})" for b, labels in budgets.items())
+            + "."
+        )
     settings = sum(1 if v.method == "ar" else len(variant_steps(v, steps)) for v in sampled if v.sample)
     bar = tqdm(total=settings, desc="sample", unit="setting", disable=quiet, dynamic_ncols=True)
     data_entropy = None
@@ -149,8 +197,10 @@ def run_bench(preset_name: str, ablation: str | None = None, overrides: list[str
                 log("scoring held-out text and its shuffled characters (the reference rows)")
                 add_references(result, score_references(refs, score))
             for name, (texts, ended) in refs.items():
-                samples += [{"label": name, "steps": None, "index": i, "text": t, "ended": e}
-                            for i, (t, e) in enumerate(zip(texts, ended))]
+                samples += [
+                    {"label": name, "steps": None, "index": i, "text": t, "ended": e}
+                    for i, (t, e) in enumerate(zip(texts, ended))
+                ]
             if model.task is not None and result["metric"] is None:
                 result["metric"] = "valid_rate"
         rec = dict(rec)
@@ -180,8 +230,9 @@ def run_bench(preset_name: str, ablation: str | None = None, overrides: list[str
 
 
 # ------------------------------------------------------------------ CLI
-def describe(preset: BenchPreset, ablation: str | None, overrides: list[str],
-             distill_overrides: list[str] | None = None) -> str:
+def describe(
+    preset: BenchPreset, ablation: str | None, overrides: list[str], distill_overrides: list[str] | None = None
+) -> str:
     """The plan of a bench: every run's full config (``--dry-run``)."""
     variants = variants_for(ablation)
     lines = [f"bench {preset.name}: {preset.description}"]
@@ -210,10 +261,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-batch", type=positive, help="samples per sampling call")
     p.add_argument("--out", help="output folder (default: runs/bench/PRESET[-ABLATION])")
     p.add_argument("--cache-dir", help="where trained runs are cached (default: $FMLM_CACHE/bench)")
-    p.add_argument("--use", action="append", metavar="LABEL=RUN",
-                   help="reuse a finished run for a variant (its config must match the bench's)")
-    p.add_argument("--distill-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override for the distilled runs only (flow maps, Duo+DCD, MDLM+SDTT), e.g. max_steps=1000")
+    p.add_argument(
+        "--use",
+        action="append",
+        metavar="LABEL=RUN",
+        help="reuse a finished run for a variant (its config must match the bench's)",
+    )
+    p.add_argument(
+        "--distill-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override for the distilled runs only (flow maps, Duo+DCD, MDLM+SDTT), e.g. max_steps=1000",
+    )
     p.add_argument("--only", help="comma-separated variant labels to sample (their teachers are still trained)")
     p.add_argument("--no-train", action="store_true", help="fail instead of training a missing run")
     p.add_argument("--no-plots", action="store_true")
@@ -233,13 +293,31 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         print(describe(preset, args.ablation, args.overrides, args.distill_set))
         return 0
     if preset.gpu_recipe and not args.force and not torch.cuda.is_available():
-        raise ConfigError(f"bench {preset.name} is a GPU recipe ({preset.description}); see it with --dry-run, "
-                          "or pass --force")
+        raise ConfigError(
+            f"bench {preset.name} is a GPU recipe ({preset.description}); see it with --dry-run, or pass --force"
+        )
     command = "fmlm bench " + " ".join(shlex.quote(a) for a in argv)
-    result = run_bench(args.preset, args.ablation, args.overrides, args.out, args.cache_dir, args.use, args.steps,
-                       args.num_samples, args.seed, args.scorer, args.scorer_batch, args.sample_batch, args.threads,
-                       args.device, args.only.split(",") if args.only else None, train=not args.no_train,
-                       quiet=args.quiet, plots=not args.no_plots, command=command,
-                       distill_overrides=args.distill_set)
+    result = run_bench(
+        args.preset,
+        args.ablation,
+        args.overrides,
+        args.out,
+        args.cache_dir,
+        args.use,
+        args.steps,
+        args.num_samples,
+        args.seed,
+        args.scorer,
+        args.scorer_batch,
+        args.sample_batch,
+        args.threads,
+        args.device,
+        args.only.split(",") if args.only else None,
+        train=not args.no_train,
+        quiet=args.quiet,
+        plots=not args.no_plots,
+        command=command,
+        distill_overrides=args.distill_set,
+    )
     print(markdown(result))
     return 0

@@ -49,9 +49,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", default="tiny", help="backbone size (model.size; e.g. tiny, mini, dit-small)")
     p.add_argument("--steps", type=int, default=3, help="timed optimiser steps per configuration")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="rounds over the configurations (interleaved, a fresh process each); "
-                        "the fastest round of each is reported")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds over the configurations (interleaved, a fresh process each); "
+        "the fastest round of each is reported",
+    )
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
     p.add_argument("--device", default="auto", help="cpu, cuda (default: best available)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's choice)")
@@ -63,12 +67,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _config(args, name: str):
     from fmlm.config import build_config
 
-    method = {"flm-vocab": "flm", "flm-embedded": "flm", "fmlm": "semigroup", "fmlm-ref": "semigroup",
-              "mdlm": "mdlm"}[name]
+    method = {"flm-vocab": "flm", "flm-embedded": "flm", "fmlm": "semigroup", "fmlm-ref": "semigroup", "mdlm": "mdlm"}[
+        name
+    ]
     noise = "vocab" if name == "flm-vocab" else "embedded"
-    cfg = build_config("tiny", [f"model.size={args.size}", f"train.method={method}", f"train.noise={noise}",
-                                f"train.batch_size={args.batch}", f"data.seq_len={args.seq_len}",
-                                f"train.precision={args.precision}", f"train.compile={args.compile}"])
+    cfg = build_config(
+        "tiny",
+        [
+            f"model.size={args.size}",
+            f"train.method={method}",
+            f"train.noise={noise}",
+            f"train.batch_size={args.batch}",
+            f"data.seq_len={args.seq_len}",
+            f"train.precision={args.precision}",
+            f"train.compile={args.compile}",
+        ],
+    )
     cfg.model.vocab_size = args.vocab
     cfg.model.max_seq_len = args.seq_len
     if method == "semigroup":
@@ -86,14 +100,24 @@ def _build(cfg, name: str, device):
 
     torch.manual_seed(0)
     if name in ("fmlm", "fmlm-ref"):
-        tcfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, two_time=False),
-                                   train=dataclasses.replace(cfg.train, method="flm"))
+        tcfg = dataclasses.replace(
+            cfg,
+            model=dataclasses.replace(cfg.model, two_time=False),
+            train=dataclasses.replace(cfg.train, method="flm"),
+        )
         teacher = build_method(tcfg).to(device)
         student = build_method(cfg)  # an untrained FMLM; take its backbone
         d = cfg.distill
-        method = FMLM.from_teacher(teacher, student.net, objective="semigroup", diag_fraction=d.diag_fraction,
-                                   boundary_fraction=d.boundary_fraction, mid=d.mid, noise="embedded",
-                                   fused=name == "fmlm")
+        method = FMLM.from_teacher(
+            teacher,
+            student.net,
+            objective="semigroup",
+            diag_fraction=d.diag_fraction,
+            boundary_fraction=d.boundary_fraction,
+            mid=d.mid,
+            noise="embedded",
+            fused=name == "fmlm",
+        )
         if name == "fmlm-ref":
             teacher.net.inplace_cap = student.net.inplace_cap = False
     else:
@@ -157,9 +181,16 @@ def worker(spec: dict) -> dict:
     losses = [step() for _ in range(args.steps)]
     sync()
     dt = time.perf_counter() - t0
-    out = {"config": name, "parameters": params, "tokens_per_s": args.batch * args.seq_len * args.steps / dt,
-           "seconds_per_step": dt / args.steps, "final_loss": losses[-1], "finite": all(map(math.isfinite, losses)),
-           "device": str(device), "precision": str(amp or "fp32")}
+    out = {
+        "config": name,
+        "parameters": params,
+        "tokens_per_s": args.batch * args.seq_len * args.steps / dt,
+        "seconds_per_step": dt / args.steps,
+        "final_loss": losses[-1],
+        "finite": all(map(math.isfinite, losses)),
+        "device": str(device),
+        "precision": str(amp or "fp32"),
+    }
     if device.type == "cuda":
         out["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         out["memory"] = "torch.cuda.max_memory_allocated"
@@ -176,16 +207,28 @@ def run(args: argparse.Namespace) -> int:
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     bad = [c for c in names if c not in CONFIGS]
     if bad or not names:
-        raise ConfigError(f"unknown bench configuration {bad[0] if bad else args.configs!r} "
-                          f"(choose from {', '.join(CONFIGS)})")
+        raise ConfigError(
+            f"unknown bench configuration {bad[0] if bad else args.configs!r} (choose from {', '.join(CONFIGS)})"
+        )
     for key in ("vocab", "seq_len", "batch", "steps", "repeats"):
         if getattr(args, key) < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         raise ConfigError("--warmup must be >= 0")
     _config(args, "flm-vocab")  # validates --size and --precision before any subprocess starts
-    keys = ("vocab", "seq_len", "batch", "size", "steps", "warmup", "repeats", "device", "threads", "precision",
-            "compile")
+    keys = (
+        "vocab",
+        "seq_len",
+        "batch",
+        "size",
+        "steps",
+        "warmup",
+        "repeats",
+        "device",
+        "threads",
+        "precision",
+        "compile",
+    )
     spec_args = {k: getattr(args, k) for k in keys}
     env = dict(os.environ)
     if args.threads > 0:
@@ -195,8 +238,9 @@ def run(args: argparse.Namespace) -> int:
     order = [n for _ in range(args.repeats) for n in names]
     for name in tqdm(order, desc="bench train", unit="run", dynamic_ncols=True):
         spec = json.dumps({"name": name, "args": spec_args})
-        proc = subprocess.run([sys.executable, "-m", "fmlm.bench.throughput", spec], capture_output=True,
-                              text=True, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-m", "fmlm.bench.throughput", spec], capture_output=True, text=True, env=env
+        )
         if proc.returncode != 0:
             tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
             raise ConfigError(f"bench configuration {name} failed: {tail[0]}")
@@ -219,12 +263,18 @@ def run(args: argparse.Namespace) -> int:
     if ref is not None:
         flm = next((r for r in rows if r["config"] == "flm-embedded"), None)
         if flm is not None:
-            result["goal"] = {"throughput_ratio": flm["throughput_vs_mdlm"], "throughput_met": flm["throughput_vs_mdlm"] >= 0.95,
-                              "peak_ratio": flm["peak_vs_mdlm"], "peak_met": flm["peak_vs_mdlm"] <= 1.1}
+            result["goal"] = {
+                "throughput_ratio": flm["throughput_vs_mdlm"],
+                "throughput_met": flm["throughput_vs_mdlm"] >= 0.95,
+                "peak_ratio": flm["peak_vs_mdlm"],
+                "peak_met": flm["peak_vs_mdlm"] <= 1.1,
+            }
         fm = next((r for r in rows if r["config"] == "fmlm"), None)
         if fm is not None:
-            result["distill_goal"] = {"throughput_ratio": fm["throughput_vs_mdlm"],
-                                      "throughput_met": fm["throughput_vs_mdlm"] >= 0.6}
+            result["distill_goal"] = {
+                "throughput_ratio": fm["throughput_vs_mdlm"],
+                "throughput_met": fm["throughput_vs_mdlm"] >= 0.6,
+            }
             ref_fm = next((r for r in rows if r["config"] == "fmlm-ref"), None)
             if ref_fm is not None:
                 result["distill_goal"]["speedup_vs_reference"] = fm["tokens_per_s"] / ref_fm["tokens_per_s"]
@@ -241,32 +291,48 @@ def run(args: argparse.Namespace) -> int:
 def markdown(result: dict) -> str:
     s = result["settings"]
     cpu = any("step_peak_mib" in r for r in result["results"])
-    head = (f"V = {s['vocab']:,}, L = {s['seq_len']:,}, batch {s['batch']}, model {s['size']}, "
-            f"{s['steps']} timed steps after {s['warmup']} warm-up, best of {s['repeats']} interleaved "
-            f"rounds, threads {s['threads'] or 'default'}")
+    head = (
+        f"V = {s['vocab']:,}, L = {s['seq_len']:,}, batch {s['batch']}, model {s['size']}, "
+        f"{s['steps']} timed steps after {s['warmup']} warm-up, best of {s['repeats']} interleaved "
+        f"rounds, threads {s['threads'] or 'default'}"
+    )
     cols = ["config", "params (M)", "tokens/s", "× MDLM", "median tokens/s", "peak MiB", "× MDLM"]
     if cpu:
         cols += ["step peak MiB", "× MDLM"]
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in result["results"]:
-        cells = [r["config"], f"{r['parameters'] / 1e6:.2f}", f"{r['tokens_per_s']:,.0f}",
-                 f"{r.get('throughput_vs_mdlm', float('nan')):.2f}", f"{r['tokens_per_s_median']:,.0f}",
-                 f"{r['peak_mib']:,.0f}",
-                 f"{r.get('peak_vs_mdlm', float('nan')):.2f}"]
+        cells = [
+            r["config"],
+            f"{r['parameters'] / 1e6:.2f}",
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r.get('throughput_vs_mdlm', float('nan')):.2f}",
+            f"{r['tokens_per_s_median']:,.0f}",
+            f"{r['peak_mib']:,.0f}",
+            f"{r.get('peak_vs_mdlm', float('nan')):.2f}",
+        ]
         if cpu:
             cells += [f"{r['step_peak_mib']:,.0f}", f"{r.get('step_peak_vs_mdlm', float('nan')):.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     g = result.get("goal")
     if g:
-        lines += ["", f"Goal (FLM embedded vs MDLM): throughput ≥ 0.95×: {'met' if g['throughput_met'] else 'NOT met'} "
-                      f"({g['throughput_ratio']:.2f}×); peak memory ≤ 1.1×: {'met' if g['peak_met'] else 'NOT met'} "
-                      f"({g['peak_ratio']:.2f}×)"]
+        lines += [
+            "",
+            f"Goal (FLM embedded vs MDLM): throughput ≥ 0.95×: {'met' if g['throughput_met'] else 'NOT met'} "
+            f"({g['throughput_ratio']:.2f}×); peak memory ≤ 1.1×: {'met' if g['peak_met'] else 'NOT met'} "
+            f"({g['peak_ratio']:.2f}×)",
+        ]
     g = result.get("distill_goal")
     if g:
-        extra = (f"; {g['speedup_vs_reference']:.2f}× the reference loss code's tokens/s"
-                 if "speedup_vs_reference" in g else "")
-        lines += ["", f"Goal (FMLM semigroup distillation vs MDLM): throughput ≥ 0.6×: "
-                      f"{'met' if g['throughput_met'] else 'NOT met'} ({g['throughput_ratio']:.2f}×){extra}"]
+        extra = (
+            f"; {g['speedup_vs_reference']:.2f}× the reference loss code's tokens/s"
+            if "speedup_vs_reference" in g
+            else ""
+        )
+        lines += [
+            "",
+            f"Goal (FMLM semigroup distillation vs MDLM): throughput ≥ 0.6×: "
+            f"{'met' if g['throughput_met'] else 'NOT met'} ({g['throughput_ratio']:.2f}×){extra}",
+        ]
     return "\n".join(lines)
 
 

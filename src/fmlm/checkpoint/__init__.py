@@ -27,14 +27,14 @@ numpy's RNG arrays; anything else is refused with a one-line error.
 
 from fmlm.checkpoint.layout import LEGACY, MANIFEST, OPTIMIZER, PREFIX, RNG, read_json, verify
 from fmlm.checkpoint.runs import (
-                                  clean_stale,
-                                  is_valid,
-                                  latest_checkpoint,
-                                  list_checkpoints,
-                                  newest_valid,
-                                  prune,
-                                  resolve,
-                                  step_of,
+    clean_stale,
+    is_valid,
+    latest_checkpoint,
+    list_checkpoints,
+    newest_valid,
+    prune,
+    resolve,
+    step_of,
 )
 from fmlm.checkpoint.store import load_into, load_state, save_checkpoint
 from fmlm.checkpoint.trees import load_training_state, load_tree, save_tree

@@ -50,8 +50,12 @@ def verify(directory: str | Path, deep: bool = True) -> None:
     try:
         files = json.loads(mpath.read_text())["files"]
         if not isinstance(files, dict) or not all(
-                isinstance(name, str) and isinstance(meta, dict) and type(meta.get("size")) is int
-                and isinstance(meta.get("sha256"), str) for name, meta in files.items()):
+            isinstance(name, str)
+            and isinstance(meta, dict)
+            and type(meta.get("size")) is int
+            and isinstance(meta.get("sha256"), str)
+            for name, meta in files.items()
+        ):
             raise TypeError("bad entries")
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         raise CheckpointError(f"corrupt checkpoint manifest: {mpath}") from None

@@ -36,7 +36,9 @@ def is_valid(path: Path, deep: bool = True) -> bool:
     try:
         key = (str(path.resolve()),) + tuple(
             (str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(path.rglob("*")) if p.is_file())
+            for p in sorted(path.rglob("*"))
+            if p.is_file()
+        )
     except OSError:
         return False
     if key in _VERIFIED:

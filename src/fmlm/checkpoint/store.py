@@ -53,8 +53,9 @@ def save_checkpoint(
     return final
 
 
-def _write_files(tmp: Path, config, model_state, tokenizer, ema_state, optimizer_state, trainer_state,
-                 rng_state) -> None:
+def _write_files(
+    tmp: Path, config, model_state, tokenizer, ema_state, optimizer_state, trainer_state, rng_state
+) -> None:
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _state_to_safetensors(model_state, tmp / "model.safetensors")
     if ema_state is not None:
@@ -113,5 +114,3 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str
                 f"{what} does not match the model: {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}"
             )
     module.load_state_dict(state, strict=True)
-
-

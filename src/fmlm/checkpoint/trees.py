@@ -136,6 +136,8 @@ def load_training_state(path: str | Path, name: str) -> Any:
                 "(a checkpoint must not run code); delete that checkpoint to resume from an older one, or start over "
                 "with --restart"
             ) from None
-        why = next((line.strip() for line in text.splitlines() if "Unsupported" in line),
-                   (text.splitlines() or [type(e).__name__])[0])
+        why = next(
+            (line.strip() for line in text.splitlines() if "Unsupported" in line),
+            (text.splitlines() or [type(e).__name__])[0],
+        )
         raise CheckpointError(f"corrupt checkpoint file {legacy} (read as plain tensors only): {why[:200]}") from None

@@ -31,8 +31,13 @@ def cmd_data(args: argparse.Namespace) -> int:
     cfg = build_config(preset, overrides)
     bundle = load_data(cfg)
     info = dict(bundle.info)
-    info.update(vocab_size=bundle.tokenizer.vocab_size, tokenizer=bundle.tokenizer.spec,
-                seq_len=cfg.data.seq_len, train_blocks=len(bundle.train), val_blocks=len(bundle.val))
+    info.update(
+        vocab_size=bundle.tokenizer.vocab_size,
+        tokenizer=bundle.tokenizer.spec,
+        seq_len=cfg.data.seq_len,
+        train_blocks=len(bundle.train),
+        val_blocks=len(bundle.val),
+    )
     print(json.dumps(info, indent=2, default=str))
     for i in range(min(args.show, len(bundle.train))):
         print(f"--- train block {i}", file=sys.stderr)
@@ -56,15 +61,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fmlm.serve import ServeLimits, serve
 
     limits = ServeLimits(max_steps=args.max_steps, max_samples=args.max_samples, max_queue=args.max_queue)
-    serve(args.ckpt, host=args.host, port=args.port, threads=args.threads, limits=limits, device=args.device,
-          docs=args.docs)
+    serve(
+        args.ckpt,
+        host=args.host,
+        port=args.port,
+        threads=args.threads,
+        limits=limits,
+        device=args.device,
+        docs=args.docs,
+    )
     return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from fmlm.plot import run
 
-    result = run(args.what, Path(args.out), args.vocab, seed=args.seed, flm_steps=args.flm_steps,
-                 fmlm_steps=args.fmlm_steps, progress=not args.quiet)
+    result = run(
+        args.what,
+        Path(args.out),
+        args.vocab,
+        seed=args.seed,
+        flm_steps=args.flm_steps,
+        fmlm_steps=args.fmlm_steps,
+        progress=not args.quiet,
+    )
     print(json.dumps(result, indent=2))
     return 0

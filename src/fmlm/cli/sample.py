@@ -14,16 +14,16 @@ if TYPE_CHECKING:
     from fmlm.api import Model
 
 
-def _report_samples(model, steps_list, num_samples, seed, float64, show=True, check=False, max_show=4,
-                    seq_len=None, **options) -> list[dict]:
+def _report_samples(
+    model, steps_list, num_samples, seed, float64, show=True, check=False, max_show=4, seq_len=None, **options
+) -> list[dict]:
     results = []
     for steps in steps_list:
         t0 = time.perf_counter()
         ids = model.sample_ids(num_samples, steps, seed, float64=float64, seq_len=seq_len, **options)
         dt = time.perf_counter() - t0
         texts = model.decode(ids)
-        rec = {"steps": steps, "num_samples": num_samples, "seed": seed,
-               "seconds_per_sample": dt / num_samples}
+        rec = {"steps": steps, "num_samples": num_samples, "seed": seed, "seconds_per_sample": dt / num_samples}
         if check and model.task is not None:
             m = model.task.check(ids)
             rec.update(valid_rate=m["valid_rate"], coverage=m["coverage"])
@@ -47,8 +47,13 @@ def _report_samples(model, steps_list, num_samples, seed, float64, show=True, ch
 
 def _sampling_options(args) -> dict:
     """Method-specific sampler options given on the command line (unset ones are None)."""
-    return {"gamma": args.gamma, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-            **getattr(args, "guidance", {})}
+    return {
+        "gamma": args.gamma,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        **getattr(args, "guidance", {}),
+    }
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -69,9 +74,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     args.guidance = guidance_options(args, model)
     steps_list = args.steps or [model.config.sample.steps]
     if args.json or args.check:
-        results = _report_samples(model, steps_list, args.num_samples, args.seed, args.float64, show=False,
-                                  check=args.check, max_show=0 if args.json else 4, seq_len=args.seq_len,
-                                  **_sampling_options(args))
+        results = _report_samples(
+            model,
+            steps_list,
+            args.num_samples,
+            args.seed,
+            args.float64,
+            show=False,
+            check=args.check,
+            max_show=0 if args.json else 4,
+            seq_len=args.seq_len,
+            **_sampling_options(args),
+        )
         if args.json:
             print(json.dumps({"checkpoint": str(model.path), "results": results}, indent=2))
         else:
@@ -84,8 +98,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 print(line)
         return 0
     for steps in steps_list:
-        for text in model.sample(args.num_samples, steps, args.seed, float64=args.float64, seq_len=args.seq_len,
-                                 **_sampling_options(args)):
+        for text in model.sample(
+            args.num_samples, steps, args.seed, float64=args.float64, seq_len=args.seq_len, **_sampling_options(args)
+        ):
             print(text)
             print()
     return 0
@@ -118,8 +133,8 @@ def guidance_options(args: argparse.Namespace, model: Model) -> dict:
             out["reward_iters"] = args.reward_iters
         if args.reward_temperature is not None:
             out["reward_temperature"] = args.reward_temperature
-    elif any(v is not None for v in (args.reward_target, args.reward_scale, args.reward_iters,
-                                      args.reward_temperature)):
-        raise FmlmError("--reward-target, --reward-scale, --reward-iters and --reward-temperature need "
-                        "--reward RUN")
+    elif any(
+        v is not None for v in (args.reward_target, args.reward_scale, args.reward_iters, args.reward_temperature)
+    ):
+        raise FmlmError("--reward-target, --reward-scale, --reward-iters and --reward-temperature need --reward RUN")
     return out

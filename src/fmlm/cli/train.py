@@ -24,8 +24,7 @@ def _fit_and_report(cfg, args, tokenizer=None) -> int:
 
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.preset
     log = (lambda *a, **k: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    trainer = Trainer(cfg, run_dir, restart=args.restart, progress=not args.quiet, log=log,
-                      tokenizer=tokenizer)
+    trainer = Trainer(cfg, run_dir, restart=args.restart, progress=not args.quiet, log=log, tokenizer=tokenizer)
     summary = trainer.fit()
     if summary["rank"] != 0:  # torchrun: rank 0 reports
         return 130 if summary["interrupted"] else 0
@@ -33,9 +32,15 @@ def _fit_and_report(cfg, args, tokenizer=None) -> int:
         from fmlm.api import load
 
         model = load(run_dir, device=trainer.device)
-        summary["samples"] = _report_samples(model, [cfg.sample.steps], cfg.sample.num_samples,
-                                             cfg.sample.seed, cfg.sample.float64, show=not args.quiet,
-                                             check=model.task is not None)
+        summary["samples"] = _report_samples(
+            model,
+            [cfg.sample.steps],
+            cfg.sample.num_samples,
+            cfg.sample.seed,
+            cfg.sample.float64,
+            show=not args.quiet,
+            check=model.task is not None,
+        )
     print(json.dumps(summary, indent=2))
     return 130 if summary["interrupted"] else 0
 

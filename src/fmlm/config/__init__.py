@@ -16,15 +16,15 @@ when the key name exists in one section only (``lr=1e-3``, ``loss=mse_denoiser``
 from fmlm.config.checks import LOSSES, LR_SCHEDULES, PACKINGS, PRECISIONS, TIMES, validate
 from fmlm.config.overrides import build_config, parse_overrides, set_value
 from fmlm.config.sections import (
-                                  SECTIONS,
-                                  ClassifierConfig,
-                                  DataConfig,
-                                  DiffusionConfig,
-                                  DistillConfig,
-                                  ModelConfig,
-                                  RunConfig,
-                                  SampleConfig,
-                                  TrainConfig,
-                                  flatten,
+    SECTIONS,
+    ClassifierConfig,
+    DataConfig,
+    DiffusionConfig,
+    DistillConfig,
+    ModelConfig,
+    RunConfig,
+    SampleConfig,
+    TrainConfig,
+    flatten,
 )
 from fmlm.presets import DEFAULT_PRESET, MODEL_SIZES, PRESETS

@@ -61,19 +61,25 @@ def validate(cfg: RunConfig) -> None:
     choice("distill.divergence", cfg.distill.divergence, ("kl_bwd", "kl_fwd", "mse"))
     if cfg.distill.rounds < 1 or cfg.distill.base_steps < 1 or cfg.distill.teacher_steps < 2:
         raise ConfigError("need distill.rounds >= 1, distill.base_steps >= 1 and distill.teacher_steps >= 2")
-    if t.method in ("dcd", "sdtt") and cfg.distill.teacher_steps ** cfg.distill.rounds > cfg.distill.base_steps:
-        raise ConfigError(f"distill.rounds={cfg.distill.rounds} rounds that divide the steps by "
-                          f"{cfg.distill.teacher_steps} from distill.base_steps={cfg.distill.base_steps} end "
-                          "below one step")
+    if t.method in ("dcd", "sdtt") and cfg.distill.teacher_steps**cfg.distill.rounds > cfg.distill.base_steps:
+        raise ConfigError(
+            f"distill.rounds={cfg.distill.rounds} rounds that divide the steps by "
+            f"{cfg.distill.teacher_steps} from distill.base_steps={cfg.distill.base_steps} end "
+            "below one step"
+        )
     if not 0.0 < cfg.diffusion.t_min < 1.0:
         raise ConfigError(f"diffusion.t_min must be in (0, 1), got {cfg.diffusion.t_min}")
     if cfg.diffusion.curriculum_steps < 0:
         raise ConfigError(f"diffusion.curriculum_steps must be >= 0, got {cfg.diffusion.curriculum_steps}")
     choice("classifier.label", cfg.classifier.label, ("phrase", "keyword"))
     dc = cfg.distill
-    for name, v in (("distill.diag_fraction", dc.diag_fraction), ("distill.boundary_fraction", dc.boundary_fraction),
-                    ("distill.target_ema", dc.target_ema), ("sample.gamma", s.gamma),
-                    ("classifier.soft_fraction", cfg.classifier.soft_fraction)):
+    for name, v in (
+        ("distill.diag_fraction", dc.diag_fraction),
+        ("distill.boundary_fraction", dc.boundary_fraction),
+        ("distill.target_ema", dc.target_ema),
+        ("sample.gamma", s.gamma),
+        ("classifier.soft_fraction", cfg.classifier.soft_fraction),
+    ):
         if not 0.0 <= v <= 1.0:
             raise ConfigError(f"{name} must be in [0, 1], got {v}")
     if not 0.0 < dc.max_gap <= 1.0:
@@ -81,11 +87,20 @@ def validate(cfg: RunConfig) -> None:
     if dc.diag_fraction >= 1.0 and t.method in ("semigroup", "lagrangian", "eulerian"):
         raise ConfigError("distill.diag_fraction must be < 1 for flow-map distillation")
     positive = {
-        "model.n_layers": m.n_layers, "model.d_model": m.d_model, "model.n_heads": m.n_heads,
-        "model.cond_dim": m.cond_dim, "data.seq_len": d.seq_len, "train.batch_size": t.batch_size,
-        "train.max_steps": t.max_steps, "train.log_every": t.log_every, "train.eval_every": t.eval_every,
-        "train.save_every": t.save_every, "train.keep_last": t.keep_last, "sample.steps": s.steps,
-        "sample.num_samples": s.num_samples, "train.eval_batches": t.eval_batches,
+        "model.n_layers": m.n_layers,
+        "model.d_model": m.d_model,
+        "model.n_heads": m.n_heads,
+        "model.cond_dim": m.cond_dim,
+        "data.seq_len": d.seq_len,
+        "train.batch_size": t.batch_size,
+        "train.max_steps": t.max_steps,
+        "train.log_every": t.log_every,
+        "train.eval_every": t.eval_every,
+        "train.save_every": t.save_every,
+        "train.keep_last": t.keep_last,
+        "sample.steps": s.steps,
+        "sample.num_samples": s.num_samples,
+        "train.eval_batches": t.eval_batches,
     }
     for name, v in positive.items():
         if v < 1:

@@ -204,5 +204,3 @@ def build_data(
         "cache_hit": hit,
     }
     return DataBundle(train=train, val=val, tokenizer=tok, task=None, info=info)
-
-

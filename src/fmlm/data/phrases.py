@@ -187,8 +187,13 @@ class PhrasesTask:
     def from_config(cls, data_cfg: Any) -> PhrasesTask:
         """The task of a :class:`fmlm.config.DataConfig` (``phrases_n``, ``phrases_k``, ...)."""
         d = data_cfg
-        return cls(n=d.phrases_n, k=d.phrases_k, phrases_per_seq=d.phrases_per_seq,
-                   vocab_size=d.phrases_vocab or None, seed=d.seed)
+        return cls(
+            n=d.phrases_n,
+            k=d.phrases_k,
+            phrases_per_seq=d.phrases_per_seq,
+            vocab_size=d.phrases_vocab or None,
+            seed=d.seed,
+        )
 
     # --------------------------------------------------------------- labels
     def labels(self, samples: torch.Tensor | np.ndarray) -> torch.Tensor:

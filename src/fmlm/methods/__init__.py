@@ -11,5 +11,4 @@ from __future__ import annotations
 from fmlm.methods.flm import FLM, euler_sample, stratified_uniform
 from fmlm.methods.registry import DISTILLED_BASELINES, METHODS, build_method, load_method
 
-__all__ = ["DISTILLED_BASELINES", "FLM", "METHODS", "build_method", "euler_sample", "load_method",
-           "stratified_uniform"]
+__all__ = ["DISTILLED_BASELINES", "FLM", "METHODS", "build_method", "euler_sample", "load_method", "stratified_uniform"]

@@ -90,8 +90,9 @@ class AR(nn.Module):
         logits = self.net(self._inputs(ids)).float()  # (B, L, V)
         return F.cross_entropy(logits.flatten(0, 1), ids.flatten())
 
-    def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None,
-             strata: Strata | None = None) -> tuple[torch.Tensor, dict]:
+    def loss(
+        self, ids: torch.Tensor, generator: torch.Generator | None = None, strata: Strata | None = None
+    ) -> tuple[torch.Tensor, dict]:
         """Next-token cross-entropy on ids (B, L); ``generator`` and ``strata`` are unused (a deterministic loss)."""
         loss = self.nll(ids)
         return loss, {"loss": loss.detach()}
@@ -102,8 +103,9 @@ class AR(nn.Module):
         nll = self.nll(ids).item()
         return {"nll": nll, "ppl": math.exp(min(nll, 700.0))}
 
-    def _draw(self, logits: torch.Tensor, generator, float64: bool, temperature: float, top_k: int,
-              top_p: float) -> torch.Tensor:
+    def _draw(
+        self, logits: torch.Tensor, generator, float64: bool, temperature: float, top_k: int, top_p: float
+    ) -> torch.Tensor:
         """One token per row from logits (B, V) -> ids (B,)."""
         logits = logits.double() if float64 else logits.float()
         if temperature == 0:
@@ -160,20 +162,22 @@ class AR(nn.Module):
         if known is not None:
             n_prefix = int(kmask[0].sum())
             if not bool(kmask[:, :n_prefix].all()) or bool(kmask[:, n_prefix:].any()):
-                raise ValueError("an autoregressive model can only be conditioned on a prefix "
-                                 "(the same leading positions in every row)")
+                raise ValueError(
+                    "an autoregressive model can only be conditioned on a prefix "
+                    "(the same leading positions in every row)"
+                )
         # Preallocated: BOS then the L drawn tokens; the cache holds every position's keys/values.
         tokens = torch.full((B, 1 + seq_len), self.net.bos_id, dtype=torch.long, device=device)
         cache = self.net.new_cache(B, device) if use_cache else None
         for l in range(seq_len):
             if cache is not None:
-                logits = self.net(tokens[:, l:l + 1], cache)[:, -1]  # (B, V): only the newest position
+                logits = self.net(tokens[:, l : l + 1], cache)[:, -1]  # (B, V): only the newest position
             else:
-                logits = self.net(tokens[:, :l + 1])[:, -1]  # (B, V): the whole prefix again
+                logits = self.net(tokens[:, : l + 1])[:, -1]  # (B, V): the whole prefix again
             nxt = self._draw(logits, generator, float64, T, k, p)  # (B,)
             tokens[:, l + 1] = known[:, l] if l < n_prefix else nxt
             if callback is not None:
-                callback(l, tokens[:, 1:l + 2], logits)
+                callback(l, tokens[:, 1 : l + 2], logits)
         return tokens[:, 1:]
 
 

@@ -21,8 +21,9 @@ class Method(Protocol):
     define ``on_step_end()``, which the trainer calls after every optimiser step.
     """
 
-    def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None,
-             strata: Strata | None = None) -> tuple[torch.Tensor, dict]: ...
+    def loss(
+        self, ids: torch.Tensor, generator: torch.Generator | None = None, strata: Strata | None = None
+    ) -> tuple[torch.Tensor, dict]: ...
 
     def eval_loss(self, ids: torch.Tensor, generator: torch.Generator) -> dict: ...
 

@@ -32,8 +32,9 @@ def num_classes(cfg) -> int:
     """Number of classes of the configured label."""
     if cfg.classifier.label == "phrase":
         if cfg.data.dataset != "phrases":
-            raise ConfigError("classifier.label=phrase needs the phrases dataset; use label=keyword "
-                              "keyword=WORD on real text")
+            raise ConfigError(
+                "classifier.label=phrase needs the phrases dataset; use label=keyword keyword=WORD on real text"
+            )
         return cfg.data.phrases_n
     if not cfg.classifier.keyword:
         raise ConfigError("classifier.label=keyword needs classifier.keyword=WORD")
@@ -80,8 +81,9 @@ class Classifier(nn.Module):
         labeller: ids -> labels; set by :meth:`bind_tokenizer` when training.
     """
 
-    def __init__(self, net: nn.Module, num_classes: int, soft_fraction: float = 0.5,
-                 labeller_factory: Callable | None = None):
+    def __init__(
+        self, net: nn.Module, num_classes: int, soft_fraction: float = 0.5, labeller_factory: Callable | None = None
+    ):
         super().__init__()
         if num_classes < 2:
             raise ValueError("a classifier needs at least 2 classes")
@@ -114,12 +116,14 @@ class Classifier(nn.Module):
         x = F.one_hot(ids, self.vocab_size).float()
         n_soft = round(ids.shape[0] * self.soft_fraction)
         if n_soft:
-            x = torch.cat([x[: ids.shape[0] - n_soft], soft_inputs(ids[ids.shape[0] - n_soft:], self.vocab_size,
-                                                                    generator)])
+            x = torch.cat(
+                [x[: ids.shape[0] - n_soft], soft_inputs(ids[ids.shape[0] - n_soft :], self.vocab_size, generator)]
+            )
         return x, labels, n_soft
 
-    def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None,
-             strata: Strata | None = None) -> tuple[torch.Tensor, dict]:
+    def loss(
+        self, ids: torch.Tensor, generator: torch.Generator | None = None, strata: Strata | None = None
+    ) -> tuple[torch.Tensor, dict]:
         """Cross-entropy of the derived labels (samples labelled −1 are ignored); ``strata`` is unused."""
         x, labels, _ = self._batch(ids, generator)
         loss = F.cross_entropy(self(x), labels, ignore_index=-1)

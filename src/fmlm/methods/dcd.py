@@ -61,8 +61,9 @@ from fmlm.methods.flm import Strata, stratified_uniform
 from fmlm.methods.rounds import RoundsMixin, divergence
 
 
-def coupled_latents(ids: torch.Tensor, r_t: torch.Tensor, r_s: torch.Tensor, vocab_size: int,
-                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def coupled_latents(
+    ids: torch.Tensor, r_t: torch.Tensor, r_s: torch.Tensor, vocab_size: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(z_t, z_s) = argmax of w = ε + r·onehot(x) at two SNR ratios r = t̃/(1 − t̃) with one shared ε.
 
     Args:
@@ -96,8 +97,17 @@ class DCD(RoundsMixin, Duo):
         **duo: :class:`fmlm.methods.duo.Duo` options (``t_min``, ``greedy_tail``, ``greedy_of``).
     """
 
-    def __init__(self, net, rounds: int = 6, base_steps: int = 64, teacher_steps: int = 2, round_steps: int = 1,
-                 kind: str = "kl_bwd", schedule=None, **duo):
+    def __init__(
+        self,
+        net,
+        rounds: int = 6,
+        base_steps: int = 64,
+        teacher_steps: int = 2,
+        round_steps: int = 1,
+        kind: str = "kl_bwd",
+        schedule=None,
+        **duo,
+    ):
         import copy
 
         from fmlm.schedule import DecodingErrorSchedule
@@ -112,8 +122,9 @@ class DCD(RoundsMixin, Duo):
         tg = self.schedule.t(self.alpha(t.double()).clamp(0.0, 1.0))
         return tg / (1.0 - tg)  # 1/0 = ∞ at α = 1: the clean token
 
-    def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None,
-             strata: Strata | None = None) -> tuple[torch.Tensor, dict]:
+    def loss(
+        self, ids: torch.Tensor, generator: torch.Generator | None = None, strata: Strata | None = None
+    ) -> tuple[torch.Tensor, dict]:
         """DCD loss per position on ids (B, L). Returns (loss, metrics)."""
         B, L = ids.shape
         dt = self.step_size()

@@ -85,8 +85,9 @@ from fmlm.methods.sampling import gumbel_argmax, sampler_setup
 from fmlm.paths import interpolant
 
 
-def uniform_nelbo_terms(log_xhat: torch.Tensor, x: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor,
-                        dalpha: torch.Tensor) -> torch.Tensor:
+def uniform_nelbo_terms(
+    log_xhat: torch.Tensor, x: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor, dalpha: torch.Tensor
+) -> torch.Tensor:
     """The uniform-state NELBO integrand per position: c_t·Σ_y r_y·φ(log r̂_y − log r_y).
 
     Args:
@@ -137,8 +138,15 @@ class Duo(nn.Module):
             the curriculum is on and none is given).
     """
 
-    def __init__(self, net: nn.Module, t_min: float = 1e-3, greedy_tail: bool = True, greedy_of: str = "posterior",
-                 curriculum_steps: int = 0, curriculum_schedule=None):
+    def __init__(
+        self,
+        net: nn.Module,
+        t_min: float = 1e-3,
+        greedy_tail: bool = True,
+        greedy_of: str = "posterior",
+        curriculum_steps: int = 0,
+        curriculum_schedule=None,
+    ):
         super().__init__()
         if not 0.0 < t_min < 1.0:
             raise ValueError("t_min must be in (0, 1)")
@@ -180,8 +188,9 @@ class Duo(nn.Module):
         noise = torch.randint(self.vocab_size, ids.shape, generator=generator, device=ids.device)
         return torch.where(keep, ids, noise)
 
-    def relaxed(self, ids: torch.Tensor, t: torch.Tensor, temperature: float,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def relaxed(
+        self, ids: torch.Tensor, t: torch.Tensor, temperature: float, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Gaussian-relaxed tokens for the curriculum: (softmax(w/T) (B, L, V), z_t = argmax w (B, L))."""
         t_gauss = self.curriculum_schedule.t(self.alpha(t).double()).to(torch.float32)[:, None, None]  # (B, 1, 1)
         eps = torch.randn(*ids.shape, self.vocab_size, generator=generator, device=ids.device)
@@ -203,15 +212,21 @@ class Duo(nn.Module):
         """log x_θ (B, L, V) in float32; x_in is ids (B, L) or relaxed vectors (B, L, V)."""
         return self.net(x_in, t).float().log_softmax(-1)
 
-    def nelbo_given(self, ids: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
-                    net_input: torch.Tensor | None = None) -> torch.Tensor:
+    def nelbo_given(
+        self, ids: torch.Tensor, z: torch.Tensor, t: torch.Tensor, net_input: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The NELBO integrand at (t, z_t) summed over positions, (B,). Average over t ~ U[0,1], z_t ~ q_t."""
         log_xhat = self.log_xhat(z if net_input is None else net_input, t)
         t64 = t.double()  # the schedule's scalars in float64 (see uniform_nelbo_terms)
         return uniform_nelbo_terms(log_xhat, ids, z, self.alpha(t64), self.dalpha(t64)).sum(-1)
 
-    def _nelbo(self, ids: torch.Tensor, generator: torch.Generator | None, temperature: float | None,
-               strata: Strata | None = None) -> torch.Tensor:
+    def _nelbo(
+        self,
+        ids: torch.Tensor,
+        generator: torch.Generator | None,
+        temperature: float | None,
+        strata: Strata | None = None,
+    ) -> torch.Tensor:
         B, L = ids.shape
         # t in [t_min, 1): stratified across the batch; the integrand vanishes as t -> 1.
         t = self.t_min + (1.0 - self.t_min) * stratified_uniform(B, generator, ids.device, strata)
@@ -221,8 +236,9 @@ class Duo(nn.Module):
         x_in, z = self.relaxed(ids, t, temperature, generator)
         return self.nelbo_given(ids, z, t, net_input=x_in).mean() / L
 
-    def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None,
-             strata: Strata | None = None) -> tuple[torch.Tensor, dict]:
+    def loss(
+        self, ids: torch.Tensor, generator: torch.Generator | None = None, strata: Strata | None = None
+    ) -> tuple[torch.Tensor, dict]:
         """NELBO per token on ids (B, L) (Gaussian-relaxed input during the curriculum)."""
         temperature = self._curriculum_temperature()
         loss = self._nelbo(ids, generator, temperature, strata)
@@ -289,8 +305,9 @@ class Duo(nn.Module):
             a_ts = a_t / a_s
             from_z = torch.full_like(log_xhat, math.log((1.0 - a_ts) / V) if a_ts < 1 else -math.inf)
             from_z.scatter_(-1, z[..., None], math.log(a_ts + (1.0 - a_ts) / V))
-            to_x = torch.logaddexp(math.log(a_s) + log_xhat,
-                                   torch.full_like(log_xhat, math.log((1.0 - a_s) / V) if a_s < 1 else -math.inf))
+            to_x = torch.logaddexp(
+                math.log(a_s) + log_xhat, torch.full_like(log_xhat, math.log((1.0 - a_s) / V) if a_s < 1 else -math.inf)
+            )
             if i == steps - 1 and greedy:
                 return clamp((from_z + to_x).argmax(-1))  # the mode of the last step's distribution
             z = gumbel_argmax(from_z + to_x, generator, float64)  # (B, L)

@@ -53,8 +53,12 @@ class Strata:
     shared: torch.Generator
 
 
-def stratified_uniform(batch: int, generator: torch.Generator | None = None, device: str | torch.device | None = None,
-                       strata: Strata | None = None) -> torch.Tensor:
+def stratified_uniform(
+    batch: int,
+    generator: torch.Generator | None = None,
+    device: str | torch.device | None = None,
+    strata: Strata | None = None,
+) -> torch.Tensor:
     """τ ~ U[0, 1) drawn as one uniform offset plus an evenly spaced grid (antithetic / stratified).
 
     Every τ is marginally uniform, and the batch covers [0, 1) evenly, which lowers
@@ -174,8 +178,14 @@ class FLM(nn.Module):
         (y,) = embedded_noise([self.net.embed], ids.shape, generator)
         return EmbeddedState.interpolant({id(self.net.embed): y}, ids, t).embed(self.net.embed)
 
-    def denoise(self, z: torch.Tensor, tau: torch.Tensor, weak: "FLM | None" = None,
-                weight: float = 0.0, temperature: float = 1.0) -> torch.Tensor:
+    def denoise(
+        self,
+        z: torch.Tensor,
+        tau: torch.Tensor,
+        weak: "FLM | None" = None,
+        weight: float = 0.0,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
         """D(z, τ) on the simplex, float32, (B, L, V); z may be an :class:`EmbeddedState`.
 
         With a ``weak`` FLM: autoguidance, softmax(log D + w·(log D − log D_weak)) (both
@@ -192,8 +202,9 @@ class FLM(nn.Module):
         out = guided_logits(out, weak_out, weight)
         return (out if temperature == 1.0 else out / temperature).softmax(-1)
 
-    def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None,
-             strata: Strata | None = None) -> tuple[torch.Tensor, dict]:
+    def loss(
+        self, ids: torch.Tensor, generator: torch.Generator | None = None, strata: Strata | None = None
+    ) -> tuple[torch.Tensor, dict]:
         """Training loss on a batch of token ids (B, L). Returns (loss, metrics).
 
         ``strata``: this batch is one part of a global batch (:class:`Strata`)."""
@@ -293,7 +304,16 @@ class FLM(nn.Module):
         def lookahead(z, tau):
             return denoiser(z, tau, reward_temperature)
 
-        D = euler_sample(denoiser if guide_weak is not None else self.denoise, noise, self.schedule, steps,
-                         dtype=torch.float64 if float64 else torch.float32, callback=callback,
-                         known=known, mask=mask, steer=chain(steers), lookahead=lookahead)
+        D = euler_sample(
+            denoiser if guide_weak is not None else self.denoise,
+            noise,
+            self.schedule,
+            steps,
+            dtype=torch.float64 if float64 else torch.float32,
+            callback=callback,
+            known=known,
+            mask=mask,
+            steer=chain(steers),
+            lookahead=lookahead,
+        )
         return D.argmax(-1)

@@ -80,8 +80,14 @@ class MDLM(nn.Module):
             to the embedded input (see the module docstring); needs a DiT backbone.
     """
 
-    def __init__(self, net: nn.Module, eps: float = 1e-3, t_min: float = 1e-3, time_conditioning: bool = False,
-                 position_embedding: bool = True):
+    def __init__(
+        self,
+        net: nn.Module,
+        eps: float = 1e-3,
+        t_min: float = 1e-3,
+        time_conditioning: bool = False,
+        position_embedding: bool = True,
+    ):
         super().__init__()
         if not 0.0 <= eps < 1.0 or not 0.0 < t_min < 1.0:
             raise ValueError("need 0 <= eps < 1 and 0 < t_min < 1")
@@ -147,15 +153,18 @@ class MDLM(nn.Module):
         nll = torch.where(masked, nll, torch.zeros_like(nll))
         return self.weight(t) * nll.sum(-1)
 
-    def _nelbo(self, ids: torch.Tensor, generator: torch.Generator | None, strata: Strata | None = None) -> torch.Tensor:
+    def _nelbo(
+        self, ids: torch.Tensor, generator: torch.Generator | None, strata: Strata | None = None
+    ) -> torch.Tensor:
         """Monte-Carlo NELBO per token, stratified in t over [t_min, 1]."""
         B, L = ids.shape
         t = self.t_min + (1.0 - self.t_min) * stratified_uniform(B, generator, ids.device, strata)  # (B,)
         z = self.corrupt(ids, t, generator)
         return self.nelbo_given(ids, z, t).mean() / L
 
-    def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None,
-             strata: Strata | None = None) -> tuple[torch.Tensor, dict]:
+    def loss(
+        self, ids: torch.Tensor, generator: torch.Generator | None = None, strata: Strata | None = None
+    ) -> tuple[torch.Tensor, dict]:
         """NELBO per token on ids (B, L). Returns (loss, metrics)."""
         loss = self._nelbo(ids, generator, strata)
         return loss, {"loss": loss.detach()}

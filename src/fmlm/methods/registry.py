@@ -27,8 +27,12 @@ def _build_flm(cfg, training: bool = False) -> nn.Module:
 
     if cfg.model.two_time:
         raise ConfigError("FLM uses a one-time backbone; set model.two_time=false")
-    return FLM(build_dit(cfg.model), make_schedule(cfg.train.time, cfg.model.vocab_size), cfg.train.loss,
-               noise=_noise(cfg, training))
+    return FLM(
+        build_dit(cfg.model),
+        make_schedule(cfg.train.time, cfg.model.vocab_size),
+        cfg.train.loss,
+        noise=_noise(cfg, training),
+    )
 
 
 def _noise(cfg, training: bool) -> str:
@@ -43,11 +47,13 @@ def load_teacher(path: str, cfg: RunConfig) -> FLM:
     if tcfg.train.method != "flm":
         raise ConfigError(f"the teacher must be an FLM checkpoint, got method {tcfg.train.method!r}: {path}")
     if tcfg.model.vocab_size != cfg.model.vocab_size:
-        raise ConfigError(f"teacher vocabulary ({tcfg.model.vocab_size}) differs from the data's "
-                          f"({cfg.model.vocab_size})")
+        raise ConfigError(
+            f"teacher vocabulary ({tcfg.model.vocab_size}) differs from the data's ({cfg.model.vocab_size})"
+        )
     if tcfg.model.max_seq_len != cfg.model.max_seq_len:
-        raise ConfigError(f"teacher sequence length ({tcfg.model.max_seq_len}) differs from the student's "
-                          f"({cfg.model.max_seq_len})")
+        raise ConfigError(
+            f"teacher sequence length ({tcfg.model.max_seq_len}) differs from the student's ({cfg.model.max_seq_len})"
+        )
     if tcfg.train.time != cfg.train.time:
         raise ConfigError(f"teacher time reparameterisation ({tcfg.train.time}) differs from {cfg.train.time}")
     return method
@@ -63,13 +69,23 @@ def _build_fmlm(cfg, training: bool = False) -> nn.Module:
 
     d = cfg.distill
     net = build_dit(dataclasses.replace(cfg.model, two_time=True))
-    kw = dict(objective=cfg.train.method, diag_fraction=d.diag_fraction, boundary_fraction=d.boundary_fraction,
-              mid=d.mid, target_ema=d.target_ema, projection=d.projection, eulerian_loss=d.eulerian_loss,
-              max_gap=d.max_gap, eulerian_form=d.eulerian_form, noise=_noise(cfg, training))
+    kw = dict(
+        objective=cfg.train.method,
+        diag_fraction=d.diag_fraction,
+        boundary_fraction=d.boundary_fraction,
+        mid=d.mid,
+        target_ema=d.target_ema,
+        projection=d.projection,
+        eulerian_loss=d.eulerian_loss,
+        max_gap=d.max_gap,
+        eulerian_form=d.eulerian_form,
+        noise=_noise(cfg, training),
+    )
     if training and not d.self_distill:
         if not d.teacher:
-            raise ConfigError(f"method {cfg.train.method!r} distils an FLM: use `fmlm distill --teacher RUN` "
-                              "or `fmlm distill --self`")
+            raise ConfigError(
+                f"method {cfg.train.method!r} distils an FLM: use `fmlm distill --teacher RUN` or `fmlm distill --self`"
+            )
         return FMLM.from_teacher(load_teacher(d.teacher, cfg), net, **kw)
     return FMLM(net, make_schedule(cfg.train.time, cfg.model.vocab_size), **kw)
 
@@ -89,9 +105,12 @@ def _build_mdlm(cfg, training: bool = False) -> nn.Module:
 
     # One extra input/output slot: id V is the mask token; one time input. MDLM adds its own
     # absolute positions unless the backbone has them (model.position_embedding, every method).
-    return MDLM(build_dit(dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size + 1, two_time=False)),
-                t_min=cfg.diffusion.t_min, time_conditioning=cfg.diffusion.mdlm_time_conditioning,
-                position_embedding=not cfg.model.position_embedding)
+    return MDLM(
+        build_dit(dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size + 1, two_time=False)),
+        t_min=cfg.diffusion.t_min,
+        time_conditioning=cfg.diffusion.mdlm_time_conditioning,
+        position_embedding=not cfg.model.position_embedding,
+    )
 
 
 def _build_duo(cfg, training: bool = False) -> nn.Module:
@@ -101,8 +120,13 @@ def _build_duo(cfg, training: bool = False) -> nn.Module:
     from fmlm.nn.dit import build_dit
 
     dc = cfg.diffusion
-    return Duo(build_dit(dataclasses.replace(cfg.model, two_time=False)), t_min=dc.t_min, greedy_tail=dc.greedy_tail,
-               greedy_of=dc.greedy_of, curriculum_steps=dc.curriculum_steps)
+    return Duo(
+        build_dit(dataclasses.replace(cfg.model, two_time=False)),
+        t_min=dc.t_min,
+        greedy_tail=dc.greedy_tail,
+        greedy_of=dc.greedy_of,
+        curriculum_steps=dc.curriculum_steps,
+    )
 
 
 #: Distilled discrete baselines: method -> the method its teacher must be.
@@ -116,17 +140,22 @@ def load_discrete_teacher(cfg: RunConfig) -> dict[str, torch.Tensor]:
 
     want, path = DISTILLED_BASELINES[cfg.train.method], cfg.distill.teacher
     if not path:
-        raise ConfigError(f"method {cfg.train.method!r} distils a {want} run: use `fmlm distill --teacher RUN "
-                          f"method={cfg.train.method}`")
+        raise ConfigError(
+            f"method {cfg.train.method!r} distils a {want} run: use `fmlm distill --teacher RUN "
+            f"method={cfg.train.method}`"
+        )
     p = ckpt.resolve(path)
     ckpt.verify(p, deep=True)
     tcfg = RunConfig.from_dict(ckpt.read_json(p / "config.json"))
     if tcfg.train.method != want:
-        raise ConfigError(f"method {cfg.train.method!r} needs a {want} teacher, got a {tcfg.train.method} "
-                          f"checkpoint: {path}")
-    for name, a, b in (("vocabulary", tcfg.model.vocab_size, cfg.model.vocab_size),
-                       ("sequence length", tcfg.model.max_seq_len, cfg.model.max_seq_len),
-                       ("diffusion.t_min", tcfg.diffusion.t_min, cfg.diffusion.t_min)):
+        raise ConfigError(
+            f"method {cfg.train.method!r} needs a {want} teacher, got a {tcfg.train.method} checkpoint: {path}"
+        )
+    for name, a, b in (
+        ("vocabulary", tcfg.model.vocab_size, cfg.model.vocab_size),
+        ("sequence length", tcfg.model.max_seq_len, cfg.model.max_seq_len),
+        ("diffusion.t_min", tcfg.diffusion.t_min, cfg.diffusion.t_min),
+    ):
         if a != b:
             raise ConfigError(f"teacher {name} ({a}) differs from the student's ({b}): {path}")
     name = "ema.safetensors" if (p / "ema.safetensors").is_file() else "model.safetensors"
@@ -141,18 +170,32 @@ def _build_distilled_baseline(cfg, training: bool = False) -> nn.Module:
     from fmlm.nn.dit import build_dit
 
     d, dc = cfg.distill, cfg.diffusion
-    kw = dict(rounds=d.rounds, base_steps=d.base_steps, teacher_steps=d.teacher_steps,
-              round_steps=max(1, math.ceil(cfg.train.max_steps / d.rounds)), kind=d.divergence)
+    kw = dict(
+        rounds=d.rounds,
+        base_steps=d.base_steps,
+        teacher_steps=d.teacher_steps,
+        round_steps=max(1, math.ceil(cfg.train.max_steps / d.rounds)),
+        kind=d.divergence,
+    )
     if cfg.train.method == "dcd":
         from fmlm.methods.dcd import DCD
 
-        method = DCD(build_dit(dataclasses.replace(cfg.model, two_time=False)), t_min=dc.t_min,
-                     greedy_tail=dc.greedy_tail, greedy_of=dc.greedy_of, **kw)
+        method = DCD(
+            build_dit(dataclasses.replace(cfg.model, two_time=False)),
+            t_min=dc.t_min,
+            greedy_tail=dc.greedy_tail,
+            greedy_of=dc.greedy_of,
+            **kw,
+        )
     else:
         from fmlm.methods.sdtt import SDTT
 
-        method = SDTT(build_dit(dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size + 1, two_time=False)),
-                      t_min=dc.t_min, time_conditioning=dc.mdlm_time_conditioning, **kw)
+        method = SDTT(
+            build_dit(dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size + 1, two_time=False)),
+            t_min=dc.t_min,
+            time_conditioning=dc.mdlm_time_conditioning,
+            **kw,
+        )
     if training:
         try:
             method.load_student(load_discrete_teacher(cfg))
@@ -169,8 +212,12 @@ def _build_classifier(cfg, training: bool = False) -> nn.Module:
     from fmlm.methods.classifier import Classifier, make_labeller, num_classes
     from fmlm.nn.dit import build_dit
 
-    return Classifier(build_dit(dataclasses.replace(cfg.model, two_time=False)), num_classes(cfg),
-                      cfg.classifier.soft_fraction, functools.partial(make_labeller, cfg))
+    return Classifier(
+        build_dit(dataclasses.replace(cfg.model, two_time=False)),
+        num_classes(cfg),
+        cfg.classifier.soft_fraction,
+        functools.partial(make_labeller, cfg),
+    )
 
 
 # method name -> builder(cfg) -> nn.Module. Builders import lazily so that one
@@ -203,8 +250,9 @@ def build_method(cfg: RunConfig, training: bool = False) -> nn.Module:
     return _BUILDERS[method](cfg, training)
 
 
-def load_method(path: str | Path, device: str | torch.device = "cpu", ema: bool = True,
-                tokenizer: Tokenizer | None = None) -> tuple[RunConfig, nn.Module, Tokenizer, Path]:
+def load_method(
+    path: str | Path, device: str | torch.device = "cpu", ema: bool = True, tokenizer: Tokenizer | None = None
+) -> tuple[RunConfig, nn.Module, Tokenizer, Path]:
     """A checkpoint's (config, method in eval mode on ``device``, tokenizer, checkpoint directory).
 
     ``path`` is a checkpoint directory or a run directory (its newest checkpoint that passes the
@@ -222,8 +270,9 @@ def load_method(path: str | Path, device: str | torch.device = "cpu", ema: bool 
     cfg = RunConfig.from_dict(ckpt.read_json(p / "config.json"))
     tok = tokenizer if tokenizer is not None else load_tokenizer(p / "tokenizer")
     if tok.vocab_size != cfg.model.vocab_size:
-        raise CheckpointError(f"tokenizer vocabulary ({tok.vocab_size}) does not match the checkpoint's "
-                              f"({cfg.model.vocab_size})")
+        raise CheckpointError(
+            f"tokenizer vocabulary ({tok.vocab_size}) does not match the checkpoint's ({cfg.model.vocab_size})"
+        )
     method = build_method(cfg)
     name = "ema.safetensors" if ema and (p / "ema.safetensors").is_file() else "model.safetensors"
     ckpt.load_into(method, ckpt.load_state(p, name), f"{p / name}")

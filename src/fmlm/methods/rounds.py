@@ -54,7 +54,7 @@ def _save_teacher(module, state_dict, prefix, local_metadata):
 
 def _load_teacher(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
     head = f"{prefix}teacher."
-    own = {k[len(head):]: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(head)]}
+    own = {k[len(head) :]: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(head)]}
     missing, unexpected = module.teacher.load_state_dict(own, strict=False)
     missing_keys.extend(f"{head}{k}" for k in missing)
     unexpected_keys.extend(f"{head}{k}" for k in unexpected)
@@ -67,11 +67,12 @@ class RoundsMixin:
     student samples, evaluates and loads exactly like an undistilled model of that method.
     """
 
-    def _init_rounds(self, teacher: torch.nn.Module, rounds: int, base_steps: int, teacher_steps: int,
-                     round_steps: int, kind: str) -> None:
+    def _init_rounds(
+        self, teacher: torch.nn.Module, rounds: int, base_steps: int, teacher_steps: int, round_steps: int, kind: str
+    ) -> None:
         if rounds < 1 or base_steps < 1 or teacher_steps < 2 or round_steps < 1:
             raise ValueError("need rounds >= 1, base_steps >= 1, teacher_steps >= 2 and round_steps >= 1")
-        if teacher_steps ** rounds > base_steps:
+        if teacher_steps**rounds > base_steps:
             raise ValueError(f"{rounds} rounds of factor {teacher_steps} from {base_steps} steps end below one step")
         if kind not in DIVERGENCES:
             raise ValueError(f"unknown divergence {kind!r} (choose from {', '.join(DIVERGENCES)})")
@@ -101,8 +102,9 @@ class RoundsMixin:
             raise KeyError(f"the teacher's weights lack {missing[0]}")
         for k in own:
             if own[k].shape != state[k].shape:
-                raise KeyError(f"the teacher's {k} has shape {tuple(state[k].shape)}, the student's "
-                               f"{tuple(own[k].shape)}")
+                raise KeyError(
+                    f"the teacher's {k} has shape {tuple(state[k].shape)}, the student's {tuple(own[k].shape)}"
+                )
         with torch.no_grad():
             for k, v in self.named_parameters():
                 v.copy_(state[k])
@@ -116,7 +118,7 @@ class RoundsMixin:
     def step_size(self, r: int | None = None) -> float:
         """The teacher's step in round r: dt_r = m^r / N_0 (a fraction of the unit time range)."""
         r = self.round if r is None else r
-        return self.teacher_steps ** r / self.base_steps
+        return self.teacher_steps**r / self.base_steps
 
     def student_steps(self, r: int | None = None) -> int:
         """The number of sampling steps the student learns in round r: N_0 / m^(r + 1)."""

@@ -8,8 +8,9 @@ from torch import nn
 from fmlm.guidance import known_tensors
 
 
-def gumbel_argmax(logits: torch.Tensor, generator: torch.Generator | None = None,
-                  float64: bool = False) -> torch.Tensor:
+def gumbel_argmax(
+    logits: torch.Tensor, generator: torch.Generator | None = None, float64: bool = False
+) -> torch.Tensor:
     """Categorical sample ``argmax(logits + G)``, G i.i.d. standard Gumbel, over the last dim.
 
     Args:
@@ -26,8 +27,9 @@ def gumbel_argmax(logits: torch.Tensor, generator: torch.Generator | None = None
     return (logits.to(dtype) + g).argmax(-1)
 
 
-def sampler_setup(method: nn.Module, num_samples: int, seq_len: int, steps: int, float64: bool, known, mask,
-                  vocab_size: int) -> tuple[torch.device, torch.dtype, torch.Tensor | None, torch.Tensor | None]:
+def sampler_setup(
+    method: nn.Module, num_samples: int, seq_len: int, steps: int, float64: bool, known, mask, vocab_size: int
+) -> tuple[torch.device, torch.dtype, torch.Tensor | None, torch.Tensor | None]:
     """What every discrete sampler starts with: ``steps`` checked (≥ 1), the method's device, the dtype
     of its draws (float64 or float32), and the known tokens as (B, L) ids and mask
     (:func:`fmlm.guidance.known_tensors`; ``None, None`` without them).

@@ -51,8 +51,9 @@ from fmlm.methods.rounds import RoundsMixin, divergence
 from fmlm.methods.sampling import gumbel_argmax
 
 
-def ancestral_step(model: MDLM, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def ancestral_step(
+    model: MDLM, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One MDLM ancestral step from time t to s < t per row: returns (log x̂(z_t, t) (B, L, V + 1), z_s (B, L)).
 
     A masked position unmasks to token j with probability ((α_s − α_t)/(1 − α_t))·x̂_j and stays
@@ -79,14 +80,24 @@ class SDTT(RoundsMixin, MDLM):
         **mdlm: :class:`fmlm.methods.mdlm.MDLM` options (``t_min``, ``time_conditioning``, ...).
     """
 
-    def __init__(self, net, rounds: int = 6, base_steps: int = 64, teacher_steps: int = 2, round_steps: int = 1,
-                 kind: str = "kl_bwd", **mdlm):
+    def __init__(
+        self,
+        net,
+        rounds: int = 6,
+        base_steps: int = 64,
+        teacher_steps: int = 2,
+        round_steps: int = 1,
+        kind: str = "kl_bwd",
+        **mdlm,
+    ):
         super().__init__(net, **mdlm)
         teacher = MDLM(copy.deepcopy(net), **mdlm)
         self._init_rounds(teacher, rounds, base_steps, teacher_steps, round_steps, kind)
 
     @torch.no_grad()
-    def teacher_target(self, z: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def teacher_target(
+        self, z: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """The teacher's log x̂ for every position of z_t (B, L, V + 1), from m ancestral steps of size dt."""
         dt = self.step_size()
         cur, target, last = z, None, None
@@ -100,8 +111,9 @@ class SDTT(RoundsMixin, MDLM):
         # Still masked after m steps (never decoded): the last step's prediction.
         return torch.where((cur == self.mask_id)[..., None], last, target)
 
-    def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None,
-             strata: Strata | None = None) -> tuple[torch.Tensor, dict]:
+    def loss(
+        self, ids: torch.Tensor, generator: torch.Generator | None = None, strata: Strata | None = None
+    ) -> tuple[torch.Tensor, dict]:
         """SDTT loss per masked position on ids (B, L). Returns (loss, metrics)."""
         B, L = ids.shape
         V = self.vocab_size

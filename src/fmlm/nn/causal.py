@@ -51,8 +51,16 @@ class KVCache:
         length: P, positions filled so far (the next token's position).
     """
 
-    def __init__(self, n_layers: int, batch: int, n_heads: int, head_dim: int, max_len: int,
-                 device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        n_heads: int,
+        head_dim: int,
+        max_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         shape = (batch, n_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
@@ -89,8 +97,9 @@ class CausalBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d_model))
         self.dropout = dropout
 
-    def attention(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                  cache: KVCache | None, layer: int) -> torch.Tensor:
+    def attention(
+        self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None, layer: int
+    ) -> torch.Tensor:
         B, n, D = h.shape
         q, k, v = rotary_qkv(self.qkv(h), self.n_heads, rope)  # 3 x (B,H,n,hd); rope: positions [P, P + n)
         p = self.dropout if self.training else 0.0
@@ -116,8 +125,9 @@ class CausalBlock(nn.Module):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=kpos <= qpos, dropout_p=p)
         return self.proj(out.transpose(1, 2).reshape(B, n, D))
 
-    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         h = h + F.dropout(self.attention(self.norm1(h), rope, cache, layer), self.dropout, self.training)
         return h + F.dropout(self.mlp(self.norm2(h)), self.dropout, self.training)
 
@@ -174,12 +184,12 @@ class CausalTransformer(nn.Module):
             nn.init.normal_(block.proj.weight, std=0.02 / (2 * len(self.blocks)) ** 0.5)
             nn.init.normal_(block.mlp[2].weight, std=0.02 / (2 * len(self.blocks)) ** 0.5)
 
-    def new_cache(self, batch: int, device: torch.device | None = None,
-                  dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """An empty cache for ``batch`` sequences of up to ``max_seq_len`` positions."""
         w = self.embed.weight
-        cache = KVCache(len(self.blocks), batch, self.n_heads, self.head_dim, self.max_seq_len,
-                        device or w.device, dtype or w.dtype)
+        cache = KVCache(
+            len(self.blocks), batch, self.n_heads, self.head_dim, self.max_seq_len, device or w.device, dtype or w.dtype
+        )
         cache.rope = self.rotary(self.max_seq_len, device or w.device, w.dtype)
         return cache
 
@@ -198,7 +208,7 @@ class CausalTransformer(nn.Module):
             cos, sin = cache.rope  # computed once per cache
         else:
             cos, sin = self.rotary(start + n, h.device, h.dtype)
-        rope = (cos[start:start + n], sin[start:start + n])  # (n, hd/2)
+        rope = (cos[start : start + n], sin[start : start + n])  # (n, hd/2)
         for i, block in enumerate(self.blocks):
             h = block(h, rope, cache, i)
         if cache is not None:

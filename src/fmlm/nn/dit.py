@@ -76,8 +76,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.flatten(-2)
 
 
-def rotary_qkv(qkv: torch.Tensor, n_heads: int, rope: tuple[torch.Tensor, torch.Tensor]
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rotary_qkv(
+    qkv: torch.Tensor, n_heads: int, rope: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split a fused projection (B, L, 3·D) into q, k, v (B, H, L, hd), with q and k rotated.
 
     The rotation is applied to q and k together, in the projection's own layout (before the
@@ -100,8 +101,9 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 class DiTBlock(nn.Module):
     """Pre-norm transformer block with adaLN-zero conditioning."""
 
-    def __init__(self, d_model: int, n_heads: int, cond_dim: int, mlp_ratio: float, dropout: float,
-                 norm_affine: bool = False):
+    def __init__(
+        self, d_model: int, n_heads: int, cond_dim: int, mlp_ratio: float, dropout: float, norm_affine: bool = False
+    ):
         super().__init__()
         self.n_heads = n_heads
         self.norm1 = nn.LayerNorm(d_model, elementwise_affine=norm_affine, eps=1e-6)

@@ -1,6 +1,5 @@
 """The HTTP app (FastAPI): the endpoints, the live page, and :func:`serve`, which binds and runs it."""
 
-
 import asyncio
 import errno
 import ipaddress
@@ -40,8 +39,13 @@ def create_app(models: list[Served], limits: ServeLimits | None = None, threads:
         yield
         worker.stop()
 
-    app = FastAPI(title="fmlm", lifespan=lifespan, docs_url="/docs" if docs else None, redoc_url=None,
-                  openapi_url="/openapi.json" if docs else None)
+    app = FastAPI(
+        title="fmlm",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     app.state.worker = worker
 
     def error(e: BadRequest) -> JSONResponse:
@@ -63,11 +67,19 @@ def create_app(models: list[Served], limits: ServeLimits | None = None, threads:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": {s.name: s.info() for s in models},
-                "queue": {"waiting": worker.queue.qsize(), "max": limits.max_queue, "busy": worker.busy},
-                "served_requests": worker.served_requests, "dropped_requests": worker.dropped_requests,
-                "limits": {"max_steps": limits.max_steps, "max_samples": limits.max_samples,
-                           "max_body_bytes": limits.max_body_bytes, "max_text_chars": limits.max_text_chars}}
+        return {
+            "status": "ok",
+            "models": {s.name: s.info() for s in models},
+            "queue": {"waiting": worker.queue.qsize(), "max": limits.max_queue, "busy": worker.busy},
+            "served_requests": worker.served_requests,
+            "dropped_requests": worker.dropped_requests,
+            "limits": {
+                "max_steps": limits.max_steps,
+                "max_samples": limits.max_samples,
+                "max_body_bytes": limits.max_body_bytes,
+                "max_text_chars": limits.max_text_chars,
+            },
+        }
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -114,8 +126,9 @@ def create_app(models: list[Served], limits: ServeLimits | None = None, threads:
             finally:
                 job.cancelled.set()  # the client left early: stop sampling at the next step
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     @app.exception_handler(404)
     async def not_found(request, exc):
@@ -123,8 +136,7 @@ def create_app(models: list[Served], limits: ServeLimits | None = None, threads:
 
     @app.exception_handler(405)
     async def bad_method(request, exc):
-        return JSONResponse({"error": f"method {request.method} is not allowed on {request.url.path}"},
-                            status_code=405)
+        return JSONResponse({"error": f"method {request.method} is not allowed on {request.url.path}"}, status_code=405)
 
     return app
 
@@ -169,9 +181,16 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(ckpts: list[str], host: str = "127.0.0.1", port: int = 8000, threads: int = 1,
-          limits: ServeLimits | None = None, device: str | None = None, log_level: str = "info",
-          docs: bool = False) -> None:
+def serve(
+    ckpts: list[str],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    threads: int = 1,
+    limits: ServeLimits | None = None,
+    device: str | None = None,
+    log_level: str = "info",
+    docs: bool = False,
+) -> None:
     """Load the models and serve them until interrupted (``fmlm serve``).
 
     The socket is bound before the models are loaded, so a port in use or a bad host is one
@@ -186,8 +205,10 @@ def serve(ckpts: list[str], host: str = "127.0.0.1", port: int = 8000, threads: 
     sock = bind_socket(host, port)
     try:
         if not is_loopback(host):
-            sys.stderr.write(f"fmlm serve: warning: listening on {host}:{port}, beyond this machine; the API has "
-                             "no authentication, so anyone who can reach this address can use it\n")
+            sys.stderr.write(
+                f"fmlm serve: warning: listening on {host}:{port}, beyond this machine; the API has "
+                "no authentication, so anyone who can reach this address can use it\n"
+            )
         torch.set_num_threads(threads)
         models = load_models(ckpts, device)
         app = create_app(models, limits, threads, docs=docs)

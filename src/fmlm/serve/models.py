@@ -27,10 +27,16 @@ class Served:
 
     def info(self) -> dict:
         cfg = self.model.config
-        return {"method": self.method, "vocab_size": cfg.model.vocab_size, "seq_len": cfg.data.seq_len,
-                "max_seq_len": self.max_seq_len, "default_steps": cfg.sample.steps,
-                "conditioning": list(self.conditioning), "checkpoint": self.model.path.name,
-                "separator": _separator(self.model.tokenizer)}
+        return {
+            "method": self.method,
+            "vocab_size": cfg.model.vocab_size,
+            "seq_len": cfg.data.seq_len,
+            "max_seq_len": self.max_seq_len,
+            "default_steps": cfg.sample.steps,
+            "conditioning": list(self.conditioning),
+            "checkpoint": self.model.path.name,
+            "separator": _separator(self.model.tokenizer),
+        }
 
 
 def _separator(tokenizer) -> str:

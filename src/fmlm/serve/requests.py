@@ -104,6 +104,7 @@ def parse_json(raw: bytes, limits: ServeLimits) -> Any:
             if isinstance(v, float) and not math.isfinite(v):
                 raise BadRequest(f"number out of range in the request body: {text}")
             return v
+
         return parse
 
     def constant(name: str):
@@ -138,8 +139,9 @@ def parse_request(raw: bytes, models: dict[str, Served], limits: ServeLimits, st
     num_samples = _int_field(body, "num_samples", 1, 1, max_samples, " (streams show one sample)" if stream else "")
     steps = _int_field(body, "steps", min(served.model.config.sample.steps, limits.max_steps), 1, limits.max_steps)
     seed = _int_field(body, "seed", 0, 0, 2**63 - 1)
-    seq_len = _int_field(body, "seq_len", served.model.config.data.seq_len, 1, served.max_seq_len,
-                         f" (model {served.name!r})")
+    seq_len = _int_field(
+        body, "seq_len", served.model.config.data.seq_len, 1, served.max_seq_len, f" (model {served.name!r})"
+    )
     max_events = _int_field(body, "max_events", limits.max_events, 1, limits.max_events)
     options: dict[str, Any] = {}
     gamma = body.get("gamma")

@@ -64,8 +64,9 @@ class Worker:
         try:
             self.queue.put_nowait(job)
         except queue.Full:
-            raise BadRequest(f"server busy: {self.limits.max_queue} requests are already waiting; retry later",
-                             503) from None
+            raise BadRequest(
+                f"server busy: {self.limits.max_queue} requests are already waiting; retry later", 503
+            ) from None
 
     # -- inside the worker thread
     def _run(self) -> None:
@@ -110,15 +111,24 @@ class Worker:
                     raise _Cancelled()
                 if i % stride == 0 or i == total - 1:
                     ids, conf = snapshot(method, state, i, z, d)
-                    self._emit(job, "step", {"step": i + 1, "of": total, "ids": ids,
-                                             "tokens": [model.tokenizer.decode([t]) for t in ids],
-                                             "confidence": [round(c, 4) for c in conf],
-                                             "seconds": time.perf_counter() - started})
+                    self._emit(
+                        job,
+                        "step",
+                        {
+                            "step": i + 1,
+                            "of": total,
+                            "ids": ids,
+                            "tokens": [model.tokenizer.decode([t]) for t in ids],
+                            "confidence": [round(c, 4) for c in conf],
+                            "seconds": time.perf_counter() - started,
+                        },
+                    )
                 elif method == "ar":
                     snapshot(method, state, i, z, d)  # AR keeps every drawn token's probability
 
             kw["callback"] = callback
         else:
+
             def callback(i, z, d):  # the client of a JSON request may go away too
                 if job.cancelled.is_set():
                     raise _Cancelled()
@@ -126,9 +136,18 @@ class Worker:
             kw["callback"] = callback
         ids = model.sample_ids(job.num_samples, job.steps, job.seed, seq_len=job.seq_len, **kw)
         seconds = time.perf_counter() - started
-        out = {"model": job.served.name, "method": job.served.method, "steps": job.steps, "seed": job.seed,
-               "num_samples": job.num_samples, "seq_len": job.seq_len, "texts": model.decode(ids),
-               "ids": ids.tolist(), "seconds": seconds, "queue_seconds": queue_seconds}
+        out = {
+            "model": job.served.name,
+            "method": job.served.method,
+            "steps": job.steps,
+            "seed": job.seed,
+            "num_samples": job.num_samples,
+            "seq_len": job.seq_len,
+            "texts": model.decode(ids),
+            "ids": ids.tolist(),
+            "seconds": seconds,
+            "queue_seconds": queue_seconds,
+        }
         if job.stream:
             out["tokens"] = [model.tokenizer.decode([t]) for t in out["ids"][0]]
         return out

@@ -23,7 +23,8 @@ def find_resume_point(run_dir: Path) -> Path | None:
         raise CheckpointError(
             f"none of the {n} checkpoint{'s' * (n > 1)} in {run_dir / 'checkpoints'} is valid (newest: "
             f"{skipped[0]}); nothing was changed: rerun with --restart to start over (the old log and "
-            "checkpoints are archived), or use another --run-dir")
+            "checkpoints are archived), or use another --run-dir"
+        )
     return found
 
 
@@ -72,15 +73,21 @@ def save(trainer) -> Path:
     if trainer.env.is_main:
         try:
             ckpt.save_checkpoint(
-                path, trainer.cfg.to_dict(), model_state, tokenizer=trainer.data.tokenizer,
+                path,
+                trainer.cfg.to_dict(),
+                model_state,
+                tokenizer=trainer.data.tokenizer,
                 ema_state=ema_state,
                 optimizer_state={"optimizer": optim_state, "scheduler": trainer.sched.state_dict()},
-                trainer_state=trainer.state.__dict__, rng_state=rng,
+                trainer_state=trainer.state.__dict__,
+                rng_state=rng,
             )
             ckpt.prune(trainer.run_dir, trainer.cfg.train.keep_last)
         except OSError as e:
-            problem = (f"cannot write checkpoint {path}: {e.strerror or e}{_free_space_note(path.parent)}; "
-                       "the checkpoints already saved are intact")
+            problem = (
+                f"cannot write checkpoint {path}: {e.strerror or e}{_free_space_note(path.parent)}; "
+                "the checkpoints already saved are intact"
+            )
     problem = dist_.broadcast_object(trainer.env, problem)  # also the barrier after the save
     if problem is not None:
         raise FmlmError(problem)

@@ -11,8 +11,9 @@ from fmlm.methods.flow_map import OBJECTIVES
 from fmlm.methods.registry import DISTILLED_BASELINES
 
 
-def distill_config(preset: str | None, overrides: list[str], teacher: str | None = None,
-                   self_distill: bool = False) -> tuple[RunConfig, Tokenizer | None]:
+def distill_config(
+    preset: str | None, overrides: list[str], teacher: str | None = None, self_distill: bool = False
+) -> tuple[RunConfig, Tokenizer | None]:
     """The resolved config of a distillation run and the tokenizer it must keep (the teacher's; None
     when self-distilling).
 
@@ -39,8 +40,10 @@ def distill_config(preset: str | None, overrides: list[str], teacher: str | None
         cfg = RunConfig.from_dict(ckpt.read_json(tdir / "config.json"))
         teacher_method = cfg.train.method
         if teacher_method not in ("flm", *DISTILLED_BASELINES.values()):
-            raise ConfigError(f"the teacher must be an FLM checkpoint (or a Duo / MDLM one for method=dcd / sdtt), "
-                              f"got method {teacher_method!r}: {tdir}")
+            raise ConfigError(
+                f"the teacher must be an FLM checkpoint (or a Duo / MDLM one for method=dcd / sdtt), "
+                f"got method {teacher_method!r}: {tdir}"
+            )
         tokenizer = load_tokenizer(tdir / "tokenizer")
         base = cfg.preset
         cfg.distill.teacher = str(tdir.resolve())
@@ -66,15 +69,16 @@ def distill_config(preset: str | None, overrides: list[str], teacher: str | None
     method = cfg.train.method
     if method in DISTILLED_BASELINES:
         if self_distill or DISTILLED_BASELINES[method] != teacher_method:
-            raise ConfigError(f"method {method} distils a {DISTILLED_BASELINES[method]} run: use --teacher RUN with "
-                              f"a {DISTILLED_BASELINES[method]} run" + (f", got a {teacher_method} checkpoint"
-                                                                         if teacher else ""))
+            raise ConfigError(
+                f"method {method} distils a {DISTILLED_BASELINES[method]} run: use --teacher RUN with "
+                f"a {DISTILLED_BASELINES[method]} run" + (f", got a {teacher_method} checkpoint" if teacher else "")
+            )
     elif method not in OBJECTIVES:
-        raise ConfigError(f"distillation method must be one of {', '.join(OBJECTIVES + tuple(DISTILLED_BASELINES))}, "
-                          f"got {method!r}")
+        raise ConfigError(
+            f"distillation method must be one of {', '.join(OBJECTIVES + tuple(DISTILLED_BASELINES))}, got {method!r}"
+        )
     elif teacher_method != "flm":
-        raise ConfigError(f"method {method} distils an FLM; a {teacher_method} teacher distils with "
-                          f"method={baseline}")
+        raise ConfigError(f"method {method} distils an FLM; a {teacher_method} teacher distils with method={baseline}")
     else:
         cfg.model.two_time = True
     validate(cfg)

@@ -111,12 +111,15 @@ def grad_accumulation(global_batch: int, micro_batch: int, world_size: int) -> t
     """
     if micro_batch <= 0:
         if global_batch % world_size:
-            raise ConfigError(f"train.batch_size={global_batch} (the global batch) is not divisible by the "
-                              f"world size {world_size}")
+            raise ConfigError(
+                f"train.batch_size={global_batch} (the global batch) is not divisible by the world size {world_size}"
+            )
         micro_batch = global_batch // world_size
     if global_batch % (micro_batch * world_size):
-        raise ConfigError(f"train.batch_size={global_batch} (the global batch) must be a multiple of "
-                          f"train.micro_batch_size={micro_batch} x world size {world_size}")
+        raise ConfigError(
+            f"train.batch_size={global_batch} (the global batch) must be a multiple of "
+            f"train.micro_batch_size={micro_batch} x world size {world_size}"
+        )
     return micro_batch, global_batch // (micro_batch * world_size)
 
 

@@ -44,8 +44,16 @@ class Trainer:
     summary into ``archive/<time>/`` of the run directory.
     """
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = True, progress: bool = True,
-                 log=print, tokenizer=None, restart: bool = False):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: str | Path,
+        resume: bool = True,
+        progress: bool = True,
+        log=print,
+        tokenizer=None,
+        restart: bool = False,
+    ):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         t = cfg.train
@@ -65,8 +73,7 @@ class Trainer:
         self.log = log if main else (lambda *a, **k: None)
         self.device = pick_device(device_name)
         self.amp = autocast_dtype(t.precision, self.device)
-        self.micro_batch, self.accum = dist_.grad_accumulation(t.batch_size, t.micro_batch_size,
-                                                               self.env.world_size)
+        self.micro_batch, self.accum = dist_.grad_accumulation(t.batch_size, t.micro_batch_size, self.env.world_size)
 
         # deep=True: a checkpoint with a flipped byte is skipped (with a warning) like a partial one.
         # Rank 0 chooses, so every rank resumes from the same checkpoint (or fails with the same error).
@@ -83,15 +90,19 @@ class Trainer:
         found, problem = dist_.broadcast_object(self.env, (None if found is None else str(found), problem))
         if problem is not None:
             raise {"CheckpointError": CheckpointError, "ConfigError": ConfigError}.get(problem[0], FmlmError)(
-                problem[1])
+                problem[1]
+            )
         self.resume_from = None if found is None else Path(found)
         if self.resume_from is not None:
             saved = ckpt.read_json(self.resume_from / "config.json")
             if not isinstance(saved.get("model"), dict):
                 raise CheckpointError(f"corrupt checkpoint file {self.resume_from / 'config.json'}: no model section")
-            check_resumable({k: v for k, v in saved.items() if k != "model"},
-                            {k: v for k, v in cfg.to_dict().items() if k != "model"})
+            check_resumable(
+                {k: v for k, v in saved.items() if k != "model"},
+                {k: v for k, v in cfg.to_dict().items() if k != "model"},
+            )
             from fmlm.data import load_tokenizer
+
             tokenizer = load_tokenizer(self.resume_from / "tokenizer")
         # Rank 0 prepares (downloads, tokenises, caches) the data first; the others then read the cache.
         if main:
@@ -113,8 +124,9 @@ class Trainer:
         if main:
             check_free_space(self.run_dir, self.method)
         self.model = dist_.wrap(self.method, self.env, t.distributed, self.device)
-        self.opt = torch.optim.AdamW(self.method.parameters(), lr=t.lr, betas=(t.beta1, t.beta2),
-                                     weight_decay=t.weight_decay)
+        self.opt = torch.optim.AdamW(
+            self.method.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay
+        )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.ema = EMA(self.method, t.ema)
         self.gen = torch.Generator(self.device).manual_seed(t.seed)
@@ -150,7 +162,7 @@ class Trainer:
                 self.state.position = 0
             perm = self._perm(self.state.epoch, n)
             take = min(B - len(ids), n - self.state.position)
-            ids.extend(perm[self.state.position:self.state.position + take].tolist())
+            ids.extend(perm[self.state.position : self.state.position + take].tolist())
             self.state.position += take
         return ids
 
@@ -167,7 +179,7 @@ class Trainer:
         out = []
         for j in range(self.accum):
             k = j * W + self.env.rank
-            out.append((k, self.data.train.batch(idx[k * m:(k + 1) * m]).to(self.device)))
+            out.append((k, self.data.train.batch(idx[k * m : (k + 1) * m]).to(self.device)))
         return out
 
     def _perm(self, epoch: int, n: int) -> torch.Tensor:
@@ -257,15 +269,26 @@ class Trainer:
         n_params = sum(p.numel() for p in self.method.parameters())
         where = f"device {self.device}"
         if self.env.enabled:
-            where = (f"{self.env.world_size} ranks ({t.distributed}, {self.env.backend}), micro-batch "
-                     f"{self.micro_batch} x {self.accum} accumulation, device {self.device}")
-        self.log(f"{cfg.train.method}: {n_params / 1e6:.2f}M parameters, vocab {cfg.model.vocab_size}, "
-                 f"L={cfg.data.seq_len}, {len(self.data.train)} train / {len(self.data.val)} val blocks, "
-                 f"{where}, precision {self.amp or 'fp32'}")
+            where = (
+                f"{self.env.world_size} ranks ({t.distributed}, {self.env.backend}), micro-batch "
+                f"{self.micro_batch} x {self.accum} accumulation, device {self.device}"
+            )
+        self.log(
+            f"{cfg.train.method}: {n_params / 1e6:.2f}M parameters, vocab {cfg.model.vocab_size}, "
+            f"L={cfg.data.seq_len}, {len(self.data.train)} train / {len(self.data.val)} val blocks, "
+            f"{where}, precision {self.amp or 'fp32'}"
+        )
         budget = t.max_minutes * 60.0 if t.max_minutes > 0 else math.inf
         self.method.train()
-        bar = tqdm(total=t.max_steps, initial=st.step, disable=not self.progress, dynamic_ncols=True,
-                   unit="step", desc="train", mininterval=0.5 if os.isatty(2) else 30.0)
+        bar = tqdm(
+            total=t.max_steps,
+            initial=st.step,
+            disable=not self.progress,
+            dynamic_ncols=True,
+            unit="step",
+            desc="train",
+            mininterval=0.5 if os.isatty(2) else 30.0,
+        )
         tokens_per_step = t.batch_size * cfg.data.seq_len
         window_t, window_tok = time.perf_counter(), 0
         session_start, elapsed0 = time.perf_counter(), st.elapsed
@@ -306,9 +329,15 @@ class Trainer:
                 bar.update(1)
                 if st.step % t.log_every == 0 or st.step == t.max_steps:
                     now = time.perf_counter()
-                    rec = {"step": st.step, **{k: float(v) for k, v in metrics.items()}, "lr": self.sched.get_last_lr()[0],
-                           "grad_norm": gnorm, "tokens_per_s": window_tok / max(now - window_t, 1e-9),
-                           "tokens": st.tokens, "elapsed_s": round(st.elapsed, 2)}
+                    rec = {
+                        "step": st.step,
+                        **{k: float(v) for k, v in metrics.items()},
+                        "lr": self.sched.get_last_lr()[0],
+                        "grad_norm": gnorm,
+                        "tokens_per_s": window_tok / max(now - window_t, 1e-9),
+                        "tokens": st.tokens,
+                        "elapsed_s": round(st.elapsed, 2),
+                    }
                     window_t, window_tok = now, 0
                     write(rec)
                     post = dict(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
@@ -319,8 +348,10 @@ class Trainer:
                     st.last_val = self._evaluate_ranks()
                     write({"step": st.step, **st.last_val})
                     if self.progress:
-                        bar.write(f"step {st.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in st.last_val.items()),
-                                  file=sys.stderr)  # stdout is kept for the JSON summary
+                        bar.write(
+                            f"step {st.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in st.last_val.items()),
+                            file=sys.stderr,
+                        )  # stdout is kept for the JSON summary
                 if st.step % t.save_every == 0:
                     self.save()
                     last_saved = st.step
@@ -336,10 +367,16 @@ class Trainer:
         if log_f is not None:
             log_f.close()
         summary = {
-            "run_dir": str(self.run_dir), "step": st.step, "tokens": st.tokens,
-            "train_seconds": round(st.elapsed, 2), "tokens_per_s": round(st.tokens / max(st.elapsed, 1e-9), 1),
-            "parameters": n_params, "interrupted": interrupted, "world_size": self.env.world_size,
-            "rank": self.env.rank, **st.last_val,
+            "run_dir": str(self.run_dir),
+            "step": st.step,
+            "tokens": st.tokens,
+            "train_seconds": round(st.elapsed, 2),
+            "tokens_per_s": round(st.tokens / max(st.elapsed, 1e-9), 1),
+            "parameters": n_params,
+            "interrupted": interrupted,
+            "world_size": self.env.world_size,
+            "rank": self.env.rank,
+            **st.last_val,
         }
         if main:
             write_json(self.run_dir / "summary.json", summary)
@@ -349,7 +386,7 @@ class Trainer:
         self.state.bad_steps += 1
         self.opt.zero_grad(set_to_none=True)
         if self.state.bad_steps > self.cfg.train.max_bad_steps:
-            raise FmlmError(f"{self.state.bad_steps} non-finite {what} values in a row at step "
-                            f"{self.state.step}; lower train.lr or check the data")
-
-
+            raise FmlmError(
+                f"{self.state.bad_steps} non-finite {what} values in a row at step "
+                f"{self.state.step}; lower train.lr or check the data"
+            )

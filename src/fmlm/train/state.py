@@ -22,12 +22,26 @@ from fmlm.io import write_text
 
 # Keys that may change between a run and its resumption (budget and bookkeeping only).
 RESUMABLE_KEYS = {
-    "train.max_steps", "train.max_minutes", "train.log_every", "train.eval_every", "train.eval_batches",
-    "train.save_every", "train.keep_last", "train.threads", "train.device", "sample.steps",
-    "sample.num_samples", "sample.seed", "sample.float64", "data.cache_dir",
+    "train.max_steps",
+    "train.max_minutes",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.save_every",
+    "train.keep_last",
+    "train.threads",
+    "train.device",
+    "sample.steps",
+    "sample.num_samples",
+    "sample.seed",
+    "sample.float64",
+    "data.cache_dir",
     # How the global batch is computed (devices, accumulation, sharding, compilation, noise path):
     # a run may resume on another number of devices.
-    "train.micro_batch_size", "train.distributed", "train.compile", "train.noise",
+    "train.micro_batch_size",
+    "train.distributed",
+    "train.compile",
+    "train.noise",
 }
 
 
@@ -96,8 +110,9 @@ class TrainState:
         out = cls()
         for k, v in d.items():
             if k == "last_val":
-                ok = isinstance(v, dict) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                 for x in v.values())
+                ok = isinstance(v, dict) and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in v.values()
+                )
             elif k == "elapsed":
                 ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
             else:
@@ -119,8 +134,10 @@ def check_run_dir(run_dir: Path) -> None:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
-            raise FmlmError(f"cannot write in {d}: {e.strerror or e}; training would be lost at the first "
-                            "checkpoint (use another --run-dir)") from None
+            raise FmlmError(
+                f"cannot write in {d}: {e.strerror or e}; training would be lost at the first "
+                "checkpoint (use another --run-dir)"
+            ) from None
 
 
 def _free_space_note(path: Path) -> str:
@@ -139,8 +156,10 @@ def check_free_space(run_dir: Path, method: torch.nn.Module) -> None:
     except OSError:
         return
     if free < need:
-        raise FmlmError(f"not enough free space in {run_dir}: {free / 2**20:.1f} MiB free, a checkpoint needs "
-                        f"about {need / 2**20:.1f} MiB; free some space or use another --run-dir")
+        raise FmlmError(
+            f"not enough free space in {run_dir}: {free / 2**20:.1f} MiB free, a checkpoint needs "
+            f"about {need / 2**20:.1f} MiB; free some space or use another --run-dir"
+        )
 
 
 def archive_run(run_dir: Path, log=print) -> Path | None:

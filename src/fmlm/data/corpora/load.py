@@ -293,5 +293,3 @@ def _load_hf(kind: str, name: str, val_fraction: float, seed: int) -> Corpus:
             return _finish(name, train_rows, val_rows, kind == "lm1b", {**info, "split": f"'{val_split}' split"})
         return _split_docs(name, train_rows, val_fraction, seed, kind == "lm1b", info, owt=kind == "openwebtext")
     raise DataError(f"could not load dataset {kind!r} from the Hugging Face hub ({failure}); {local_hint}")
-
-

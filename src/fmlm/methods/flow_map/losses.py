@@ -129,8 +129,9 @@ def noisy_states(fm, ids: torch.Tensor, generator):
     return embedded_state
 
 
-def distillation_loss(fm, ids: torch.Tensor, generator: torch.Generator | None = None,
-                      strata: Strata | None = None) -> tuple[torch.Tensor, dict]:
+def distillation_loss(
+    fm, ids: torch.Tensor, generator: torch.Generator | None = None, strata: Strata | None = None
+) -> tuple[torch.Tensor, dict]:
     """Diagonal + off-diagonal distillation loss on token ids (B, L); ``strata``: see :class:`Strata`."""
     B, L = ids.shape
     n_diag = min(B - 1, max(1, round(B * fm.diag_fraction))) if fm.diag_fraction > 0 else 0

@@ -122,8 +122,9 @@ class FMLM(nn.Module):
         return cls(net, teacher.schedule, teacher=teacher, **kw)
 
     # ------------------------------------------------------------------ the model
-    def logits(self, x: torch.Tensor, tau_s: torch.Tensor, tau_t: torch.Tensor, net: nn.Module | None = None,
-               cap: bool = True):
+    def logits(
+        self, x: torch.Tensor, tau_s: torch.Tensor, tau_t: torch.Tensor, net: nn.Module | None = None, cap: bool = True
+    ):
         out = run_net(self.net if net is None else net, x, tau_s, tau_t, **({} if cap else {"cap": False}))
         return out if out.dtype == torch.float64 else out.float()
 
@@ -180,8 +181,9 @@ class FMLM(nn.Module):
         return targets.eulerian_target(self, x, tau_s, tau_t, form)
 
     # ------------------------------------------------------------------ losses (flow_map.losses)
-    def loss(self, ids: torch.Tensor, generator: torch.Generator | None = None,
-             strata: Strata | None = None) -> tuple[torch.Tensor, dict]:
+    def loss(
+        self, ids: torch.Tensor, generator: torch.Generator | None = None, strata: Strata | None = None
+    ) -> tuple[torch.Tensor, dict]:
         """Diagonal + off-diagonal distillation loss on token ids (B, L); see
         :func:`fmlm.methods.flow_map.losses.distillation_loss`."""
         return losses.distillation_loss(self, ids, generator, strata)
@@ -202,8 +204,15 @@ class FMLM(nn.Module):
         return denoising_metrics(self.logits(x, tau, tau).log_softmax(-1), ids)
 
     # ------------------------------------------------------------------ sampling
-    def guided_delta(self, x: torch.Tensor, tau_s: torch.Tensor, tau_t: torch.Tensor,
-                     weak: "FMLM | None" = None, weight: float = 0.0, temperature: float = 1.0) -> torch.Tensor:
+    def guided_delta(
+        self,
+        x: torch.Tensor,
+        tau_s: torch.Tensor,
+        tau_t: torch.Tensor,
+        weak: "FMLM | None" = None,
+        weight: float = 0.0,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
         """δ_{s,t}(x), or with a ``weak`` flow map softmax(log δ + w·(log δ − log δ_weak)) (w = 0: δ exactly).
 
         ``temperature`` T ≠ 1 softens it to softmax(logits / T) (the reward look-ahead).
@@ -277,9 +286,24 @@ class FMLM(nn.Module):
         if guide_weak is not None:
             check_weak(self, guide_weak)
         z = torch.randn(num_samples, seq_len, self.vocab_size, generator=generator, device=device).to(dtype)
-        return sampling.guided_sample(self, z, steps, generator, gamma, callback, known, mask, invert_iters,
-                                      invert_scale, guide_weak, guide_weight, reward, reward_scale, reward_iters,
-                                      reward_temperature)
+        return sampling.guided_sample(
+            self,
+            z,
+            steps,
+            generator,
+            gamma,
+            callback,
+            known,
+            mask,
+            invert_iters,
+            invert_scale,
+            guide_weak,
+            guide_weight,
+            reward,
+            reward_scale,
+            reward_iters,
+            reward_temperature,
+        )
 
     def _noise_factor(self) -> torch.Tensor | None:
         """Cholesky factor of EᵀE for the lean sampler, recomputed only when the embedding changes."""
@@ -292,8 +316,9 @@ class FMLM(nn.Module):
         return cached[1]
 
     @torch.no_grad()
-    def sample_embedded(self, h: torch.Tensor, steps: int, generator: torch.Generator | None = None,
-                        gamma: float = 0.0) -> torch.Tensor:
+    def sample_embedded(
+        self, h: torch.Tensor, steps: int, generator: torch.Generator | None = None, gamma: float = 0.0
+    ) -> torch.Tensor:
         """The lean sampler from an embedded initial state h = x0 @ E (B, L, d): token ids (B, L).
 
         Each state is kept as its embedding h = x @ E (the flow map is affine in x:

@@ -21,9 +21,24 @@ def jump(schedule, t: torch.Tensor, gamma: float, device) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def guided_sample(fm, z: torch.Tensor, steps: int, generator, gamma: float, callback, known, mask,
-                  invert_iters: int, invert_scale: float, guide_weak, guide_weight: float, reward,
-                  reward_scale: float, reward_iters: int, reward_temperature: float) -> torch.Tensor:
+def guided_sample(
+    fm,
+    z: torch.Tensor,
+    steps: int,
+    generator,
+    gamma: float,
+    callback,
+    known,
+    mask,
+    invert_iters: int,
+    invert_scale: float,
+    guide_weak,
+    guide_weight: float,
+    reward,
+    reward_scale: float,
+    reward_iters: int,
+    reward_temperature: float,
+) -> torch.Tensor:
     """Token ids (B, L) from the initial state z (B, L, V); the arguments are those of ``FMLM.sample``."""
     device, dtype = z.device, z.dtype
     taus = torch.linspace(0, 1, steps + 1, dtype=torch.float64, device=device)
@@ -34,8 +49,9 @@ def guided_sample(fm, z: torch.Tensor, steps: int, generator, gamma: float, call
     def delta(x, tau_s, tau_t):
         return fm.guided_delta(x, tau_s, tau_t, guide_weak, guide_weight)
 
-    steer = None if reward is None else Steering(reward, reward_scale, reward_iters,
-                                                  update=None if mask is None else ~mask)
+    steer = (
+        None if reward is None else Steering(reward, reward_scale, reward_iters, update=None if mask is None else ~mask)
+    )
     if reward_temperature <= 0:
         raise ValueError(f"reward_temperature must be > 0, got {reward_temperature}")
     noise = z
@@ -48,9 +64,15 @@ def guided_sample(fm, z: torch.Tensor, steps: int, generator, gamma: float, call
         tau_s = taus[i].float().expand(B)
         z = replace_known(z, known, mask, noise, s)
         if steer is not None:
-            z = replace_known(steer(z, lambda x: fm.guided_delta(x, tau_s, one, guide_weak, guide_weight,
-                                                                   reward_temperature), float(s)),
-                              known, mask, noise, s)
+            z = replace_known(
+                steer(
+                    z, lambda x: fm.guided_delta(x, tau_s, one, guide_weak, guide_weight, reward_temperature), float(s)
+                ),
+                known,
+                mask,
+                noise,
+                s,
+            )
         if i == steps - 1:
             d = clamp_known(delta(z.float(), tau_s, taus[i + 1].float().expand(B)), known, mask)
             if callback is not None:

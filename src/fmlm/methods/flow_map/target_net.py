@@ -13,10 +13,10 @@ def _save_target(module, state_dict, prefix, local_metadata):
 
 def _load_target(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
     head = f"{prefix}target."
-    own = {k[len(head):]: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(head)]}
+    own = {k[len(head) :]: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(head)]}
     if not own:
         # Older checkpoints (or a student saved without a target): start the target from the student.
-        own = {k[len(f"{prefix}net."):]: v for k, v in state_dict.items() if k.startswith(f"{prefix}net.")}
+        own = {k[len(f"{prefix}net.") :]: v for k, v in state_dict.items() if k.startswith(f"{prefix}net.")}
     missing, unexpected = module._target.load_state_dict(own, strict=False)
     missing_keys.extend(f"{head}{k}" for k in missing)
     unexpected_keys.extend(f"{head}{k}" for k in unexpected)

@@ -25,12 +25,13 @@ def semigroup_target(fm, x: torch.Tensor, tau_s, tau_u, tau_t) -> torch.Tensor:
     x_u = flow_map(x, d_su, ts, tu)
     d_ut = soft(fm.logits(x_u, tau_u, tau_t, net))
     gap = (tt - ts).clamp_min(1e-12)
-    lam = ((1 - tt) * (tu - ts) / ((1 - tu).clamp_min(1e-12) * gap))
+    lam = (1 - tt) * (tu - ts) / ((1 - tu).clamp_min(1e-12) * gap)
     # s = t (gap 0) makes λ 0/0; the target is then δ_{s,s} either way.
     lam = torch.where(tt - ts > 1e-12, lam, torch.zeros_like(lam)).clamp(0, 1)[:, None, None]
     if not fm.fused:
         return lam * d_su + (1 - lam) * d_ut
     return d_ut.lerp_(d_su, lam.to(d_ut.dtype))  # λ·δ_su + (1 − λ)·δ_ut
+
 
 def _jvp(fn: Callable, primals: tuple, tangents: tuple):
     # Fused SDPA kernels (flash, memory-efficient) have no forward-mode derivative;
@@ -39,6 +40,7 @@ def _jvp(fn: Callable, primals: tuple, tangents: tuple):
 
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         return torch.func.jvp(fn, primals, tangents)
+
 
 def lagrangian_target(fm, x: torch.Tensor, tau_s, tau_t) -> torch.Tensor:
     """δ̄ = D_t(X_{s,t}(x)) − ((1−t)(t−s)/(1−s))·∂_t δ̂_{s,t}(x), projected onto the simplex."""
@@ -55,6 +57,7 @@ def lagrangian_target(fm, x: torch.Tensor, tau_s, tau_t) -> torch.Tensor:
         coef = ((1 - tt) * (tt - ts) / (1 - ts))[:, None, None]
         target = fm._denoiser(x_t, tau_t) - coef * dt
         return sparsemax(target) if fm.projection == "sparsemax" else target
+
 
 def eulerian_target(fm, x: torch.Tensor, tau_s, tau_t, form: str | None = None) -> torch.Tensor:
     """Eulerian target from one JVP J = ∂_s δ̂ + ((D_s − x)/(1−s))·∇_x δ̂ (see the module docstring).
