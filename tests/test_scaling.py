@@ -40,10 +40,16 @@ def test_claims_by_bits_per_byte():
         _row("MDLM", 1024, 2.9),
         _row("Duo", 1024, 3.0),
         _row("AR", 128, 2.1),
+        _row("Duo+DCD", 2, 3.9),
+        _row("Duo+DCD", 16, 3.0),  # 16 steps: past the few-step range, does not count
+        _row("MDLM+SDTT", 1, 6.0),
     ]
     c = claims({"rows": rows, "data_entropy": 3.1})
     assert c["one_step"]["holds"] and c["one_step"]["best_rival"] == "MDLM 8"
     assert c["one_step"]["margin"] == pytest.approx(0.2)
+    # against the distilled baselines: Duo+DCD at 2 steps beats the flow map at 1
+    assert not c["one_step_distilled"]["holds"] and c["one_step_distilled"]["best_rival"] == "Duo+DCD 2"
+    assert c["one_step_distilled"]["margin"] == pytest.approx(-0.1)
     assert not c["many_step"]["holds"] and c["many_step"]["best_rival"] == "MDLM"
     assert c["many_step"]["gap"] == pytest.approx(0.3)
     assert c["speed"]["AR"]["steps"] == 128 and c["speed"]["MDLM"]["steps"] == 1024
@@ -61,7 +67,10 @@ def test_claims_by_bits_per_byte():
         "claims": c,
     }
     md = markdown({"points": [point]})
-    assert "| held-out text | – | 1.900 |" in md and "| mini 500 | 2,048,000 | holds (+0.200) | fails (+0.300) |" in md
+    assert (
+        "| held-out text | – | 1.900 |" in md
+        and "| mini 500 | 2,048,000 | holds (+0.200) | fails (-0.100) | fails (+0.300) |" in md
+    )
 
 
 @pytest.mark.slow
@@ -109,7 +118,7 @@ def test_gpu_study_script_at_tiny_size_on_cpu(tmp_path):
     assert point["folder"].startswith("tiny-2-") and point["data_bpb"] > 0 and point["shuffled_bpb"] > 0
     assert point["tokens"] == 2 * 4 * 16  # stage-1 steps x batch x length, not the distillation's
     assert all(row["gen_bpb"] > 0 for row in point["rows"])
-    assert set(point["claims"]) == {"one_step", "speed"}  # no 1,024-step setting in this sweep
+    assert set(point["claims"]) == {"one_step", "one_step_distilled", "speed"}  # no 1,024-step setting in this sweep
     assert "### " in (tmp_path / "out" / "scaling.md").read_text()
 
 
