@@ -65,7 +65,12 @@ def cmd_train(args) -> int:
     from fmlm.config import build_config
 
     preset, overrides = _split_preset(args.config)
-    return _fit_and_report(build_config(preset, overrides), args)
+    cfg = build_config(preset, overrides)
+    if "+" in cfg.train.method:  # a two-stage job, e.g. flm+semigroup (the default preset's)
+        from fmlm.mainjob import cmd_main_job
+
+        return cmd_main_job(cfg, args)
+    return _fit_and_report(cfg, args)
 
 
 def _fit_and_report(cfg, args, tokenizer=None) -> int:
@@ -92,66 +97,10 @@ def _fit_and_report(cfg, args, tokenizer=None) -> int:
 
 def cmd_distill(args) -> int:
     """Stage 2: distil an FLM teacher into a flow map (or self-distil from scratch)."""
-    from fmlm import checkpoint as ckpt
-    from fmlm.config import RunConfig, build_config, set_value, validate
-    from fmlm.data import load_tokenizer
-    from fmlm.errors import ConfigError
-    from fmlm.methods import DISTILLED_BASELINES
-    from fmlm.methods.fmlm import OBJECTIVES
+    from fmlm.distillation import distill_config
 
-    teacher_method = "flm"
     preset, overrides = _split_preset(args.config)
-    tokenizer = None
-    if args.teacher and args.self_distill:
-        raise ConfigError("give either --teacher RUN or --self, not both")
-    if args.teacher:
-        if preset is not None:
-            raise ConfigError(f"with --teacher the config comes from the teacher; got a preset {preset!r}")
-        teacher = ckpt.resolve(args.teacher)
-        ckpt.verify(teacher, deep=False)
-        cfg = RunConfig.from_dict(ckpt.read_json(teacher / "config.json"))
-        teacher_method = cfg.train.method
-        if teacher_method not in ("flm", *DISTILLED_BASELINES.values()):
-            raise ConfigError(f"the teacher must be an FLM checkpoint (or a Duo / MDLM one for method=dcd / sdtt), "
-                              f"got method {teacher_method!r}: {teacher}")
-        tokenizer = load_tokenizer(teacher / "tokenizer")
-        base = cfg.preset
-        cfg.distill.teacher = str(teacher.resolve())
-    elif args.self_distill:
-        cfg = build_config(preset)
-        base = cfg.preset
-        cfg.distill.self_distill = True
-    else:
-        raise ConfigError("fmlm distill needs --teacher RUN (an FLM run) or --self")
-    # Distillation defaults (METHOD.md §4): AdamW β2 = 0.95, semigroup, one-step samples.
-    cfg.train.method = "semigroup"
-    cfg.train.beta2 = 0.95
-    cfg.sample.steps = 1
-    # A Duo/MDLM teacher distils into Duo + DCD / MDLM + SDTT (its own backbone; the optimiser as above).
-    baseline = {v: k for k, v in DISTILLED_BASELINES.items()}.get(teacher_method)
-    if baseline:
-        cfg.train.method = baseline
-    for item in overrides:
-        k, v = item.split("=", 1) if "=" in item else (item, None)
-        if v is None:
-            raise ConfigError(f"expected key=value, got {item!r}")
-        set_value(cfg, k.strip(), v)
-    method = cfg.train.method
-    if method in DISTILLED_BASELINES:
-        if args.self_distill or DISTILLED_BASELINES[method] != teacher_method:
-            raise ConfigError(f"method {method} distils a {DISTILLED_BASELINES[method]} run: use --teacher RUN with "
-                              f"a {DISTILLED_BASELINES[method]} run" + (f", got a {teacher_method} checkpoint"
-                                                                         if args.teacher else ""))
-    elif method not in OBJECTIVES:
-        raise ConfigError(f"distillation method must be one of {', '.join(OBJECTIVES + tuple(DISTILLED_BASELINES))}, "
-                          f"got {method!r}")
-    elif teacher_method != "flm":
-        raise ConfigError(f"method {method} distils an FLM; a {teacher_method} teacher distils with "
-                          f"method={baseline}")
-    else:
-        cfg.model.two_time = True
-    validate(cfg)
-    cfg.preset = f"{base}-{'self-' if args.self_distill else ''}{cfg.train.method}"
+    cfg, tokenizer = distill_config(args.teacher, args.self_distill, preset, overrides)
     return _fit_and_report(cfg, args, tokenizer=tokenizer)
 
 
