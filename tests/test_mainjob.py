@@ -185,7 +185,7 @@ def test_method_flm_stays_single_stage(tmp_path, capsys, cache):
     assert not (tmp_path / "tiny-semigroup").exists() and "stage 1" not in err
 
 
-def test_bad_input_is_one_line_before_any_training(tmp_path, capsys, cache):
+def test_bad_input_is_one_line_before_any_training(tmp_path, capsys, cache, monkeypatch):
     run = tmp_path / "r"
     for extra, match in ((["method=flm+bogus"], "unknown two-stage method 'flm+bogus'"),
                          (["method=flm+semigroup", "distill.diag_fraction=1"], "distill.diag_fraction must be < 1"),
@@ -193,6 +193,11 @@ def test_bad_input_is_one_line_before_any_training(tmp_path, capsys, cache):
         code, _, err = run_cli(capsys, "train", "tiny", *extra, f"data.cache_dir={cache}", "--run-dir", str(run))
         assert_one_line_error(code, err, match)
         assert not run.exists()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: refused, nothing written
+    code, _, err = run_cli(capsys, "train", *JOB, f"data.cache_dir={cache}", "--run-dir", str(run))
+    assert_one_line_error(code, err, "runs its two stages in one process; under torchrun")
+    assert not run.exists()
+    monkeypatch.delenv("WORLD_SIZE")
     # A stage-1 run directory that holds another run: refused (never started over), nothing changed.
     assert run_cli(capsys, "train", "tiny", "method=flm", "max_steps=5", f"data.cache_dir={cache}",
                    "--run-dir", str(run), "--quiet")[0] == 0

@@ -438,12 +438,14 @@ def run(cfg, run_dir: str | Path | None = None, restart: bool = False, progress:
     objective = job_objective(cfg.train.method)
     if objective is None:
         raise ConfigError(f"method {cfg.train.method!r} is a single stage: use fmlm train")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"method={cfg.train.method} runs its two stages in one process; under torchrun train "
+                          "method=flm, then fmlm distill --teacher RUN")
     budget = budget or Budget(cfg.train.max_minutes, cfg.train.max_steps)
     run1, run2 = stage_dirs(cfg, run_dir)
     cfg1 = stage1_config(cfg, budget)
     # The distillation's config is checked now, not after stage 1 has trained.
     apply_distill_defaults(copy.deepcopy(cfg1), stage2_overrides(cfg, budget, 0.0))
-    progress = progress and int(os.environ.get("RANK", "0")) == 0  # torchrun: rank 0 shows it
     display = JobProgress(budget, enabled=progress, compare_steps=cfg.sample.steps, batch_size=cfg.train.batch_size,
                           scoring=compare and cfg.data.dataset != "phrases" and scorer_installed(scorer))
     say = display.write if progress else log
