@@ -412,7 +412,7 @@ def _finished(stage: int, method: str, summary: dict) -> str:
 
 
 def _final_summary(run_dir: Path, ckpt_dir: Path) -> dict:
-    """A finished stage's summary from its run directory (or, failing that, its checkpoint)."""
+    """A final stage's summary, read from its last checkpoint's trainer state (the stage is not reopened)."""
     from fmlm import checkpoint as ckpt
 
     state = ckpt.read_json(ckpt_dir / "trainer_state.json")
@@ -453,6 +453,7 @@ def run(cfg, run_dir: str | Path | None = None, restart: bool = False, progress:
         if restart:
             check_run_dir(run2)
             archive_run(run2, say)  # first, so that a rerun after a kill in stage 1 cannot skip stage 1
+
         def stage(k: int, cfg_k, run_k: Path, **kw) -> dict:
             """Train (or resume) stage ``k``; its trainer summary and the wall seconds of this session."""
             t0 = time.perf_counter()
