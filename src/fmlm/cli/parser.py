@@ -21,7 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model. CONFIG is a preset name or a .toml file, followed by "
         "key=value overrides (e.g. lr=1e-3 train.max_steps=500 loss=mse_denoiser "
         "time=uniform). Re-running the same command resumes from the last "
-        "checkpoint in the run directory.",
+        "checkpoint in the run directory. A two-stage method (flm+semigroup, the "
+        "default preset's; flm+lagrangian, flm+eulerian) trains the FLM in RUN_DIR, "
+        "distils its flow map into RUN_DIR-<objective> and prints both side by side; "
+        "method=flm trains the FLM alone.",
     )
     t.add_argument("config", nargs="*", metavar="PRESET|FILE.toml|key=value")
     t.add_argument("--run-dir", help="run directory (default: runs/<preset>)")

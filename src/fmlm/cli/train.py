@@ -15,7 +15,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fmlm.config import build_config
 
     preset, overrides = split_preset(args.config)
-    return _fit_and_report(build_config(preset, overrides), args)
+    cfg = build_config(preset, overrides)
+    if "+" in cfg.train.method:  # a two-stage job, e.g. flm+semigroup (the default preset's)
+        from fmlm.mainjob import cmd_main_job
+
+        return cmd_main_job(cfg, args)
+    return _fit_and_report(cfg, args)
 
 
 def _fit_and_report(cfg, args, tokenizer=None) -> int:

@@ -53,9 +53,11 @@ class Trainer:
         log=print,
         tokenizer=None,
         restart: bool = False,
+        on_step=None,
     ):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.on_step = on_step  # on_step(trainer, metrics) after every step, its evaluation and save
         t = cfg.train
         if t.threads > 0:
             torch.set_num_threads(t.threads)
@@ -355,6 +357,8 @@ class Trainer:
                 if st.step % t.save_every == 0:
                     self.save()
                     last_saved = st.step
+                if self.on_step is not None:
+                    self.on_step(self, metrics)
         finally:
             bar.close()
         has_ckpt = bool(ckpt.list_checkpoints(self.run_dir)) if main else True
