@@ -138,7 +138,7 @@ class Model:
             seq_len -= 1
         prefix, infill = options.pop("prefix", None), options.pop("infill", None)
         suffix = options.pop("suffix", None)
-        if sum(x is not None for x in (prefix or suffix, infill, options.get("known"))) > 1:
+        if sum(x is not None for x in (prefix if prefix is not None else suffix, infill, options.get("known"))) > 1:
             raise FmlmError("give only one of prefix (and/or suffix), infill and known")
         for name, v in (("prefix", prefix), ("suffix", suffix), ("infill", infill)):
             if v is not None and name not in self.conditioning:
