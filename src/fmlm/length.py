@@ -95,6 +95,7 @@ class Samples:
         raw: the accepted samples' fixed-length blocks (N', L), EOS and padding included.
         rejected: how many samples stayed shorter than ``min_length`` after ``tries`` draws.
         tries: how many draws were made (1 when none was short).
+        seeds: the seed of each draw (:func:`retry_seed`).
     """
 
     ids: list[list[int]]
