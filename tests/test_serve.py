@@ -66,7 +66,8 @@ def test_generate_is_deterministic_and_timed(client):
     body = {"model": "flm", "num_samples": 3, "steps": 4, "seed": 7}
     a, b = client.post("/v1/generate", json=body).json(), client.post("/v1/generate", json=body).json()
     assert len(a["texts"]) == 3 and a["texts"] == b["texts"]
-    assert all(len(row) == 2 for row in a["ids"])
+    assert all(len(row) == 2 for row in a["raw_ids"])  # the fixed blocks; "ids" end before the first EOS
+    assert all(raw[: len(row)] == row for raw, row in zip(a["raw_ids"], a["ids"]))
     assert a["seconds"] > 0 and a["queue_seconds"] >= 0 and a["steps"] == 4
     c = client.post("/v1/generate", json={**body, "seed": 8}).json()
     assert c["ids"] != a["ids"]
@@ -132,7 +133,7 @@ def test_stream_emits_every_step_then_the_generate_text(client, model, steps):
     same = client.post("/v1/generate", json=body).json()
     assert done["texts"] == same["texts"] and done["ids"] == same["ids"]
     if model in ("flm", "semigroup", "ar"):  # MDLM and Duo draw after their last callback
-        assert evs[-2][1]["ids"] == done["ids"][0]
+        assert evs[-2][1]["ids"] == done["raw_ids"][0]
 
 
 def test_stream_is_thinned_to_max_events(client):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from fmlm import length
 from fmlm.config import RunConfig
 from fmlm.errors import FmlmError
 from fmlm.methods.registry import load_method
@@ -65,7 +66,8 @@ class Model:
         batch_size: int = 256,
         **options,
     ) -> torch.Tensor:
-        """Token ids (num_samples, seq_len). The same seed gives the same ids.
+        """The raw blocks: token ids (num_samples, seq_len), EOS and what follows it included (use
+        :meth:`generate` or :meth:`sample` for samples cut at EOS). The same seed gives the same ids.
 
         ``options`` go to the method's sampler when it has them, e.g. ``gamma`` (flow-map
         re-noising) or ``temperature``, ``top_k``, ``top_p`` (AR). ``None`` values are
@@ -80,6 +82,9 @@ class Model:
           :attr:`conditioning` says which of these a model takes (AR: a prefix only).
         * ``guide_weak`` (a :class:`Model` or a run directory) and ``guide_weight`` w:
           autoguidance, log D + w·(log D − log D_weak) (FLM and FMLM).
+        * ``bos=True``: the first position is the EOS separator, a known token, so a model
+          trained on packed (``wrap``) text starts at a document start; other conditioning
+          moves one position on (:mod:`fmlm.length`).
         * ``classifier`` (a classifier :class:`Model` or run directory) and ``target``
           (class index or name), or ``reward`` (a function of soft sequences (B, L, V) ->
           (B,)): reward guidance through the look-ahead, with ``reward_scale`` and
@@ -127,9 +132,13 @@ class Model:
         from fmlm import guidance
 
         options = dict(options)
+        bos = bool(options.pop("bos", False))
+        if bos:  # the conditioning below fills positions 1.. of the block
+            self._check_bos()
+            seq_len -= 1
         prefix, infill = options.pop("prefix", None), options.pop("infill", None)
         suffix = options.pop("suffix", None)
-        if sum(x is not None for x in (prefix or suffix, infill, options.get("known"))) > 1:
+        if sum(x is not None for x in (prefix if prefix is not None else suffix, infill, options.get("known"))) > 1:
             raise FmlmError("give only one of prefix (and/or suffix), infill and known")
         for name, v in (("prefix", prefix), ("suffix", suffix), ("infill", infill)):
             if v is not None and name not in self.conditioning:
@@ -145,6 +154,11 @@ class Model:
             )
         if infill is not None:
             options["known"], options["mask"] = guidance.parse_infill(infill, self.tokenizer, seq_len)
+        if bos:  # the separator in front of whatever else is known
+            options["known"] = length.bos_known(options.get("known"), self.tokenizer.eos_id)
+            if options.get("mask") is not None:
+                m = torch.as_tensor(options["mask"], dtype=torch.bool)
+                options["mask"] = torch.cat([m.new_ones((*m.shape[:-1], 1)), m], -1)
         weak = options.get("guide_weak")
         if weak is not None:
             weak = weak if isinstance(weak, Model) else load(weak, device=self.device)
@@ -164,6 +178,19 @@ class Model:
         elif target is not None:
             raise FmlmError("a reward target needs a classifier")
         return options
+
+    def _check_bos(self) -> None:
+        """``bos`` needs an EOS token, known-token conditioning and wrap-packed training text."""
+        if length.eos_id_of(self.tokenizer) is None:
+            raise FmlmError("--bos needs a tokenizer with an EOS token (the document separator); this one has none")
+        if "prefix" not in self.conditioning:
+            raise FmlmError(f"--bos needs known-token conditioning, which method {self.config.train.method!r} lacks")
+        data = self.config.data
+        if data.dataset == "phrases" or data.packing != "wrap":
+            raise FmlmError(
+                "--bos applies to models trained on wrap-packed text; this one's blocks "
+                f"({data.dataset}, packing {data.packing}) already start at a sequence start"
+            )
 
     def _check_companion(self, other: "Model", what: str) -> None:
         """A weak model or classifier must share this model's tokenizer and sequence length."""
@@ -210,9 +237,36 @@ class Model:
     def decode(self, ids: torch.Tensor) -> list[str]:
         return [self.tokenizer.decode(row.tolist()) for row in ids]
 
+    def generate(
+        self,
+        num_samples: int = 4,
+        steps: int | None = None,
+        seed: int = 0,
+        min_length: int = 0,
+        max_tries: int = length.DEFAULT_MAX_TRIES,
+        bos: bool = False,
+        seq_len: int | None = None,
+        **kw,
+    ) -> length.Samples:
+        """Samples cut at their first EOS, as :class:`fmlm.length.Samples` (ids, texts, the raw blocks).
+
+        A sample with fewer than ``min_length`` tokens is drawn again with seeds derived from
+        ``seed``, at most ``max_tries`` draws; one still short is dropped and counted in
+        ``rejected``. ``bos`` and ``kw`` are as in :meth:`sample_ids`."""
+        L = self.config.data.seq_len if seq_len is None else seq_len
+        if bos:
+            self._check_bos()
+        length.check_length_options(min_length, max_tries, L, bos)
+
+        def draw(s: int) -> torch.Tensor:
+            return self.sample_ids(num_samples, steps, s, seq_len=seq_len, bos=bos, **kw)
+
+        return length.generate(draw, self.tokenizer, num_samples, seed, min_length, max_tries, bos)
+
     def sample(self, num_samples: int = 4, steps: int | None = None, seed: int = 0, **kw) -> list[str]:
-        """Sample ``num_samples`` texts with ``steps`` network evaluations."""
-        return self.decode(self.sample_ids(num_samples, steps, seed, **kw))
+        """Sample texts with ``steps`` network evaluations, each ending before its first EOS
+        (:meth:`generate`; its ``min_length``, ``max_tries`` and ``bos`` apply)."""
+        return self.generate(num_samples, steps, seed, **kw).texts
 
 
 def _rows(x, start: int, n: int, total: int):

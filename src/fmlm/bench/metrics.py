@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from fmlm.errors import FmlmError
+from fmlm.length import split_at_eos
 
 
 def unigram_entropy(ids: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -36,19 +37,6 @@ def reference_entropy(blocks, limit: int = 4096) -> float:
     if n == 0:
         return float("nan")
     return mean_entropy(blocks.batch(list(range(n))))
-
-
-def split_at_eos(ids: torch.Tensor, eos_id: int) -> tuple[list[list[int]], list[bool]]:
-    """Each row cut before its first EOS, and whether it had one (that EOS is then scored)."""
-    rows, ended = [], []
-    for row in ids.tolist():
-        if eos_id in row:
-            rows.append(row[: row.index(eos_id)])
-            ended.append(True)
-        else:
-            rows.append(row)
-            ended.append(False)
-    return rows, ended
 
 
 def decode_samples(ids: torch.Tensor, tokenizer) -> tuple[list[str], list[bool]]:

@@ -81,6 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--seq-len", type=positive, help="sequence length (at most the model's maximum)")
     s.add_argument("--float64", action="store_true", help="integrate the flow in float64")
+    s.add_argument(
+        "--min-length",
+        type=int,
+        default=0,
+        metavar="N",
+        help="redraw samples with fewer than N tokens before their EOS (see --max-tries)",
+    )
+    s.add_argument(
+        "--max-tries", type=int, default=8, metavar="K", help="draws per sample before a short one is dropped"
+    )
+    s.add_argument(
+        "--bos", action="store_true", help="wrap-packed text: start at a document start (EOS as the first token)"
+    )
     s.add_argument("--gamma", type=float, help="flow-map models: stochastic re-noising in [0, 1)")
     s.add_argument("--temperature", type=float, help="AR: sampling temperature (default 1)")
     s.add_argument("--top-k", type=int, help="AR: keep the k most likely tokens (default: all)")

@@ -20,14 +20,15 @@ def _report_samples(
     results = []
     for steps in steps_list:
         t0 = time.perf_counter()
-        ids = model.sample_ids(num_samples, steps, seed, float64=float64, seq_len=seq_len, **options)
+        out = model.generate(num_samples, steps, seed, float64=float64, seq_len=seq_len, **options)
         dt = time.perf_counter() - t0
-        texts = model.decode(ids)
+        ids, texts = out.raw, out.texts
         rec = {"steps": steps, "num_samples": num_samples, "seed": seed, "seconds_per_sample": dt / num_samples}
-        if check and model.task is not None:
+        rec.update(lengths=[len(r) for r in out.ids], rejected=out.rejected, tries=out.tries)
+        if check and model.task is not None and len(ids):
             m = model.task.check(ids)
             rec.update(valid_rate=m["valid_rate"], coverage=m["coverage"])
-        if check and options.get("classifier") is not None:  # reward guidance: share of the target class
+        if check and options.get("classifier") is not None and len(ids):  # reward guidance: share of the target class
             clf = options["classifier"]
             rec["target_rate"] = (clf.labels(ids) == clf.class_index(options.get("target"))).float().mean().item()
         rec["texts"] = texts[:max_show] if max_show else texts
@@ -37,7 +38,7 @@ def _report_samples(
                 head += f", valid {rec['valid_rate']:.3f}, coverage {rec['coverage']:.3f}"
             if "target_rate" in rec:
                 head += f", target {rec['target_rate']:.3f}"
-            print(head, file=sys.stderr)
+            print(head + _rejected_note(rec["rejected"], num_samples, out.tries, options), file=sys.stderr)
             for t in rec["texts"]:
                 print(t, file=sys.stderr)
                 print("", file=sys.stderr)
@@ -45,9 +46,21 @@ def _report_samples(
     return results
 
 
+def _rejected_note(rejected: int, num_samples: int, tries: int, options: dict) -> str:
+    if not rejected:
+        return ""
+    return (
+        f" ({rejected} of {num_samples} samples dropped: shorter than --min-length "
+        f"{options.get('min_length')} after {tries} draws)"
+    )
+
+
 def _sampling_options(args) -> dict:
     """Method-specific sampler options given on the command line (unset ones are None)."""
     return {
+        "min_length": args.min_length,
+        "max_tries": args.max_tries,
+        "bos": args.bos,
         "gamma": args.gamma,
         "temperature": args.temperature,
         "top_k": args.top_k,
@@ -95,14 +108,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
                     line += f"  valid {r['valid_rate']:.3f}  coverage {r['coverage']:.3f}"
                 if "target_rate" in r:
                     line += f"  target {r['target_rate']:.3f}"
-                print(line)
+                print(line + _rejected_note(r["rejected"], r["num_samples"], r["tries"], _sampling_options(args)))
         return 0
     for steps in steps_list:
-        for text in model.sample(
+        out = model.generate(
             args.num_samples, steps, args.seed, float64=args.float64, seq_len=args.seq_len, **_sampling_options(args)
-        ):
+        )
+        for text in out.texts:
             print(text)
             print()
+        if out.rejected:
+            note = _rejected_note(out.rejected, args.num_samples, out.tries, _sampling_options(args))
+            print(f"fmlm sample: {steps} steps:{note}", file=sys.stderr)
     return 0
 
 

@@ -11,7 +11,18 @@ from typing import Any
 from fmlm.errors import FmlmError
 from fmlm.serve.models import CONDITIONING_FIELDS, Served
 
-_FIELDS = {"model", "num_samples", "steps", "seed", "seq_len", "gamma", "max_events", *CONDITIONING_FIELDS}
+_FIELDS = {
+    "model",
+    "num_samples",
+    "steps",
+    "seed",
+    "seq_len",
+    "gamma",
+    "max_events",
+    "min_length",
+    "bos",
+    *CONDITIONING_FIELDS,
+}
 
 
 @dataclass
@@ -26,6 +37,7 @@ class ServeLimits:
     max_events: int = 64
     max_json_depth: int = 4
     max_number_chars: int = 32
+    max_tries: int = 4  # draws per sample for min_length (fmlm.length)
 
 
 class BadRequest(Exception):
@@ -144,6 +156,15 @@ def parse_request(raw: bytes, models: dict[str, Served], limits: ServeLimits, st
     )
     max_events = _int_field(body, "max_events", limits.max_events, 1, limits.max_events)
     options: dict[str, Any] = {}
+    bos = body.get("bos", False)
+    if not isinstance(bos, bool):
+        raise BadRequest(f"bos must be true or false, got {json.dumps(bos)[:40]}")
+    room = " (the sequence length" + (", less one for bos)" if bos else ")")
+    min_length = _int_field(body, "min_length", 0, 0, seq_len - bos, room)
+    if min_length:
+        options["min_length"] = min_length
+    if bos:
+        options["bos"] = True
     gamma = body.get("gamma")
     if gamma is not None:
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma < 1.0:
@@ -163,9 +184,9 @@ def parse_request(raw: bytes, models: dict[str, Served], limits: ServeLimits, st
             takes = f"; it takes {', '.join(served.conditioning)}" if served.conditioning else ""
             raise BadRequest(f"{key} does not apply to model {served.name!r} (method {served.method}{takes})")
         options[key] = v
-    if "infill" in options and len(options) > 1 + ("gamma" in options):
+    if "infill" in options and any(k in options for k in ("prefix", "suffix")):
         raise BadRequest("give either infill or prefix/suffix, not both")
-    cond = {k: v for k, v in options.items() if k in CONDITIONING_FIELDS}
+    cond = {k: v for k, v in options.items() if k in (*CONDITIONING_FIELDS, "bos")}
     check = getattr(served.model, "check_conditioning", None)
     if cond and check is not None:
         try:  # tokenising is cheap: a bad text is a 400 before a stream starts

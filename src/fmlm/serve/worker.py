@@ -5,6 +5,7 @@ import queue
 import threading
 import time
 
+from fmlm import length
 from fmlm.errors import FmlmError
 from fmlm.serve.requests import BadRequest, Job, ServeLimits
 
@@ -134,7 +135,12 @@ class Worker:
                     raise _Cancelled()
 
             kw["callback"] = callback
-        ids = model.sample_ids(job.num_samples, job.steps, job.seed, seq_len=job.seq_len, **kw)
+        min_length, bos = kw.pop("min_length", 0), kw.get("bos", False)
+
+        def draw(seed: int):  # a stream shows the steps of every draw
+            return model.sample_ids(job.num_samples, job.steps, seed, seq_len=job.seq_len, **kw)
+
+        res = length.generate(draw, model.tokenizer, job.num_samples, job.seed, min_length, self.limits.max_tries, bos)
         seconds = time.perf_counter() - started
         out = {
             "model": job.served.name,
@@ -143,13 +149,17 @@ class Worker:
             "seed": job.seed,
             "num_samples": job.num_samples,
             "seq_len": job.seq_len,
-            "texts": model.decode(ids),
-            "ids": ids.tolist(),
+            "texts": res.texts,  # each cut before its first EOS (fmlm.length)
+            "ids": res.ids,
+            "ended": res.ended,
+            "raw_ids": res.raw.tolist(),  # the fixed-length blocks
+            "rejected": res.rejected,  # dropped: shorter than min_length after `tries` draws
+            "tries": res.tries,
             "seconds": seconds,
             "queue_seconds": queue_seconds,
         }
         if job.stream:
-            out["tokens"] = [model.tokenizer.decode([t]) for t in out["ids"][0]]
+            out["tokens"] = [model.tokenizer.decode([t]) for t in out["ids"][0]] if out["ids"] else []
         return out
 
     def _emit(self, job: Job, kind: str, data: dict) -> None:
