@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 import time
 
+from fmlm.bench.report import _collapsed
 from fmlm.errors import FmlmError
-from fmlm.mainjob.plan import AUTO_SCORERS, COMPARE_ROUNDS, COMPARE_SAMPLES, ENTROPY_TOLERANCE, SHOW_SAMPLES
+from fmlm.mainjob.plan import AUTO_SCORERS, COMPARE_ROUNDS, COMPARE_SAMPLES, SHOW_SAMPLES
 
 
 def scorer_installed(name: str = "auto") -> bool:
@@ -110,7 +111,7 @@ def side_by_side(
             out["data_bpb"] = refs.get("data", {}).get("gen_bpb")
     for name, _, _ in samplers:  # a collapsed sampler (all spaces) scores well under any LM: never a match
         data = out.get("data_entropy")
-        out[name]["entropy_off"] = bool(data and abs(out[name]["entropy"] - data) > ENTROPY_TOLERANCE * data)
+        out[name]["entropy_off"] = _collapsed(out[name], data or None)
     out["seconds"]["scoring"] = time.perf_counter() - t_score
     return out
 

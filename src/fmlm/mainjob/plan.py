@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fmlm.bench.report import ENTROPY_TOLERANCE  # noqa: F401  (re-exported: the benches' collapse rule)
 from fmlm.errors import ConfigError
 
 #: Share of the job's time budget that goes to distillation. The evidence: the full
@@ -24,9 +25,6 @@ DISTILL_STEP_COST = 1.53
 #: Samples (one batch, the same seed) in the side-by-side; timed rounds per sampler (the fastest counts; one
 #: round of 128 Euler steps already takes about a minute on 2 loaded cores).
 COMPARE_SAMPLES = 16
-#: A setting whose unigram entropy is off the data's by more than this share is flagged (collapsed samples
-#: score well under any scorer), as in the benches' headline.
-ENTROPY_TOLERANCE = 0.10
 COMPARE_ROUNDS = 1
 SHOW_SAMPLES = 3
 #: Scorers tried, in order, when ``scorer="auto"`` (the first installed one is used).
