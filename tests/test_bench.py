@@ -101,6 +101,40 @@ def test_gen_bpb_does_not_depend_on_how_the_scorer_splits_the_text():
     assert per_char["gen_ppl"] == pytest.approx(4.0) and per_word["gen_ppl"] == pytest.approx(32.0)
 
 
+def test_saved_settings_are_rescored_under_another_scorer_and_checked(tmp_path):
+    from fmlm.bench.settings import SettingCache
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "manifest.json").write_text('{"files": {}}')
+    rec = {"label": "FLM", "key": "abc", "checkpoint": str(ckpt)}
+    samples = [{"index": 0, "text": "ab cd", "ended": False}, {"index": 1, "text": "xyz", "ended": True}]
+    row = {"steps": 4, "seconds": 1.5, "entropy": 2.0}
+    ten = _UniformScorer(10)
+    cache = SettingCache(tmp_path / "cache", threads=2, device="cpu")
+    cache.save(rec, 4, 2, 0, 8, row, samples, ten, score_texts([s["text"] for s in samples], [False, True], ten))
+    got, got_samples = cache.load(rec, 4, 2, 0, 8, ten)
+    assert got_samples == samples and got["seconds"] == 1.5
+    assert got["gen_bpb"] == pytest.approx((5 + 3 + 1) * math.log2(10) / 8)  # 8 characters and 1 EOS, 8 bytes
+
+    class Uniform32(_UniformScorer):
+        name = "uniform32"
+
+    got32, _ = cache.load(rec, 4, 2, 0, 8, Uniform32(32))  # scored from the saved texts, then kept
+    assert got32["gen_bpb"] == pytest.approx(got["gen_bpb"] * math.log(32) / math.log(10))
+    path = cache.path("FLM", "abc", 4, 2, 0, 8)
+    assert set(json.loads(path.read_text())["scores"]) == {"uniform", "uniform32"}
+    assert cache.load(rec, 4, 2, 0, 8, None)[0].get("gen_bpb") is None  # unscored when asked so
+    # another thread count, another checkpoint, another sample count, a torn file: sampled again
+    assert SettingCache(tmp_path / "cache", threads=1, device="cpu").load(rec, 4, 2, 0, 8, ten) is None
+    assert cache.load(rec, 4, 3, 0, 8, ten) is None
+    (ckpt / "manifest.json").write_text('{"files": {"x": 1}}')
+    assert cache.load(rec, 4, 2, 0, 8, ten) is None
+    path.write_text('{"version": 1, "ro')
+    assert cache.load(rec, 4, 2, 0, 8, ten) is None
+    assert SettingCache(tmp_path / "cache", 2, "cpu", enabled=False).load(rec, 4, 2, 0, 8, ten) is None
+
+
 class _BigramScorer(_UniformScorer):
     """A character bigram LM fitted on a text (add-one smoothing): an honest scorer that knows words."""
 
@@ -460,6 +494,43 @@ def test_bench_use_checks_the_config(tiny_bench, capsys):
     assert_one_line_error(code, err, "its config differs from the bench's (train.method: 'ar' -> 'flm')")
     code, _, err = run_cli(capsys, *out3, "--use", f"GPT={ar}")
     assert_one_line_error(code, err, "no such variant")
+
+
+@pytest.mark.slow
+def test_bench_resumes_its_saved_settings(tiny_bench, capsys, monkeypatch):
+    """A killed bench samples only the settings it had not saved; the others come back unchanged."""
+    from fmlm.bench import suite
+
+    root, argv = tiny_bench
+    saved = sorted((root / "cache" / "settings").rglob("*.json"))
+    assert len(saved) == 13  # 6 swept variants × 2 step counts + AR
+    first = json.loads((root / "out" / "results.json").read_text())
+    lost = next(p for p in saved if p.parent.name.startswith("MDLM-") and p.name.startswith("steps2-"))
+    lost.unlink()  # the setting a killed bench was sampling
+    other = next(p for p in saved if p.parent.name.startswith("Duo-") and p.name.startswith("steps1-"))
+    doc = json.loads(other.read_text())
+    doc["checkpoint_id"] = "0" * 64  # measured from another checkpoint: not reused
+    other.write_text(json.dumps(doc))
+    calls = []
+    real = suite.measure
+    monkeypatch.setattr(suite, "measure", lambda m, s, *a, **k: calls.append(s) or real(m, s, *a, **k))
+    out4 = [a if a != str(root / "out") else str(root / "out4") for a in argv]
+    code, _, err = run_cli(capsys, *out4, "--no-train")
+    assert code == 0, err
+    assert calls == [2, 1]  # MDLM at 2 steps, then Duo at 1 step
+    r = json.loads((root / "out4" / "results.json").read_text())
+    assert r["settings_reused"] == 11
+    assert [(x["label"], x["steps"]) for x in r["rows"]] == [(x["label"], x["steps"]) for x in first["rows"]]
+    for a, b in zip(first["rows"], r["rows"]):
+        assert (b["valid_rate"], b["coverage"], b["entropy"]) == (a["valid_rate"], a["coverage"], a["entropy"])
+        if (a["label"], a["steps"]) not in {("MDLM", 2), ("Duo", 1)}:
+            assert b["seconds"] == a["seconds"]  # reused as measured
+    assert lost.is_file() and json.loads(other.read_text())["checkpoint_id"] != "0" * 64
+    assert (root / "out4" / "samples.jsonl").read_text() == (root / "out" / "samples.jsonl").read_text()
+    calls.clear()
+    code, _, err = run_cli(capsys, *out4, "--no-train", "--only", "AR", "--resample")
+    assert code == 0, err
+    assert calls == [first["rows"][-1]["steps"]]
 
 
 @pytest.mark.slow

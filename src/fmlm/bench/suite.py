@@ -23,13 +23,20 @@ from pathlib import Path
 import torch
 
 from fmlm.bench.evaluate import environment, measure, warm_up
-from fmlm.bench.metrics import reference_entropy, reference_texts, score_references, validation_metrics
+from fmlm.bench.metrics import (
+    reference_entropy,
+    reference_texts,
+    score_references,
+    score_texts,
+    validation_metrics,
+)
 from fmlm.bench.presets import ABLATIONS, PRESETS, BenchPreset, Variant, get_preset, variants_for
 from fmlm.bench.report import SAMPLES, add_references, markdown, write_outputs
 from fmlm.bench.runs import Runs, variant_config
+from fmlm.bench.settings import SettingCache
 from fmlm.config import flatten
 from fmlm.errors import ConfigError
-from fmlm.runtime import default_cache_dir
+from fmlm.runtime import default_cache_dir, pick_device
 
 
 # ------------------------------------------------------------------ the bench
@@ -74,8 +81,13 @@ def run_bench(
     plots: bool = True,
     command: str | None = None,
     distill_overrides: list[str] | None = None,
+    resume: bool = True,
 ) -> dict:
-    """Run a bench; returns the results dict (also written to ``out_dir``)."""
+    """Run a bench; returns the results dict (also written to ``out_dir``).
+
+    Settings saved by an earlier (killed) bench with the same cache are reused unless
+    ``resume`` is False (``--resample``); see :mod:`fmlm.bench.settings`.
+    """
     from tqdm.auto import tqdm
 
     from fmlm.api import load
@@ -176,8 +188,10 @@ def run_bench(
             + "; ".join(f"{b} ({', '.join(labels)})" for b, labels in budgets.items())
             + "."
         )
-    settings = sum(1 if v.method == "ar" else len(variant_steps(v, steps)) for v in sampled if v.sample)
-    bar = tqdm(total=settings, desc="sample", unit="setting", disable=quiet, dynamic_ncols=True)
+    n_settings = sum(1 if v.method == "ar" else len(variant_steps(v, steps)) for v in sampled if v.sample)
+    # Each finished setting is saved at once, so a killed bench resumes (settings.py).
+    settings = SettingCache(cache, result["threads"], str(pick_device(device)), enabled=resume, log=log)
+    bar = tqdm(total=n_settings, desc="sample", unit="setting", disable=quiet, dynamic_ncols=True)
     data_entropy = None
     samples: list[dict] = []  # every decoded sample of every setting (samples.jsonl)
     swept = {v.label for v in sampled if v.sample}
@@ -209,14 +223,26 @@ def run_bench(
         result["variants"][v.label] = rec
         if v.label not in swept:
             continue
-        warm_up(model, sample_batch)
         vsteps = variant_steps(v, steps)
         if v.method == "ar":
             vsteps = [model.config.data.seq_len]  # AR: one pass per position, sequentially
+        warmed = False
         for s in vsteps:
             bar.set_postfix_str(f"{v.label} {s} steps")
-            mine: list[dict] = []
-            row = measure(model, s, num_samples, seed, sample_batch, score, keep_texts=3, samples=mine)
+            saved = settings.load(runs.done[v.label], s, num_samples, seed, sample_batch, score)
+            if saved is None:
+                if not warmed:
+                    warm_up(model, sample_batch)
+                    warmed = True
+                mine: list[dict] = []
+                row = measure(model, s, num_samples, seed, sample_batch, None, keep_texts=3, samples=mine)
+                scores = None
+                if score is not None:
+                    scores = score_texts([x["text"] for x in mine], [x["ended"] for x in mine], score)
+                settings.save(runs.done[v.label], s, num_samples, seed, sample_batch, row, mine, score, scores)
+                row.update(scores or {})
+            else:
+                row, mine = saved
             row = {"label": v.label, "method": v.method, **row}
             samples += [{"label": v.label, "steps": s, **x} for x in mine]
             result["rows"].append(row)
@@ -224,6 +250,7 @@ def run_bench(
         del model
     bar.close()
     result["bench_seconds"] = time.perf_counter() - t_start
+    result["settings_reused"] = settings.reused
     write_outputs(result, out, plots=plots, samples=samples)
     log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / SAMPLES}" + (" and plots" if plots else ""))
     return result
@@ -276,6 +303,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--only", help="comma-separated variant labels to sample (their teachers are still trained)")
     p.add_argument("--no-train", action="store_true", help="fail instead of training a missing run")
+    p.add_argument(
+        "--resample",
+        action="store_true",
+        help="sample every setting again instead of reusing the ones an earlier bench saved in the cache",
+    )
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--threads", type=positive, help="CPU threads for training and sampling (fixed for timing)")
     p.add_argument("--device", help="cpu, cuda, mps (default: best available)")
@@ -318,6 +350,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         plots=not args.no_plots,
         command=command,
         distill_overrides=args.distill_set,
+        resume=not args.resample,
     )
     print(markdown(result))
     return 0
