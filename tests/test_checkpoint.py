@@ -93,6 +93,26 @@ def test_prune_keeps_last(tmp_path):
     assert names == ["step_00000003", "step_00000004"]
 
 
+def test_prune_keeps_a_checkpoint_pinned_by_a_run_that_exists(tmp_path):
+    run = tmp_path / "teacher"
+    for s in range(1, 5):
+        ckpt.save_checkpoint(run / "checkpoints" / f"step_{s:08d}", {}, _Module().state_dict())
+    student = tmp_path / "student"
+    student.mkdir()
+    pin = ckpt.pin(run / "checkpoints" / "step_00000002", student)
+    assert json.loads(pin.read_text())["checkpoint"] == "step_00000002"
+    assert ckpt.pin(tmp_path / "elsewhere", student) is None  # not a step of a run: nothing prunes it
+    ckpt.prune(run, 1)
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000002", "step_00000004"]
+    student.rmdir()  # the student is gone: its pin is stale, dropped, and the teacher pruned as usual
+    ckpt.prune(run, 1)
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000004"] and not pin.exists()
+    ckpt.save_checkpoint(run / "checkpoints" / "step_00000005", {}, _Module().state_dict())
+    (run / "pins" / "torn.json").write_text('{"checkpoint": ')
+    ckpt.prune(run, 1)  # a pin it cannot read: it prunes nothing rather than guess
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000004", "step_00000005"]
+
+
 def test_overwrite_same_step_is_atomic(tmp_path):
     d = tmp_path / "c"
     ckpt.save_checkpoint(d, {"v": 1}, _Module().state_dict())

@@ -301,6 +301,10 @@ def test_distill_cli_and_sample(teacher_run, capsys):
     capsys.readouterr()
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["train"]["method"] == "semigroup" and cfg["model"]["two_time"]
+    # The teacher checkpoint is pinned in its run, so that continuing that run does not prune it.
+    from fmlm import checkpoint as ckpt
+
+    assert ckpt.pinned(teacher_run / "flm") == {ckpt.resolve(teacher_run / "flm").name}
     assert main(["sample", "--ckpt", str(run), "--steps", "1,2", "-n", "8", "--check", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)["results"]
     assert [r["steps"] for r in res] == [1, 2]

@@ -32,6 +32,8 @@ from fmlm.checkpoint.runs import (
     latest_checkpoint,
     list_checkpoints,
     newest_valid,
+    pin,
+    pinned,
     prune,
     resolve,
     step_of,

@@ -3,6 +3,8 @@ temporaries and old checkpoints."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import warnings
@@ -10,6 +12,7 @@ from pathlib import Path
 
 from fmlm.checkpoint.layout import _STEP, _TEMP, MANIFEST, verify
 from fmlm.errors import CheckpointError
+from fmlm.io import write_text
 
 
 def step_of(path: str | Path) -> int | None:
@@ -143,6 +146,50 @@ def prune(run_dir: str | Path, keep_last: int) -> None:
         return
     kept = valid[-keep_last:]
     oldest_kept = step_of(kept[0])
+    keep = pinned(run_dir)
+    if "*" in keep:  # an unreadable pin: prune nothing rather than guess
+        return
     for p in ckpts:
-        if p not in kept and step_of(p) <= oldest_kept:
+        if p not in kept and step_of(p) <= oldest_kept and p.name not in keep:
             shutil.rmtree(p, ignore_errors=True)
+
+
+#: ``RUN/pins/*.json``: checkpoints another run uses (a distillation's teacher), which pruning keeps.
+PINS = "pins"
+
+
+def pin(checkpoint: str | Path, by: str | Path) -> Path | None:
+    """Keep ``checkpoint`` from pruning while the run ``by`` (a distillation from it) exists.
+
+    Continuing the teacher's run would otherwise delete the very checkpoint the student was
+    distilled from (``train.keep_last``), and resuming the student would fail. The pin is a
+    small JSON file in the teacher run's ``pins/`` folder (named by the student's path);
+    it is dropped by :func:`pinned` once the student's directory is gone. Returns the pin,
+    or None when ``checkpoint`` is not a step of a run (nothing prunes it).
+    """
+    ck = Path(checkpoint).resolve()
+    if step_of(ck) is None or ck.parent.name != "checkpoints":
+        return None
+    by = str(Path(by).resolve())
+    path = ck.parent.parent / PINS / (hashlib.sha256(by.encode()).hexdigest()[:16] + ".json")
+    path.parent.mkdir(exist_ok=True)
+    write_text(path, json.dumps({"checkpoint": ck.name, "by": by}) + "\n")
+    return path
+
+
+def pinned(run_dir: str | Path) -> set[str]:
+    """Names of a run's checkpoints pinned by runs that still exist (stale pins are removed)."""
+    names: set[str] = set()
+    d = Path(run_dir) / PINS
+    for path in sorted(d.glob("*.json")) if d.is_dir() else []:
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            name, by = doc["checkpoint"], doc["by"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            names.add("*")
+            continue
+        if Path(by).exists():
+            names.add(name)
+        else:
+            path.unlink(missing_ok=True)
+    return names
