@@ -165,15 +165,19 @@ def pin(checkpoint: str | Path, by: str | Path) -> Path | None:
     distilled from (``train.keep_last``), and resuming the student would fail. The pin is a
     small JSON file in the teacher run's ``pins/`` folder (named by the student's path);
     it is dropped by :func:`pinned` once the student's directory is gone. Returns the pin,
-    or None when ``checkpoint`` is not a step of a run (nothing prunes it).
+    or None when ``checkpoint`` is not a step of a run (nothing prunes it) or its run is
+    read-only (nothing prunes it there either).
     """
     ck = Path(checkpoint).resolve()
     if step_of(ck) is None or ck.parent.name != "checkpoints":
         return None
     by = str(Path(by).resolve())
     path = ck.parent.parent / PINS / (hashlib.sha256(by.encode()).hexdigest()[:16] + ".json")
-    path.parent.mkdir(exist_ok=True)
-    write_text(path, json.dumps({"checkpoint": ck.name, "by": by}) + "\n")
+    try:
+        path.parent.mkdir(exist_ok=True)
+        write_text(path, json.dumps({"checkpoint": ck.name, "by": by}) + "\n")
+    except OSError:
+        return None
     return path
 
 

@@ -126,10 +126,7 @@ class Trainer:
         if main:
             check_free_space(self.run_dir, self.method)
             if cfg.distill.teacher:  # continuing the teacher's run must not prune the student's teacher
-                try:
-                    ckpt.pin(cfg.distill.teacher, self.run_dir)
-                except OSError as e:  # a read-only teacher (e.g. downloaded): nothing there prunes it either
-                    self.log(f"note: could not pin the teacher checkpoint {cfg.distill.teacher} ({e})")
+                ckpt.pin(cfg.distill.teacher, self.run_dir)
         self.model = dist_.wrap(self.method, self.env, t.distributed, self.device)
         self.opt = torch.optim.AdamW(
             self.method.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay
