@@ -186,6 +186,63 @@ def test_gen_bpb_ranks_the_obvious_cases():
     assert shuffle_characters("hello world", 3) == shuffle_characters("hello world", 3)
 
 
+def test_word_validity_ranks_the_obvious_cases():
+    """Held-out prose > its shuffled characters > random characters > all spaces (no letters: 0)."""
+    from fmlm.bench.words import corpus_vocabulary, vocabulary, word_validity, words
+
+    train, held_out = _PROSE, [_PROSE[60:150], "The KING sleeps, o'er the sea."]
+    vocab = vocabulary([train, "o'er"])
+    rng = np.random.default_rng(0)
+    alphabet = sorted(set(_PROSE))
+    v = {
+        "real": word_validity(held_out, vocab),
+        "shuffled": word_validity([shuffle_characters(t, i) for i, t in enumerate(held_out)], vocab),
+        "random": word_validity(["".join(rng.choice(alphabet, len(t))) for t in held_out], vocab),
+        "spaces": word_validity([" " * 64], vocab),
+    }
+    assert v["real"] > 0.7 > v["shuffled"] and v["real"] > v["random"] and v["spaces"] == 0.0
+    assert words("O'er the sea, 3 kings_x!") == ["o'er", "the", "sea", "kings", "x"]
+    # by letters, not words: one long unknown word outweighs two known one-letter words
+    assert word_validity(["a i zzzzzzzz"], vocabulary(["a i"])) == pytest.approx(2 / 10)
+
+    class Tok:
+        def decode(self, ids):
+            return "".join(" abc"[i] for i in ids)
+
+    class Blocks:
+        rows = torch.tensor([[1, 2, 0, 3], [3, 3, 0, 1]])
+
+        def __len__(self):
+            return len(self.rows)
+
+        def batch(self, idx):
+            return self.rows[idx]
+
+    assert corpus_vocabulary(Blocks(), Tok(), batch=1) == {"ab", "c", "cc", "a"}
+
+
+def test_word_validity_ranks_the_obvious_cases_on_real_text(shared_dir):
+    """On tiny Shakespeare: held-out text > its shuffled characters > random characters > all spaces."""
+    from fmlm.bench.words import vocabulary, word_validity
+
+    path = shared_dir / "data" / "tinyshakespeare" / "input.txt"
+    if not path.is_file():
+        pytest.skip("no tiny Shakespeare slice")
+    text = path.read_text(encoding="utf-8")
+    cut = int(0.9 * len(text))
+    vocab = vocabulary([text[:cut]])
+    held_out = [text[i : i + 128] for i in range(cut, cut + 128 * 128, 128)]
+    rng = np.random.default_rng(0)
+    alphabet = sorted(set(text))
+    v = [
+        word_validity(held_out, vocab),
+        word_validity([shuffle_characters(t, i) for i, t in enumerate(held_out)], vocab),
+        word_validity(["".join(rng.choice(alphabet, 128)) for _ in held_out], vocab),
+        word_validity([" " * 128] * 8, vocab),
+    ]
+    assert v[0] > 0.9 and v[0] > v[1] > v[2] > v[3] == 0.0, v
+
+
 def test_reference_texts_are_held_out_blocks_and_their_shuffle():
     class Tok:
         eos_id = 0
@@ -835,6 +892,7 @@ def test_bench_on_text_with_a_scorer(tmp_path, capsys):
         assert row["gen_bpb"] > 0 and row["bytes"] > 0
     assert r["metric"] == "gen_bpb" and r["headline"]["metric"] == "gen_bpb"
     assert r["data_bpb"] > 0 and r["shuffled_bpb"] > 0 and set(r["references"]) == {"data", "shuffled"}
+    assert r["data_word_valid"] > r["shuffled_word_valid"] and all(0 <= x["word_valid"] <= 1 for x in r["rows"])
     md = (tmp_path / "out" / "results.md").read_text()
     assert "gen-PPL" in md and "bits/byte" in md and "shuffled characters (reference)" in md
     assert (tmp_path / "out" / "quality_vs_time.png").is_file()

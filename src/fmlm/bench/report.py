@@ -118,6 +118,7 @@ def markdown(result: dict) -> str:
     phr = any("valid_rate" in r for r in rows)
     ppl = any("gen_ppl" in r for r in rows)
     bpb = any("gen_bpb" in r for r in rows)
+    words = any("word_valid" in r for r in rows)
     head = ["model", "steps", "NFE"]
     if phr:
         head += ["valid", "coverage"]
@@ -125,6 +126,8 @@ def markdown(result: dict) -> str:
         head += ["bits/byte"]
     if ppl:
         head += ["gen-PPL"]
+    if words:
+        head += ["words"]
     head += ["entropy", "ms/sample", "samples/s"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     refs = result.get("references") or {}
@@ -134,6 +137,7 @@ def markdown(result: dict) -> str:
         ref = refs[name]
         cells = [title_, "–", "–"] + (["–", "–"] if phr else [])
         cells += ([_fmt(ref.get("gen_bpb"), ".3f")] if bpb else []) + ([_fmt(ref.get("gen_ppl"), ".2f")] if ppl else [])
+        cells += [_fmt(result.get(f"{name}_word_valid"), ".3f")] if words else []
         cells += [_fmt(result.get("data_entropy"), ".3f") if name == "data" else "–", "–", "–"]
         lines.append("| " + " | ".join(cells) + " |")
     for r in rows:
@@ -144,13 +148,16 @@ def markdown(result: dict) -> str:
             cells += [_fmt(r.get("gen_bpb"), ".3f")]
         if ppl:
             cells += [_fmt(r.get("gen_ppl"), ".2f")]
+        if words:
+            cells += [_fmt(r.get("word_valid"), ".3f")]
         cells += [_fmt(r["entropy"], ".3f"), _fmt(r["seconds_per_sample"] * 1e3, ".3f"), _rate(r["samples_per_s"])]
         lines.append("| " + " | ".join(cells) + " |")
     if bpb:
         lines += [
             "",
             "bits/byte: the scorer's total NLL (up to and including the first EOS) in bits per UTF-8 "
-            "byte of the decoded samples; read every row between the two reference rows.",
+            "byte of the decoded samples; read every row between the two reference rows."
+            + (" words: the share of the samples' letters inside words of the training text." if words else ""),
         ]
     h = headline(result)
     if h is not None:

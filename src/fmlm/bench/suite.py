@@ -34,6 +34,7 @@ from fmlm.bench.presets import ABLATIONS, PRESETS, BenchPreset, Variant, get_pre
 from fmlm.bench.report import SAMPLES, add_references, markdown, write_outputs
 from fmlm.bench.runs import Runs, variant_config
 from fmlm.bench.settings import SettingCache
+from fmlm.bench.words import corpus_vocabulary, word_validity
 from fmlm.config import flatten
 from fmlm.errors import ConfigError
 from fmlm.runtime import default_cache_dir, pick_device
@@ -192,7 +193,7 @@ def run_bench(
     # Each finished setting is saved at once, so a killed bench resumes (settings.py).
     settings = SettingCache(cache, result["threads"], str(pick_device(device)), enabled=resume, log=log)
     bar = tqdm(total=n_settings, desc="sample", unit="setting", disable=quiet, dynamic_ncols=True)
-    data_entropy = None
+    data_entropy = vocab = None
     samples: list[dict] = []  # every decoded sample of every setting (samples.jsonl)
     swept = {v.label for v in sampled if v.sample}
     for v in variants:  # every trained run (teachers too) gets its validation metrics
@@ -207,6 +208,10 @@ def run_bench(
             # The reference rows (held-out text and its shuffled characters) are saved even
             # unscored, so that `fmlm bench rescore` can score them later.
             refs = reference_texts(data.val, model.tokenizer, num_samples, seed)
+            if model.task is None:  # real text: the share of letters in words of the training text
+                vocab = corpus_vocabulary(data.train, model.tokenizer)
+                for name, (texts, _) in refs.items():
+                    result[f"{name}_word_valid"] = word_validity(texts, vocab)
             if score is not None:
                 log("scoring held-out text and its shuffled characters (the reference rows)")
                 add_references(result, score_references(refs, score))
@@ -243,6 +248,8 @@ def run_bench(
                 row.update(scores or {})
             else:
                 row, mine = saved
+            if vocab is not None:
+                row["word_valid"] = word_validity([x["text"] for x in mine], vocab)
             row = {"label": v.label, "method": v.method, **row}
             samples += [{"label": v.label, "steps": s, **x} for x in mine]
             result["rows"].append(row)
