@@ -91,12 +91,23 @@ def aggregate(folders: list[tuple[str, int, Path]]) -> dict:
                 "data_bpb": r.get("data_bpb"),
                 "shuffled_bpb": r.get("shuffled_bpb"),
                 "data_entropy": r.get("data_entropy"),
+                "data_word_valid": r.get("data_word_valid"),
+                "shuffled_word_valid": r.get("shuffled_word_valid"),
                 "parameters": {k: v.get("parameters") for k, v in r["variants"].items()},
                 "val": {k: {m: x for m, x in v.items() if m.startswith("val_")} for k, v in r["variants"].items()},
                 "rows": [
                     {
                         k: row.get(k)
-                        for k in ("label", "steps", "nfe", "gen_bpb", "gen_ppl", "entropy", "seconds_per_sample")
+                        for k in (
+                            "label",
+                            "steps",
+                            "nfe",
+                            "gen_bpb",
+                            "gen_ppl",
+                            "word_valid",
+                            "entropy",
+                            "seconds_per_sample",
+                        )
                     }
                     | {"collapsed": _collapsed(row, r.get("data_entropy"))}
                     for row in r["rows"]
