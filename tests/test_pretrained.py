@@ -193,8 +193,14 @@ class FakeHub:
                 fake.calls.append(("create_repo", repo_id, repo_type, private, exist_ok))
                 (fake.root / repo_id).mkdir(parents=True, exist_ok=True)
 
+            def create_branch(self, repo_id, repo_type, branch, exist_ok):
+                fake.calls.append(("create_branch", repo_id, branch, exist_ok))
+                (fake.root / repo_id / branch).mkdir(parents=True, exist_ok=True)
+
             def upload_folder(self, repo_id, repo_type, folder_path, revision, commit_message):
                 fake.calls.append(("upload_folder", repo_id, revision, commit_message))
+                if not (fake.root / repo_id / (revision or "main")).is_dir() and revision is not None:
+                    raise RuntimeError(f"404 Client Error: Revision Not Found: {revision}")
                 dest = fake.root / repo_id / (revision or "main")
                 shutil.rmtree(dest, ignore_errors=True)
                 shutil.copytree(folder_path, dest)
@@ -245,6 +251,7 @@ def test_push_and_pull_through_a_fake_hub(tmp_path, fake_hub):
     assert torch.equal(main_.sample_ids(4, 2, seed=1), model.sample_ids(4, 2, seed=1))
     assert torch.equal(v2.sample_ids(4, 2, seed=1), other.sample_ids(4, 2, seed=1))
     assert ("snapshot_download", "someone/tiny-fmlm", "v2") in fake_hub.calls
+    assert ("create_branch", "someone/tiny-fmlm", "v2", True) in fake_hub.calls
     # Hub errors are one line.
     with pytest.raises(CheckpointError, match="cannot download someone/missing: RuntimeError: 404"):
         fmlm.from_pretrained("someone/missing", cache_dir=cache)

@@ -127,6 +127,7 @@ def _eval_table(result: dict[str, Any]) -> list[str]:
         ("gen bits/byte", "gen_bpb", "{:.3f}"),
         ("entropy", "entropy", "{:.3f}"),
         ("valid rate", "valid_rate", "{:.3f}"),
+        ("coverage", "coverage", "{:.3f}"),
         ("ms/sample", "seconds_per_sample", None),
     ]
     cols = [c for c in cols if any(r.get(c[1]) is not None for r in rows)]
@@ -146,9 +147,13 @@ def _eval_table(result: dict[str, Any]) -> list[str]:
     for key, what in (("num_samples", "samples"), ("seed", "seed")):
         if result.get(key) is not None:
             notes.append(f"{what} {result[key]}")
-    for key, what in (("data_bpb", "held-out text"), ("val_bpb", "validation bits/byte")):
+    for key, what in (
+        ("data_bpb", "held-out text (bits/byte)"),
+        ("val_ce", "validation CE"),
+        ("val_nll", "validation NLL"),
+    ):
         if isinstance(result.get(key), (int, float)):
-            notes.append(f"{what} {result[key]:.3f}" if key == "val_bpb" else f"{what} {result[key]:.3f} bits/byte")
+            notes.append(f"{what} {result[key]:.3f}")
     for key in ("device", "torch", "commit"):
         if result.get(key):
             notes.append(f"{key} {result[key]}")
@@ -171,7 +176,7 @@ def render(
     """The model card: front matter, then what the model is, how to use it, its evaluation and config."""
     m, d = config["model"], config["data"]
     method = config["train"]["method"]
-    body = [f"# {name}", "", f"This is {METHOD_TEXT.get(method, f'an fmlm {method} model')}, made with fmlm."]
+    body = [f"# {name}", "", f"This is {METHOD_TEXT.get(method, f'an fmlm {method} model')}. Made with fmlm."]
     body += [
         "",
         f"- method: `{method}`" + (f" (time `{config['train']['time']}`)" if method in _FLOW else ""),

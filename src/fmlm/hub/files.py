@@ -144,7 +144,8 @@ def check_pretrained(directory: str | Path) -> Path:
     if not d.is_dir():
         raise CheckpointError(f"model directory not found: {d}")
     if not (d / CARD).is_file():
-        raise CheckpointError(f"not an fmlm model directory (no {CARD} model card): {d}")
+        hint = "; fmlm.load reads run and checkpoint directories, `fmlm export` makes a model directory"
+        raise CheckpointError(f"not an fmlm model directory (no {CARD} model card): {d}" + hint)
     try:
         meta = card.front_matter((d / CARD).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
@@ -219,6 +220,8 @@ def push(
     api = hub.HfApi(token=token)
     try:
         api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+        if revision is not None:  # the Hub uploads to existing branches only
+            api.create_branch(repo_id=repo_id, repo_type="model", branch=revision, exist_ok=True)
         return api.upload_folder(
             repo_id=repo_id,
             repo_type="model",
