@@ -241,3 +241,6 @@ def test_real_gpt2_files_get_their_pad_token(shared_dir, tmp_path):
     fitted.save(tmp_path / "tok")
     back = load_tokenizer(tmp_path / "tok")
     assert back.vocab_size == 50258 and back.encode(text) == tok.encode(text)
+    tok.backend.save(str(tmp_path / "tokenizer.json"))  # a bare tokenizer.json: its EOS found by name
+    bare = official.load_any_tokenizer(str(tmp_path / "tokenizer.json"))
+    assert (bare.vocab_size, bare.eos_id) == (50257, 50256) and bare.encode(text) == tok.encode(text)

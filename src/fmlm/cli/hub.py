@@ -60,8 +60,8 @@ def add_parsers(sub) -> None:
     i.add_argument(
         "--tokenizer",
         required=True,
-        help="the tokenizer it was trained with: a saved fmlm tokenizer folder, a tokenizer.json, or a spec "
-        "fmlm knows (gpt2 for OpenWebText, hf:bert-base-uncased for LM1B)",
+        help="the tokenizer it was trained with: a saved fmlm tokenizer folder, a tokenizer.json, or a spec fmlm "
+        "knows (gpt2 for OpenWebText, bert-base-uncased for LM1B; gpt2:DIR, bert-base-uncased:DIR: local files)",
     )
     i.add_argument("--seq-len", type=int, required=True, help="its block length (model.length: 1024 OWT, 128 LM1B)")
     i.add_argument("--n-heads", type=int, help="attention heads (default: from the rotary table in the checkpoint)")

@@ -266,9 +266,13 @@ def load_any_tokenizer(spec: str):
             backend = Backend.from_file(str(p))
         except Exception as e:
             raise DataError(f"cannot read the tokenizer {p}: {str(e).splitlines()[0]}") from None
-        eos = next((backend.token_to_id(t) for t in ("<|endoftext|>", "[SEP]", "</s>") if backend.token_to_id(t)), None)
-        return HFTokenizer(backend, str(p), eos_id=eos, pad_id=eos, eos_text=backend.id_to_token(eos) if eos else "")
-    return build_tokenizer(spec.removeprefix("hf:"))
+        eos = next(
+            (i for i in map(backend.token_to_id, ("<|endoftext|>", "[SEP]", "</s>", "<eos>")) if i is not None), None
+        )
+        if eos is None:
+            raise DataError(f"the tokenizer {p} has no end-of-text token (<|endoftext|>, [SEP], </s>, <eos>)")
+        return HFTokenizer(backend, str(p), eos_id=eos, pad_id=eos, eos_text=backend.id_to_token(eos))
+    return build_tokenizer(spec)
 
 
 def import_flm_official(
