@@ -31,4 +31,13 @@ def load(
     return _load(path, device=device, ema=ema, tokenizer=tokenizer)
 
 
-__all__ = ["__version__", "load"]
+def from_pretrained(
+    name: str | Path, revision: str | None = None, device: str | torch.device | None = None, **kw
+) -> Model:
+    """Load a model directory or a Hugging Face Hub id; see :func:`fmlm.api.from_pretrained`."""
+    from fmlm.api import from_pretrained as _from_pretrained
+
+    return _from_pretrained(name, revision=revision, device=device, **kw)
+
+
+__all__ = ["__version__", "from_pretrained", "load"]

@@ -29,6 +29,7 @@ class Model:
         self.method = method
         self.tokenizer = tokenizer
         self.path = path
+        self.weights = "ema"  # which weights the method holds: "ema" or "raw" (set by load)
         self._task = None
 
     @property
@@ -263,6 +264,21 @@ class Model:
 
         return length.generate(draw, self.tokenizer, num_samples, seed, min_length, max_tries, bos)
 
+    def save_pretrained(self, directory: str | Path, name: str | None = None, eval_result=None) -> Path:
+        """Write a Hugging Face-style model directory (config.json, model.safetensors with the weights this
+        model holds, the tokenizer, a model card README.md) that :func:`from_pretrained` loads back
+        exactly; ``eval_result``: an ``fmlm eval`` JSON (path or dict) for the card (see :mod:`fmlm.hub`)."""
+        from fmlm.hub import save_model
+
+        return save_model(self, directory, name=name, eval_result=eval_result)
+
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None, **kw):
+        """Upload to the Hugging Face Hub as ``repo_id`` (owner/name, created if missing;
+        ``pip install 'fmlm[hub]'``); ``revision``, ``commit_message`` as in :func:`fmlm.hub.push`."""
+        from fmlm.hub import push_model
+
+        return push_model(self, repo_id, private=private, token=token, **kw)
+
     def sample(self, num_samples: int = 4, steps: int | None = None, seed: int = 0, **kw) -> list[str]:
         """Sample texts with ``steps`` network evaluations, each ending before its first EOS
         (:meth:`generate`; its ``min_length``, ``max_tries`` and ``bos`` apply)."""
@@ -290,4 +306,29 @@ def load(path: str | Path, device: str | torch.device | None = None, ema: bool =
     """
     dev = pick_device("auto" if device is None else device, what="device")
     cfg, method, tok, p = load_method(path, dev, ema=ema, tokenizer=tokenizer)
-    return Model(cfg, method, tok, p)
+    model = Model(cfg, method, tok, p)
+    from fmlm.hub.files import weights_of
+
+    model.weights = weights_of(p, ema)
+    return model
+
+
+def from_pretrained(
+    name: str | Path,
+    revision: str | None = None,
+    device: str | torch.device | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+    token: str | None = None,
+) -> Model:
+    """Load a model directory written by :meth:`Model.save_pretrained` (or ``fmlm export``), or a Hub
+    repository ``owner/name`` at ``revision`` (downloaded through huggingface_hub into its cache).
+
+    Strict, with one-line :class:`fmlm.errors.CheckpointError`: a missing file, a model card whose
+    ``library_name`` is not fmlm, a checksum, shape or key mismatch. Only JSON and safetensors
+    are read.
+    """
+    from fmlm.hub import resolve
+
+    local = resolve(name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+    return load(local, device=device)

@@ -77,10 +77,18 @@ def variant_config(
     return cfg
 
 
+# Keys added after bench caches existed, left out at their default so that older cache keys stay valid.
+_LATER_DEFAULTS = {"model.norm_eps": 1e-6, "model.attn_softcap": 0.0}
+
+
 def comparable(cfg: dict) -> dict:
     """The flattened config without the keys that do not change what is learned (budget kept)."""
     flat = flatten(cfg)
-    return {k: v for k, v in flat.items() if k not in _IGNORED or k in _BUDGET}
+    return {
+        k: v
+        for k, v in flat.items()
+        if (k not in _IGNORED or k in _BUDGET) and not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k])
+    }
 
 
 def config_key(cfg: RunConfig, teacher_key: str | None = None) -> str:

@@ -1,4 +1,5 @@
-"""Command-line interface: ``fmlm train | distill | sample | eval | bench | serve | plot | data | config``.
+"""Command-line interface: ``fmlm train | distill | sample | eval | bench | serve | plot | data | config |
+export | import``.
 
 Every user-fixable problem (unknown preset or key, bad value, missing or corrupt
 checkpoint, empty or non-UTF-8 corpus, ...) is reported as one line on stderr

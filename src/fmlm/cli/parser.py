@@ -6,6 +6,7 @@ import argparse
 
 from fmlm.argtypes import Parser, port, positive, steps_list
 from fmlm.cli.commands import cmd_bench, cmd_config, cmd_data, cmd_eval, cmd_plot, cmd_serve
+from fmlm.cli.hub import add_parsers as add_hub_parsers
 from fmlm.cli.sample import cmd_sample
 from fmlm.cli.train import cmd_distill, cmd_train
 
@@ -217,4 +218,5 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config", nargs="*", metavar="PRESET|FILE.toml|key=value")
     c.add_argument("--list", action="store_true", help="list the presets")
     c.set_defaults(func=cmd_config)
+    add_hub_parsers(sub)  # export, import
     return p

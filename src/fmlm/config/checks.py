@@ -49,7 +49,9 @@ def validate(cfg: RunConfig) -> None:
     choice("train.noise", t.noise, ("embedded", "vocab"))
     if t.micro_batch_size < 0:
         raise ConfigError(f"train.micro_batch_size must be >= 0, got {t.micro_batch_size}")
-    for name in ("time_scale", "embed_std"):
+    if m.attn_softcap < 0:
+        raise ConfigError(f"model.attn_softcap must be >= 0 (0: off), got {m.attn_softcap}")
+    for name in ("time_scale", "embed_std", "norm_eps"):
         v = getattr(m, name)
         if not (math.isfinite(v) and v > 0):
             raise ConfigError(f"model.{name} must be a finite number > 0, got {v}")

@@ -23,7 +23,9 @@ class ModelConfig:
     choice); ``embed_std`` is the input embedding's initial standard deviation;
     ``norm_affine`` gives every LayerNorm a learned gain and bias; ``position_embedding``
     adds a learned absolute position embedding to the input of every method that uses the
-    DiT (MDLM otherwise adds its own, see :mod:`fmlm.methods.mdlm`).
+    DiT (MDLM otherwise adds its own, see :mod:`fmlm.methods.mdlm`). ``norm_eps`` and
+    ``attn_softcap`` (a soft cap on the attention logits, 0: off) are the authors' 1e-5 and 50 in
+    a model imported from their checkpoints (``fmlm import flm-official``).
     """
 
     size: str = "tiny"
@@ -40,6 +42,8 @@ class ModelConfig:
     embed_std: float = 0.02
     norm_affine: bool = False
     position_embedding: bool = False
+    norm_eps: float = 1e-6
+    attn_softcap: float = 0.0
     vocab_size: int = 0
     max_seq_len: int = 0
 

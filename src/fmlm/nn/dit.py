@@ -94,6 +94,16 @@ def rotary_qkv(
     return qk[0], qk[1], x[:, :, 2].permute(0, 2, 1, 3)
 
 
+def softcapped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cap: float, dropout: float = 0.0, training: bool = False
+) -> torch.Tensor:
+    """Attention with soft-capped logits, ``cap * tanh(q·k / sqrt(hd) / cap)`` (the flm authors' DiT,
+    flash-attn's ``softcap``); (B, H, L, hd) in and out. SDPA has no soft cap, so this path is explicit."""
+    scores = (q / math.sqrt(q.shape[-1])) @ k.transpose(-2, -1)  # (B, H, L, L)
+    probs = (cap * torch.tanh(scores / cap)).softmax(-1)
+    return F.dropout(probs, dropout, training) @ v
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale[:, None]) + shift[:, None]
 
@@ -102,14 +112,23 @@ class DiTBlock(nn.Module):
     """Pre-norm transformer block with adaLN-zero conditioning."""
 
     def __init__(
-        self, d_model: int, n_heads: int, cond_dim: int, mlp_ratio: float, dropout: float, norm_affine: bool = False
+        self,
+        d_model: int,
+        n_heads: int,
+        cond_dim: int,
+        mlp_ratio: float,
+        dropout: float,
+        norm_affine: bool = False,
+        norm_eps: float = 1e-6,
+        attn_softcap: float = 0.0,
     ):
         super().__init__()
         self.n_heads = n_heads
-        self.norm1 = nn.LayerNorm(d_model, elementwise_affine=norm_affine, eps=1e-6)
+        self.attn_softcap = attn_softcap
+        self.norm1 = nn.LayerNorm(d_model, elementwise_affine=norm_affine, eps=norm_eps)
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
-        self.norm2 = nn.LayerNorm(d_model, elementwise_affine=norm_affine, eps=1e-6)
+        self.norm2 = nn.LayerNorm(d_model, elementwise_affine=norm_affine, eps=norm_eps)
         hidden = int(mlp_ratio * d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d_model))
         self.dropout = dropout
@@ -121,7 +140,10 @@ class DiTBlock(nn.Module):
         B, L, D = h.shape
         q, k, v = rotary_qkv(self.qkv(h), self.n_heads, rope)  # 3 x (B,H,L,hd)
         p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B,H,L,hd)
+        if self.attn_softcap > 0:
+            out = softcapped_attention(q, k, v, self.attn_softcap, p, self.training)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B,H,L,hd)
         return self.proj(out.transpose(1, 2).reshape(B, L, D))
 
     def forward(self, h: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -147,6 +169,9 @@ class DiT(nn.Module):
         norm_affine: LayerNorms with a learned gain and bias.
         position_embedding: add a learned absolute position embedding (max_seq_len, D) to the
             embedded input (``self.pos``; ``None`` when off).
+        norm_eps: the LayerNorms' epsilon (1e-6; the flm authors' DiT: 1e-5).
+        attn_softcap: soft cap ``cap * tanh(s / cap)`` on the attention logits (0 disables; the
+            flm authors' DiT: 50).
     """
 
     def __init__(
@@ -166,6 +191,8 @@ class DiT(nn.Module):
         embed_std: float = 0.02,
         norm_affine: bool = False,
         position_embedding: bool = False,
+        norm_eps: float = 1e-6,
+        attn_softcap: float = 0.0,
     ):
         super().__init__()
         if d_model % n_heads or (d_model // n_heads) % 2:
@@ -185,9 +212,10 @@ class DiT(nn.Module):
         self.time2 = TimeEmbedding(cond_dim, scale=time_scale) if two_time else None
         self.rotary = Rotary(d_model // n_heads)
         self.blocks = nn.ModuleList(
-            DiTBlock(d_model, n_heads, cond_dim, mlp_ratio, dropout, norm_affine) for _ in range(n_layers)
+            DiTBlock(d_model, n_heads, cond_dim, mlp_ratio, dropout, norm_affine, norm_eps, attn_softcap)
+            for _ in range(n_layers)
         )
-        self.norm_out = nn.LayerNorm(d_model, elementwise_affine=norm_affine, eps=1e-6)
+        self.norm_out = nn.LayerNorm(d_model, elementwise_affine=norm_affine, eps=norm_eps)
         self.ada_out = nn.Linear(cond_dim, 2 * d_model)
         self.out = nn.Linear(d_model, vocab_size)
         self.reset_parameters()
@@ -313,4 +341,6 @@ def build_dit(model_cfg: ModelConfig) -> DiT:
         embed_std=model_cfg.embed_std,
         norm_affine=model_cfg.norm_affine,
         position_embedding=model_cfg.position_embedding,
+        norm_eps=model_cfg.norm_eps,
+        attn_softcap=model_cfg.attn_softcap,
     )
