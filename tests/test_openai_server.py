@@ -344,3 +344,35 @@ def test_job_queue_waits_for_the_window_or_a_full_batch():
     with pytest.raises(Exception):
         for _ in range(9):
             q.put_nowait(_Job("a", 1))
+
+
+@pytest.mark.parametrize("flag,value", [("--batch-window", "-1"), ("--batch-window", "nan"), ("--batch-max", "0")])
+def test_bad_batching_flags_are_one_line(flag, value, capsys):
+    from fmlm.cli import main
+
+    with pytest.raises(SystemExit) as e:  # argparse usage errors
+        main(["serve", "--ckpt", "x", flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert flag in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_loadtest_batching_mode_reports_every_cell(models, tmp_path, capsys):
+    """benchmarks/loadtest.py --batching against two real `fmlm serve` processes (on and off)."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "loadtest.py"
+    spec = importlib.util.spec_from_file_location("loadtest", script)
+    lt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lt)
+    out = tmp_path / "lt.json"
+    argv = ["--batching", "--ckpt", f"fmlm={models[0].model.path}", "--requests", "8", "--levels", "1,4"]
+    assert lt.main([*argv, "--warmup", "1", "--max-seconds", "600", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    cells = [(c["batching"], c["concurrency"], c["ok"]) for c in r["cells"]]
+    assert cells == [("on", 1, 8), ("off", 1, 8), ("on", 4, 8), ("off", 4, 8)] and r["errors"] == 0
+    assert all(c["latency_ms"]["p50"] <= c["latency_ms"]["p99"] for c in r["cells"])
+    assert all(c["mean_batch_rows"] == 1.0 for c in r["cells"] if c["batching"] == "off")
+    assert "| on (max 32) | 4 | 8/8 |" in capsys.readouterr().err

@@ -102,6 +102,7 @@ class TrainConfig:
     distributed: str = "ddp"
     compile: bool = False
     noise: str = "embedded"
+    log_to: str = "jsonl"  # comma list of jsonl, tensorboard, wandb (fmlm.train.logs)
 
 
 @dataclass
