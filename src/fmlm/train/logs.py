@@ -19,7 +19,10 @@ scalars every ``log_every`` steps, the validation metrics at every evaluation):
   holds the last one) and logs from the step after: no step twice or lost, and the skipped
   records keep the killed session's values (equal to the recomputed ones for a deterministic
   resume, except the timings). Offline, each session writes its own ``offline-run-*`` folder
-  under the same id (``wandb sync`` uploads them into one run).
+  under the same id (``wandb sync`` uploads them into one run). ``wandb.json`` is updated as
+  records are handed to wandb, which writes them from its own process: after a hard kill
+  (SIGKILL, power loss) records it had not yet written are missing for those steps. An
+  exception or Ctrl-C closes the run normally.
 
 Sample texts at evaluation (:func:`fmlm.train.evaluate.sample_texts`) are drawn only when a
 writer other than ``jsonl`` is on. Only rank 0 writes.
