@@ -10,6 +10,14 @@ requests that did not get 200 (errors), and the share of bad requests answered 4
 
     python benchmarks/loadtest.py --ckpt fmlm=runs/shakespeare-semigroup --steps 1 --requests 200
     python benchmarks/loadtest.py --ckpt flm=runs/shakespeare --steps 32 --requests 60
+
+``--batching`` is another mode: OpenAI completions (``POST /v1/completions``, one completion of a
+different seed each, ``--prompt`` as the prompt) with batching on (``--batch-max``) and off
+(``--batch-max 1``), each at every ``--levels`` concurrency (default 1, 8 and 32), in one run;
+it reports requests/s and p50/p99 latency per cell, the mean sequences per forward pass and each
+request's share of its pass's model time (the server's ``seconds`` over the requests in the pass).
+
+    python benchmarks/loadtest.py --batching --ckpt fmlm=runs/shakespeare-semigroup --steps 1 --requests 200
 """
 
 import argparse
@@ -57,7 +65,7 @@ def request(port: int, path: str, body: bytes | None = None, timeout: float = 12
         conn.close()
 
 
-def start_server(ckpt: str, port: int, threads: int, max_queue: int) -> subprocess.Popen:
+def start_server(ckpt: str, port: int, threads: int, max_queue: int, extra: tuple = ()) -> subprocess.Popen:
     cmd = [
         sys.executable,
         "-m",
@@ -73,6 +81,7 @@ def start_server(ckpt: str, port: int, threads: int, max_queue: int) -> subproce
         str(threads),
         "--max-queue",
         str(max_queue),
+        *extra,
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
@@ -169,6 +178,118 @@ def run(args) -> dict:
     }
 
 
+def quantile_ms(lat: list[float], q: int) -> float:
+    """The q-th percentile (inclusive method) of latencies in seconds, in ms."""
+    lat = sorted(lat)
+    if len(lat) < 2:
+        return 1e3 * lat[0] if lat else float("nan")
+    return 1e3 * statistics.quantiles(lat, n=100, method="inclusive")[q - 1]
+
+
+def completions_cell(port: int, model: str, args, concurrency: int, seed0: int) -> dict:
+    """``args.requests`` completions (at most ``args.max_seconds``) from ``concurrency`` client threads."""
+    lock, nxt, lat, status, rows, compute = threading.Lock(), [0], [], {}, [], []
+    stop_at = time.monotonic() + args.max_seconds
+
+    def client():
+        while True:
+            with lock:
+                if nxt[0] >= args.requests or time.monotonic() > stop_at:
+                    return
+                i = nxt[0]
+                nxt[0] += 1
+            body = {"model": model, "prompt": args.prompt, "seed": seed0 + i, "steps": args.steps}
+            t0 = time.perf_counter()
+            try:
+                code, data = request(port, "/v1/completions", json.dumps(body).encode())
+            except OSError:
+                code, data = -1, b""
+            dt = time.perf_counter() - t0
+            with lock:
+                status[code] = status.get(code, 0) + 1
+                if code == 200:
+                    lat.append(dt)
+                    meta = json.loads(data)["fmlm"]
+                    rows.append(meta["batch_rows"])
+                    compute.append(meta["seconds"] / meta["batch_requests"])  # this request's share of its pass
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ok = status.get(200, 0)
+    return {
+        "concurrency": concurrency,
+        "sent": sum(status.values()),
+        "ok": ok,
+        "status": status,
+        "wall_seconds": wall,
+        "requests_per_second": ok / wall if wall > 0 else 0.0,
+        "latency_ms": {"p50": quantile_ms(lat, 50), "p99": quantile_ms(lat, 99), "max": 1e3 * max(lat, default=0)},
+        "mean_batch_rows": statistics.fmean(rows) if rows else None,
+        "compute_ms_per_request": 1e3 * statistics.fmean(compute) if compute else None,
+    }
+
+
+def run_batching(args) -> dict:
+    """Batching on and off, at every concurrency level, against /v1/completions. Both servers run side
+    by side (an idle one costs nothing) and the cells alternate on/off at each level, so a change of
+    machine load during the run falls on both alike."""
+    settings, servers = (("on", args.batch_max), ("off", 1)), {}
+    queue = max(args.max_queue, max(args.levels))
+    try:
+        for label, batch_max in settings:
+            port = free_port()
+            servers[label] = (port, start_server(args.ckpt, port, args.threads, queue, ("--batch-max", str(batch_max))))
+        health = json.loads(request(servers["on"][0], "/health")[1])
+        model = next(iter(health["models"]))
+        for port, _ in servers.values():
+            for i in range(args.warmup):
+                body = {"model": model, "prompt": args.prompt, "seed": 10**6 + i, "steps": args.steps}
+                request(port, "/v1/completions", json.dumps(body).encode())
+        cells = []
+        for k, c in enumerate(args.levels):
+            for label, batch_max in settings:
+                cell = completions_cell(servers[label][0], model, args, c, seed0=k * args.requests)
+                cells.append({"batching": label, "batch_max": batch_max, **cell})
+                print(f"batching {label}, concurrency {c}: {cell['requests_per_second']:.2f} req/s", file=sys.stderr)
+    finally:
+        for _, proc in servers.values():
+            proc.terminate()
+            proc.wait(10)
+    info = health["models"][model]
+    return {
+        "checkpoint": args.ckpt,
+        "model": model,
+        "method": info["method"],
+        "steps": args.steps,
+        "seq_len": info["seq_len"],
+        "prompt": args.prompt,
+        "threads": args.threads,
+        "cells": cells,
+        "errors": sum(c["sent"] - c["ok"] for c in cells),
+    }
+
+
+def batching_markdown(result: dict) -> str:
+    lines = [
+        "| batching | concurrency | ok / sent | req/s | p50 ms | p99 ms | rows per pass | model ms per request |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in result["cells"]:
+        rows = "-" if c["mean_batch_rows"] is None else f"{c['mean_batch_rows']:.1f}"
+        ms = "-" if c["compute_ms_per_request"] is None else f"{c['compute_ms_per_request']:.1f}"
+        lines.append(
+            f"| {c['batching']} (max {c['batch_max']}) | {c['concurrency']} | {c['ok']}/{c['sent']} | "
+            f"{c['requests_per_second']:.2f} | {c['latency_ms']['p50']:.1f} | {c['latency_ms']['p99']:.1f} | "
+            f"{rows} | {ms} |"
+        )
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict]) -> str:
     head = (
         "| model | steps | concurrency | valid ok / sent | errors | req/s | p50 ms | p95 ms | bad -> 4xx |\n"
@@ -198,15 +319,28 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="server worker CPU threads")
     p.add_argument("--max-queue", type=int, default=8, help="server queue bound (>= concurrency: no 503)")
     p.add_argument("--out", help="write the JSON result here")
+    p.add_argument("--batching", action="store_true", help="the batching mode: /v1/completions, batching on and off")
+    p.add_argument("--levels", default="1,8,32", help="--batching: the concurrency levels (comma list)")
+    p.add_argument("--batch-max", type=int, default=32, help="--batching: the server's --batch-max when on")
+    p.add_argument("--prompt", default="", help="--batching: the prompt of every completion")
     args = p.parse_args(argv)
     if not 1 <= args.requests <= 100_000 or not 1 <= args.concurrency <= 64 or args.max_seconds <= 0:
         p.error("requests must be in 1..100000, concurrency in 1..64, max-seconds > 0")
-    result = run(args)
+    try:
+        args.levels = [int(x) for x in args.levels.split(",")]
+    except ValueError:
+        p.error(f"--levels must be a comma list of integers, got {args.levels!r}")
+    if not all(1 <= c <= 64 for c in args.levels) or args.batch_max < 2:
+        p.error("--levels must be in 1..64 and --batch-max >= 2")
+    result = run_batching(args) if args.batching else run(args)
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
     print(text)
+    if args.batching:
+        print(batching_markdown(result), file=sys.stderr)
+        return 0 if result["errors"] == 0 else 1
     print(markdown([result]), file=sys.stderr)
     return 0 if result["valid_errors"] == 0 and result["server_alive_after"] else 1
 

@@ -49,3 +49,14 @@ def positive(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return v
+
+
+def milliseconds(text: str) -> float:
+    """A duration in milliseconds, >= 0 and finite (returned in seconds)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected milliseconds, got {text!r}") from None
+    if not 0.0 <= v < 1e7:
+        raise argparse.ArgumentTypeError(f"expected milliseconds in [0, 1e7), got {text!r}")
+    return v / 1000.0

@@ -60,7 +60,13 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from fmlm.serve import ServeLimits, serve
 
-    limits = ServeLimits(max_steps=args.max_steps, max_samples=args.max_samples, max_queue=args.max_queue)
+    limits = ServeLimits(
+        max_steps=args.max_steps,
+        max_samples=args.max_samples,
+        max_queue=args.max_queue,
+        batch_max=args.batch_max,
+        batch_window=args.batch_window,
+    )
     serve(
         args.ckpt,
         host=args.host,

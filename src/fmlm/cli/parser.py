@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fmlm.argtypes import Parser, port, positive, steps_list
+from fmlm.argtypes import Parser, milliseconds, port, positive, steps_list
 from fmlm.cli.commands import cmd_bench, cmd_config, cmd_data, cmd_eval, cmd_plot, cmd_serve
 from fmlm.cli.hub import add_parsers as add_hub_parsers
 from fmlm.cli.sample import cmd_sample
@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="HTTP API and a live web page of the denoising",
         description="Serve one or more checkpoints: JSON and streaming (SSE) generation, "
-        "/health, and a web page at / that shows the tokens resolving, e.g. "
+        "OpenAI-compatible /v1/completions and /v1/models (batched), /health, and a web page at / "
+        "that shows the tokens resolving, e.g. "
         "--ckpt flm=runs/shakespeare --ckpt fmlm=runs/shakespeare-semigroup.",
     )
     sv.add_argument(
@@ -146,6 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-steps", type=positive, default=1024, help="largest steps a request may ask for")
     sv.add_argument("--max-samples", type=positive, default=16, help="largest num_samples of one request")
     sv.add_argument("--max-queue", type=positive, default=8, help="requests that may wait; more get 503")
+    sv.add_argument(
+        "--batch-max",
+        type=positive,
+        default=32,
+        help="most sequences in one batched forward pass; requests with the same model and settings share one (1: off)",
+    )
+    sv.add_argument(
+        "--batch-window",
+        type=milliseconds,
+        default=0.0,
+        metavar="MS",
+        help="how long a batch waits for more requests after its first (default 0: only those already waiting)",
+    )
     sv.set_defaults(func=cmd_serve)
 
     pl = sub.add_parser(

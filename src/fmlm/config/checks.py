@@ -24,9 +24,24 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
 
 
+LOG_WRITERS = ("jsonl", "tensorboard", "wandb")
+
+
+def parse_log_to(text: str) -> list[str]:
+    """``train.log_to`` ("jsonl,tensorboard") -> ["jsonl", "tensorboard"]; ConfigError for an empty or unknown name."""
+    names = [n.strip() for n in str(text).split(",")]
+    if any(not n for n in names):
+        raise ConfigError(f"train.log_to must be a comma list of {', '.join(LOG_WRITERS)}, got {text!r}")
+    bad = [n for n in names if n not in LOG_WRITERS]
+    if bad:
+        raise ConfigError(f"train.log_to: unknown writer {bad[0]!r} (choose from {', '.join(LOG_WRITERS)})")
+    return list(dict.fromkeys(names))
+
+
 def validate(cfg: RunConfig) -> None:
     """Reject values that would fail later with a less clear message."""
     m, d, t, s = cfg.model, cfg.data, cfg.train, cfg.sample
+    parse_log_to(t.log_to)
 
     def choice(name: str, value: str, options: tuple[str, ...]) -> None:
         if value not in options:

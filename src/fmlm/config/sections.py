@@ -75,7 +75,8 @@ class TrainConfig:
     torchrun. ``compile`` wraps the backbone in ``torch.compile``. ``noise`` is how FLM-type
     methods draw the Gaussian part of the interpolant: ``embedded`` (directly in the
     d-dimensional embedding space, never materialising (B, L, V) noise) or ``vocab`` (the
-    reference: V-dimensional noise through the input layer).
+    reference: V-dimensional noise through the input layer). ``log_to`` is a comma list of the
+    log writers, ``jsonl``, ``tensorboard``, ``wandb`` (:mod:`fmlm.train.logs`).
     """
 
     method: str = "flm"
@@ -106,6 +107,7 @@ class TrainConfig:
     distributed: str = "ddp"
     compile: bool = False
     noise: str = "embedded"
+    log_to: str = "jsonl"  # comma list of jsonl, tensorboard, wandb (fmlm.train.logs)
 
 
 @dataclass

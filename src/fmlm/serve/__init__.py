@@ -8,12 +8,19 @@ Endpoints (JSON in, JSON out; every 4xx carries ``{"error": "<one clear line>"}`
 * ``POST /v1/stream``       the same body (one sample); server-sent events ``step`` (the argmax of the
   current denoiser / flow-map prediction and its probability per token, after every network
   evaluation, thinned to at most ``max_events``), then ``done`` (the final text and timings) or ``error``.
+* ``POST /v1/completions``  OpenAI's completions API (``model``, ``prompt`` as a known prefix,
+  ``max_tokens``, ``n``, ``seed``, ``stream``; fmlm's ``steps`` and ``gamma`` as extra fields),
+  with OpenAI's error format; ``GET /v1/models`` lists the models (:mod:`fmlm.serve.completions`).
 * ``GET  /``                the web page (FLM many-step and FMLM one-step side by side).
 
 All models run in ONE worker thread (PyTorch, ``threads`` intra-op threads), fed by a bounded
 queue: a request that finds the queue full is answered 503 at once, so the server never builds up
-unbounded work. Requests are not merged into one batch: each keeps its own seed, so the same
-request always gives the same text. The event loop only parses, validates and waits.
+unbounded work. Waiting requests for the same model and settings (JSON generate requests without
+``min_length``, and completions, whose prompts may differ) are gathered into one batched forward
+pass of at most ``batch_max`` sequences, waiting at most ``batch_window`` seconds for more
+(:mod:`fmlm.serve.batching`). Each request keeps its own seed's noise, bit for bit, so it gets
+the text it gets alone (up to floating-point rounding that a larger batch may bring; equal in the
+tests). The event loop only parses, validates and waits.
 
 Conditioning: ``prefix`` (text the sample starts with), ``suffix`` (text it ends with; with or
 without a prefix) and ``infill`` (a template such as ``"The [MASK:5] of York"``) go to
@@ -30,6 +37,8 @@ trust (``fmlm serve`` warns).
 """
 
 from fmlm.serve.app import bind_socket, create_app, is_loopback, serve
+from fmlm.serve.batching import JobQueue, RowStreams, Unsplittable
+from fmlm.serve.completions import parse_completion
 from fmlm.serve.models import CONDITIONING_FIELDS, Served, load_models, parse_ckpt_args, wrap_model
 from fmlm.serve.requests import BadRequest, Job, ServeLimits, json_depth, parse_json, parse_request
 from fmlm.serve.worker import Worker, snapshot

@@ -9,6 +9,7 @@ import sys
 from importlib import resources
 
 from fmlm.errors import FmlmError
+from fmlm.serve.completions import model_card, model_list, openai_error, parse_completion
 from fmlm.serve.models import Served, load_models
 from fmlm.serve.requests import BadRequest, Job, ServeLimits, parse_request
 from fmlm.serve.worker import Worker
@@ -52,7 +53,7 @@ def create_app(models: list[Served], limits: ServeLimits | None = None, threads:
         headers = {"Retry-After": "1"} if e.status == 503 else None
         return JSONResponse({"error": str(e)}, status_code=e.status, headers=headers)
 
-    async def read_job(request: Request, stream: bool) -> Job:
+    async def read_body(request: Request) -> bytes:
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > limits.max_body_bytes:
             raise BadRequest(f"request body is {size} bytes; the limit is {limits.max_body_bytes}", 413)
@@ -61,9 +62,26 @@ def create_app(models: list[Served], limits: ServeLimits | None = None, threads:
             raw += chunk
             if len(raw) > limits.max_body_bytes:
                 raise BadRequest(f"request body exceeds {limits.max_body_bytes} bytes", 413)
-        job = parse_request(raw, by_name, limits, stream)
+        return raw
+
+    async def read_job(request: Request, stream: bool) -> Job:
+        job = parse_request(await read_body(request), by_name, limits, stream)
         job.loop = asyncio.get_running_loop()
         return job
+
+    async def run_job(job: Job, request: Request):
+        """Submit a JSON job and wait for it: (kind, data), or None when the client left first."""
+        job.loop = asyncio.get_running_loop()
+        job.future = job.loop.create_future()
+        worker.submit(job)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({job.future, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not job.future.done():  # the client left (or the server is stopping): drop the work
+                job.cancelled.set()
+            gone.cancel()
+        return job.future.result() if job.future.done() else None
 
     @app.get("/health")
     async def health():
@@ -71,6 +89,7 @@ def create_app(models: list[Served], limits: ServeLimits | None = None, threads:
             "status": "ok",
             "models": {s.name: s.info() for s in models},
             "queue": {"waiting": worker.queue.qsize(), "max": limits.max_queue, "busy": worker.busy},
+            "batching": {"max_rows": limits.batch_max, "window_s": limits.batch_window, "batches": worker.batches},
             "served_requests": worker.served_requests,
             "dropped_requests": worker.dropped_requests,
             "limits": {
@@ -88,24 +107,46 @@ def create_app(models: list[Served], limits: ServeLimits | None = None, threads:
     @app.post("/v1/generate")
     async def generate(request: Request):
         try:
-            job = await read_job(request, stream=False)
-            job.future = job.loop.create_future()
-            worker.submit(job)
+            result = await run_job(await read_job(request, stream=False), request)
         except BadRequest as e:
             return error(e)
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            await asyncio.wait({job.future, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not job.future.done():  # the client left (or the server is stopping): drop the work
-                job.cancelled.set()
-            gone.cancel()
-        if not job.future.done():
+        if result is None:
             return JSONResponse({"error": "client disconnected"}, status_code=499)
-        kind, data = job.future.result()
+        kind, data = result
         if kind == "error":
             return JSONResponse({"error": data["error"]}, status_code=data["status"])
         return data
+
+    def openai_error_response(e: BadRequest) -> JSONResponse:
+        body, status = openai_error(e)
+        return JSONResponse(body, status_code=status, headers={"Retry-After": "1"} if status == 503 else None)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        try:
+            result = await run_job(parse_completion(await read_body(request), by_name, limits), request)
+        except BadRequest as e:
+            return openai_error_response(e)
+        if result is None:
+            return openai_error_response(BadRequest("client disconnected", 499))
+        kind, data = result
+        if kind == "error":
+            return openai_error_response(BadRequest(data["error"], data["status"]))
+        if "sse" in data:
+            return StreamingResponse(
+                iter([data["sse"]]), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
+        return data
+
+    @app.get("/v1/models")
+    async def list_models():
+        return model_list(models)
+
+    @app.get("/v1/models/{name}")
+    async def get_model(name: str):
+        if name not in by_name:
+            return openai_error_response(BadRequest(f"unknown model {name!r}", 404, "model", "model_not_found"))
+        return model_card(by_name[name])
 
     @app.post("/v1/stream")
     async def stream(request: Request):

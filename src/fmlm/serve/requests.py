@@ -38,14 +38,18 @@ class ServeLimits:
     max_json_depth: int = 4
     max_number_chars: int = 32
     max_tries: int = 4  # draws per sample for min_length (fmlm.length)
+    batch_max: int = 32  # sequences in one batched forward pass (1: no batching)
+    batch_window: float = 0.0  # seconds a batch waits for more requests (0: only those already waiting)
 
 
 class BadRequest(Exception):
     """A client error: HTTP ``status`` with a one-line message."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status = status
+        self.param = param  # the request field at fault (the OpenAI error format names it)
+        self.code = code
 
 
 def _int_field(body: dict, key: str, default: int, lo: int, hi: int, what: str = "") -> int:
@@ -56,9 +60,9 @@ def _int_field(body: dict, key: str, default: int, lo: int, hi: int, what: str =
         if isinstance(v, float) and v.is_integer():
             v = int(v)
         else:
-            raise BadRequest(f"{key} must be an integer, got {json.dumps(v)[:40]}")
+            raise BadRequest(f"{key} must be an integer, got {json.dumps(v)[:40]}", param=key)
     if not lo <= v <= hi:
-        raise BadRequest(f"{key} must be in {lo}..{hi}{what}, got {v}")
+        raise BadRequest(f"{key} must be in {lo}..{hi}{what}, got {v}", param=key)
     return v
 
 
@@ -79,6 +83,13 @@ class Job:
     events: asyncio.Queue | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued: float = 0.0
+    # Batching (fmlm.serve.batching): jobs with equal keys share one forward pass. ``known`` and
+    # ``mask`` are per-row conditioning (num_samples, L) that batches concatenate; ``finish`` turns
+    # the job's raw blocks into its answer (None: the /v1/generate answer).
+    batch_key: tuple | None = None
+    known: Any = None
+    mask: Any = None
+    finish: Any = None
 
 
 def json_depth(raw: bytes, limit: int) -> None:
@@ -130,6 +141,31 @@ def parse_json(raw: bytes, limits: ServeLimits) -> Any:
         raise BadRequest(f"request body is not valid JSON: {type(e).__name__}") from None
 
 
+def pick_model(name, models: dict[str, Served], required: bool = False) -> Served:
+    """The served model called ``name`` (the first one when None and not ``required``)."""
+    if name is None:
+        if required:
+            raise BadRequest("model is required; served: " + ", ".join(models), param="model")
+        return next(iter(models.values()))
+    if not isinstance(name, str) or name not in models:
+        raise BadRequest(
+            f"unknown model {json.dumps(name)[:60]}; served: {', '.join(models)}", 404, "model", "model_not_found"
+        )
+    return models[name]
+
+
+def parse_gamma(body: dict, served: Served) -> float | None:
+    """The request's ``gamma`` (None when absent), checked against the model's sampler."""
+    gamma = body.get("gamma")
+    if gamma is None:
+        return None
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma < 1.0:
+        raise BadRequest(f"gamma must be a number in [0, 1), got {json.dumps(gamma)[:40]}", param="gamma")
+    if gamma > 0 and "gamma" not in inspect.signature(served.model.method.sample).parameters:
+        raise BadRequest(f"gamma does not apply to model {served.name!r} (method {served.method})", param="gamma")
+    return float(gamma)
+
+
 def parse_request(raw: bytes, models: dict[str, Served], limits: ServeLimits, stream: bool) -> Job:
     """Validate a request body; raises :class:`BadRequest` with the message for the client."""
     if len(raw) > limits.max_body_bytes:
@@ -140,13 +176,7 @@ def parse_request(raw: bytes, models: dict[str, Served], limits: ServeLimits, st
     unknown = sorted(set(body) - _FIELDS)
     if unknown:
         raise BadRequest(f"unknown field(s) {', '.join(unknown)}; expected some of {', '.join(sorted(_FIELDS))}")
-    name = body.get("model")
-    if name is None:
-        served = next(iter(models.values()))
-    elif not isinstance(name, str) or name not in models:
-        raise BadRequest(f"unknown model {json.dumps(name)[:60]}; served: {', '.join(models)}", 404)
-    else:
-        served = models[name]
+    served = pick_model(body.get("model"), models)
     max_samples = 1 if stream else limits.max_samples
     num_samples = _int_field(body, "num_samples", 1, 1, max_samples, " (streams show one sample)" if stream else "")
     steps = _int_field(body, "steps", min(served.model.config.sample.steps, limits.max_steps), 1, limits.max_steps)
@@ -165,13 +195,9 @@ def parse_request(raw: bytes, models: dict[str, Served], limits: ServeLimits, st
         options["min_length"] = min_length
     if bos:
         options["bos"] = True
-    gamma = body.get("gamma")
+    gamma = parse_gamma(body, served)
     if gamma is not None:
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma < 1.0:
-            raise BadRequest(f"gamma must be a number in [0, 1), got {json.dumps(gamma)[:40]}")
-        if gamma > 0 and "gamma" not in inspect.signature(served.model.method.sample).parameters:
-            raise BadRequest(f"gamma does not apply to model {served.name!r} (method {served.method})")
-        options["gamma"] = float(gamma)
+        options["gamma"] = gamma
     for key in CONDITIONING_FIELDS:
         v = body.get(key)
         if v is None or v == "":
@@ -193,4 +219,7 @@ def parse_request(raw: bytes, models: dict[str, Served], limits: ServeLimits, st
             check(seq_len, **cond)
         except FmlmError as e:
             raise BadRequest(str(e)) from None
-    return Job(served, num_samples, steps, seed, seq_len, options, stream=stream, max_events=max_events)
+    job = Job(served, num_samples, steps, seed, seq_len, options, stream=stream, max_events=max_events)
+    if not stream and not min_length:  # one draw: requests with the same settings can share it
+        job.batch_key = ("generate", served.name, steps, seq_len, tuple(sorted(options.items())))
+    return job

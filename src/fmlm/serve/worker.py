@@ -7,6 +7,7 @@ import time
 
 from fmlm import length
 from fmlm.errors import FmlmError
+from fmlm.serve.batching import JobQueue, RowStreams, Unsplittable
 from fmlm.serve.requests import BadRequest, Job, ServeLimits
 
 
@@ -37,27 +38,56 @@ def snapshot(method: str, state: dict, i: int, z, d) -> tuple[list[int], list[fl
     return ids.tolist(), p.tolist()
 
 
+def job_conditioning(job: Job) -> dict:
+    """The per-row known tokens of a job (an OpenAI completion's prompts) as sampler options."""
+    out = {}
+    if job.known is not None:
+        out["known"] = job.known
+    if job.mask is not None:
+        out["mask"] = job.mask
+    return out
+
+
+def draw_batch(jobs: list[Job], callback) -> list:
+    """One batched ``sample_ids`` call for jobs of one batch key, each with its own seed's noise
+    (:class:`RowStreams`); returns each job's rows (num_samples, L)."""
+    import torch
+
+    head, total = jobs[0], sum(j.num_samples for j in jobs)
+    kw = dict(head.options)
+    if head.mask is not None:  # per-row prompts: stacked
+        kw["known"] = torch.cat([j.known for j in jobs])
+        kw["mask"] = torch.cat([j.mask for j in jobs])
+    elif head.known is not None:  # one prefix for the whole batch (the batch key holds it)
+        kw["known"] = head.known
+    model = head.served.model
+    with RowStreams([(j.seed, j.num_samples) for j in jobs], model.device):
+        raw = model.sample_ids(
+            total, head.steps, head.seed, seq_len=head.seq_len, callback=callback, batch_size=total, **kw
+        )
+    return list(raw.split([j.num_samples for j in jobs]))
+
+
 class Worker:
-    """One thread that runs every model call, fed by a bounded queue."""
+    """One thread that runs every model call, fed by a bounded queue that gathers batches
+    (:class:`fmlm.serve.batching.JobQueue`)."""
 
     def __init__(self, limits: ServeLimits, threads: int = 1):
         self.limits = limits
         self.threads = threads
-        self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=limits.max_queue)
+        self.queue = JobQueue(limits.max_queue)
         self.busy = False
-        self.current: Job | None = None  # the job being computed
+        self.current: Job | None = None  # the (first) job being computed
         self.served_requests = 0
         self.dropped_requests = 0  # clients that left before their result
+        self.batches = 0  # forward passes shared by more than one request
         self._thread = threading.Thread(target=self._run, name="fmlm-serve-worker", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        try:
-            self.queue.put(None, timeout=1.0)
-        except queue.Full:
-            pass
+        self.queue.close()
         self._thread.join(timeout=5.0)
 
     def submit(self, job: Job) -> None:
@@ -76,31 +106,68 @@ class Worker:
         torch.set_num_threads(self.threads)
         torch.set_flush_denormal(True)  # per thread: denormals late in the flow are very slow on CPUs
         while True:
-            job = self.queue.get()
-            if job is None:
+            jobs = self.queue.take(self.limits.batch_max, self.limits.batch_window)
+            if jobs is None:
                 return
-            if job.cancelled.is_set():  # the client left while the job waited: drop it
-                self.dropped_requests += 1
+            live = [j for j in jobs if not j.cancelled.is_set()]  # the clients that left while waiting
+            self.dropped_requests += len(jobs) - len(live)
+            if not live:
                 continue
-            self.busy, self.current = True, job
+            self.busy, self.current = True, live[0]
             try:
-                result = self._execute(job)
-                self._deliver(job, "done", result)
+                for job, result in zip(live, self._execute_batch(live)):
+                    if result is None:
+                        self.dropped_requests += 1
+                    else:
+                        self._deliver(job, "done", result)
             except _Cancelled:
-                self.dropped_requests += 1
+                self.dropped_requests += len(live)
             except FmlmError as e:
-                self._deliver(job, "error", {"error": str(e), "status": 400})
+                for job in live:
+                    self._deliver(job, "error", {"error": str(e), "status": 400})
             except Exception as e:  # a bug must not kill the worker; the client gets a 500
-                self._deliver(job, "error", {"error": f"internal error: {type(e).__name__}: {e}", "status": 500})
+                for job in live:
+                    self._deliver(job, "error", {"error": f"internal error: {type(e).__name__}: {e}", "status": 500})
             finally:
                 self.busy, self.current = False, None
-                self.served_requests += 1
+                self.served_requests += len(live)
 
-    def _execute(self, job: Job) -> dict:
-        model = job.served.model
+    def _execute_batch(self, jobs: list[Job]) -> list[dict | None]:
+        """Each job's answer (None: its client left); more than one job: one batched draw."""
+        if len(jobs) == 1:
+            return [self._execute(jobs[0])]
         started = time.perf_counter()
+        try:
+            raws = draw_batch(jobs, self._batch_callback(jobs))
+        except Unsplittable:  # a sampler whose draws RowStreams cannot split: one job at a time
+            return [self._alone(job) for job in jobs]
+        self.batches += 1
+        meta = {"batch_requests": len(jobs), "batch_rows": sum(j.num_samples for j in jobs)}
+        return [
+            None if job.cancelled.is_set() else self._execute(job, first=raw, started=started, meta=meta)
+            for job, raw in zip(jobs, raws)
+        ]
+
+    def _alone(self, job: Job) -> dict | None:
+        try:
+            return self._execute(job)
+        except _Cancelled:
+            return None
+
+    @staticmethod
+    def _batch_callback(jobs: list[Job]):
+        def callback(i, z, d):  # a batch stops only when every one of its clients has gone
+            if all(job.cancelled.is_set() for job in jobs):
+                raise _Cancelled()
+
+        return callback
+
+    def _execute(self, job: Job, first=None, started: float | None = None, meta: dict | None = None) -> dict:
+        """A job's answer; ``first``: its rows of a batched draw (then ``started`` is when the batch began)."""
+        model = job.served.model
+        started = time.perf_counter() if started is None else started
         queue_seconds = started - job.enqueued
-        kw = dict(job.options)
+        kw = dict(job.options, **job_conditioning(job))
         if job.stream:
             stride = max(1, math.ceil(job.steps / job.max_events))
             state: dict = {}
@@ -138,8 +205,18 @@ class Worker:
         min_length, bos = kw.pop("min_length", 0), kw.get("bos", False)
 
         def draw(seed: int):  # a stream shows the steps of every draw
+            nonlocal first
+            if first is not None and seed == job.seed:  # the batch drew it
+                out, first = first, None
+                return out
             return model.sample_ids(job.num_samples, job.steps, seed, seq_len=job.seq_len, **kw)
 
+        meta = dict(meta or {"batch_requests": 1, "batch_rows": job.num_samples})
+        if job.finish is not None:  # an OpenAI completion
+            raw = draw(job.seed)
+            return job.finish(
+                job, raw, {"seconds": time.perf_counter() - started, "queue_seconds": queue_seconds, **meta}
+            )
         res = length.generate(draw, model.tokenizer, job.num_samples, job.seed, min_length, self.limits.max_tries, bos)
         seconds = time.perf_counter() - started
         out = {
@@ -157,6 +234,7 @@ class Worker:
             "tries": res.tries,
             "seconds": seconds,
             "queue_seconds": queue_seconds,
+            **meta,
         }
         if job.stream:
             out["tokens"] = [model.tokenizer.decode([t]) for t in out["ids"][0]] if out["ids"] else []

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,13 +19,13 @@ from fmlm.methods import build_method
 from fmlm.methods.flm import Strata
 from fmlm.runtime import autocast_dtype, pick_device
 from fmlm.train.checkpoints import find_resume_point, restore, save
-from fmlm.train.evaluate import evaluate
+from fmlm.train.evaluate import evaluate, sample_texts
 from fmlm.train.interrupt import _GracefulInterrupt
+from fmlm.train.logs import BarTotal, RunLogs, progress_bar
 from fmlm.train.optim import EMA, lr_lambda
 from fmlm.train.state import (
     TrainState,
     _free_space_note,
-    _truncate_log,
     archive_run,
     check_free_space,
     check_resumable,
@@ -43,6 +41,8 @@ class Trainer:
     (``fmlm train --restart``) starts over on purpose, after moving the old log, checkpoints and
     summary into ``archive/<time>/`` of the run directory.
     """
+
+    clock = staticmethod(time.perf_counter)  # the training-time clock (tests inject their own)
 
     def __init__(
         self,
@@ -252,6 +252,8 @@ class Trainer:
             where = f" {e.filename}" if getattr(e, "filename", None) else f" in {self.run_dir}"
             raise FmlmError(f"cannot write{where}: {e.strerror or e}{_free_space_note(self.run_dir)}") from None
         finally:
+            if getattr(self, "_logs", None) is not None:
+                self._logs.close()  # closes (flushes) the writers on every path out; a second close does nothing
             dist_.cleanup(self.env, ok=ok)
 
     def _stop_requested(self) -> bool:
@@ -260,16 +262,12 @@ class Trainer:
         return bool(dist_.broadcast_object(self.env, flag)) if self.env.enabled else flag
 
     def _fit(self) -> dict:
-        from tqdm.auto import tqdm
-
         cfg, t, st = self.cfg, self.cfg.train, self.state
         main = self.env.is_main
-        log_f = None
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.json")
-            _truncate_log(self.run_dir / "log.jsonl", st.step)
-            log_f = open(self.run_dir / "log.jsonl", "a")
+        self._logs = logs = RunLogs(self.run_dir, cfg, st.step, enabled=main)  # train.log_to (fmlm.train.logs)
         n_params = sum(p.numel() for p in self.method.parameters())
         where = f"device {self.device}"
         if self.env.enabled:
@@ -284,25 +282,20 @@ class Trainer:
         )
         budget = t.max_minutes * 60.0 if t.max_minutes > 0 else math.inf
         self.method.train()
-        bar = tqdm(
-            total=t.max_steps,
-            initial=st.step,
-            disable=not self.progress,
-            dynamic_ncols=True,
-            unit="step",
-            desc="train",
-            mininterval=0.5 if os.isatty(2) else 30.0,
-        )
+        bar_total = BarTotal(t.max_steps, budget, st.step, st.elapsed)
+        self.bar = bar = progress_bar(t.max_steps, st.step, self.progress)
         tokens_per_step = t.batch_size * cfg.data.seq_len
-        window_t, window_tok = time.perf_counter(), 0
-        session_start, elapsed0 = time.perf_counter(), st.elapsed
+        window_t, window_tok = self.clock(), 0
+        session_start, elapsed0 = self.clock(), st.elapsed
         last_saved = st.step if self.resume_from is not None else -1
         interrupted = False
 
-        def write(rec: dict) -> None:
-            if log_f is not None:
-                log_f.write(json.dumps(rec) + "\n")
-                log_f.flush()
+        def evaluated() -> None:  # the validation record, and sample texts for the writers that show them
+            write({"step": st.step, **st.last_val})
+            if logs.wants_samples and not self.sharded and hasattr(self.method, "sample"):
+                logs.samples(st.step, sample_texts(self))
+
+        write = logs.write
 
         try:
             while st.step < t.max_steps and st.elapsed < budget:
@@ -328,11 +321,12 @@ class Trainer:
                 st.tokens += tokens_per_step
                 window_tok += tokens_per_step
                 # Rank 0's clock decides the time budget for everyone.
-                elapsed = elapsed0 + time.perf_counter() - session_start
+                elapsed = elapsed0 + self.clock() - session_start
                 st.elapsed = float(dist_.broadcast_object(self.env, elapsed)) if budget < math.inf else elapsed
+                bar.total = bar_total(st.step, st.elapsed)  # the bound that ends the run first
                 bar.update(1)
                 if st.step % t.log_every == 0 or st.step == t.max_steps:
-                    now = time.perf_counter()
+                    now = self.clock()
                     rec = {
                         "step": st.step,
                         **{k: float(v) for k, v in metrics.items()},
@@ -350,7 +344,7 @@ class Trainer:
                     bar.set_postfix(post)
                 if st.step % t.eval_every == 0:
                     st.last_val = self._evaluate_ranks()
-                    write({"step": st.step, **st.last_val})
+                    evaluated()
                     if self.progress:
                         bar.write(
                             f"step {st.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in st.last_val.items()),
@@ -367,11 +361,10 @@ class Trainer:
         if dist_.broadcast_object(self.env, st.step != last_saved or not has_ckpt):
             if not interrupted:
                 st.last_val = self._evaluate_ranks()
-                write({"step": st.step, **st.last_val})
+                evaluated()
             self.save()
         interrupted = interrupted or self._stop_requested()  # Ctrl-C during the final evaluation or save
-        if log_f is not None:
-            log_f.close()
+        logs.close()
         summary = {
             "run_dir": str(self.run_dir),
             "step": st.step,

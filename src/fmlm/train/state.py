@@ -29,6 +29,7 @@ RESUMABLE_KEYS = {
     "train.eval_batches",
     "train.save_every",
     "train.keep_last",
+    "train.log_to",
     "train.threads",
     "train.device",
     "sample.steps",
@@ -164,7 +165,8 @@ def check_free_space(run_dir: Path, method: torch.nn.Module) -> None:
 
 def archive_run(run_dir: Path, log=print) -> Path | None:
     """Move a run's log, checkpoints, config and summary into ``archive/<UTC time>/`` (``--restart``)."""
-    names = [n for n in ("log.jsonl", "checkpoints", "config.json", "summary.json") if (run_dir / n).exists()]
+    logs = ("tensorboard", "wandb", "wandb.json")  # the other train.log_to writers' files
+    names = [n for n in ("log.jsonl", "checkpoints", "config.json", "summary.json", *logs) if (run_dir / n).exists()]
     ck = run_dir / "checkpoints"
     if names == ["checkpoints"] and not any(ck.iterdir()):
         return None  # nothing but the (empty) checkpoints/ made by check_run_dir
