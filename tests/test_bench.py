@@ -200,10 +200,12 @@ def test_word_validity_ranks_the_obvious_cases():
         "random": word_validity(["".join(rng.choice(alphabet, len(t))) for t in held_out], vocab),
         "spaces": word_validity([" " * 64], vocab),
     }
-    assert v["real"] > 0.7 > v["shuffled"] and v["real"] > v["random"] and v["spaces"] == 0.0
+    assert v["real"] > 0.6 > v["shuffled"] and v["real"] > v["random"] and v["spaces"] == 0.0
     assert words("O'er the sea, 3 kings_x!") == ["o'er", "the", "sea", "kings", "x"]
-    # by letters, not words: one long unknown word outweighs two known one-letter words
-    assert word_validity(["a i zzzzzzzz"], vocabulary(["a i"])) == pytest.approx(2 / 10)
+    # by letters, not words: one long unknown word outweighs two known one-letter words; over every
+    # character, so that spaces with a few stray known letters score near 0, not 1
+    assert word_validity(["a i zzzzzzzz"], vocabulary(["a i"])) == pytest.approx(2 / 12)
+    assert word_validity([" " * 60 + "the" + " " * 61], vocab) == pytest.approx(3 / 124)
 
     class Tok:
         def decode(self, ids):
@@ -222,7 +224,7 @@ def test_word_validity_ranks_the_obvious_cases():
 
 
 def test_word_validity_ranks_the_obvious_cases_on_real_text(shared_dir):
-    """On tiny Shakespeare: held-out text > its shuffled characters > random characters > all spaces."""
+    """On tiny Shakespeare: held-out text (0.69) > its shuffled characters (0.04) > random characters > spaces."""
     from fmlm.bench.words import vocabulary, word_validity
 
     path = shared_dir / "data" / "tinyshakespeare" / "input.txt"
@@ -240,7 +242,7 @@ def test_word_validity_ranks_the_obvious_cases_on_real_text(shared_dir):
         word_validity(["".join(rng.choice(alphabet, 128)) for _ in held_out], vocab),
         word_validity([" " * 128] * 8, vocab),
     ]
-    assert v[0] > 0.9 and v[0] > v[1] > v[2] > v[3] == 0.0, v
+    assert v[0] > 0.6 and v[0] > v[1] > v[2] > v[3] == 0.0, v
 
 
 def test_reference_texts_are_held_out_blocks_and_their_shuffle():

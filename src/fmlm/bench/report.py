@@ -157,7 +157,11 @@ def markdown(result: dict) -> str:
             "",
             "bits/byte: the scorer's total NLL (up to and including the first EOS) in bits per UTF-8 "
             "byte of the decoded samples; read every row between the two reference rows."
-            + (" words: the share of the samples' letters inside words of the training text." if words else ""),
+            + (
+                " words: the share of the samples' characters that are letters of words of the training text."
+                if words
+                else ""
+            ),
         ]
     h = headline(result)
     if h is not None:
