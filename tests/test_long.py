@@ -112,7 +112,8 @@ def test_a_long_text_ends_at_its_first_eos(models, monkeypatch):
     calls = spy(model, monkeypatch)
     ended = model.generate(2, 2, seed=0, length=4 * L, prefix=[3, eos])
     assert len(calls) == 1 and ended.ids == [[3], [3]] and ended.ended == [True, True]
-    assert (ended.raw[:, 1:] == eos).all() and ended.raw.shape == (2, 4 * L)
+    # The raw ids keep the first block as drawn; what no block was sampled for is EOS.
+    assert (ended.raw[:, 1] == eos).all() and (ended.raw[:, L:] == eos).all() and ended.raw.shape == (2, 4 * L)
 
 
 def test_min_length_redraws_whole_long_texts(models):
