@@ -7,9 +7,11 @@ from pathlib import Path
 
 import torch
 
-from fmlm import length
+from fmlm import length, long
 from fmlm.config import RunConfig
 from fmlm.errors import FmlmError
+from fmlm.length import Samples, check_length_options
+from fmlm.length import generate as generate_samples
 from fmlm.methods.registry import load_method
 from fmlm.runtime import pick_device
 
@@ -247,22 +249,34 @@ class Model:
         max_tries: int = length.DEFAULT_MAX_TRIES,
         bos: bool = False,
         seq_len: int | None = None,
+        length: int | None = None,
+        context: int | None = None,
         **kw,
-    ) -> length.Samples:
+    ) -> Samples:
         """Samples cut at their first EOS, as :class:`fmlm.length.Samples` (ids, texts, the raw blocks).
 
         A sample with fewer than ``min_length`` tokens is drawn again with seeds derived from
         ``seed``, at most ``max_tries`` draws; one still short is dropped and counted in
-        ``rejected``. ``bos`` and ``kw`` are as in :meth:`sample_ids`."""
+        ``rejected``. ``bos`` and ``kw`` are as in :meth:`sample_ids`.
+
+        ``length``: texts of that many tokens, beyond the block too, written block by block, each
+        next block conditioned on the last ``context`` tokens (default half the block) as its
+        prefix; ``steps`` are per block (:mod:`fmlm.long`)."""
+        if length is not None:
+            return long.generate(
+                self, num_samples, steps, seed, length, context, min_length, max_tries, bos, seq_len, **kw
+            )
+        if context is not None:
+            raise FmlmError("context applies only with a length (--context needs --length)")
         L = self.config.data.seq_len if seq_len is None else seq_len
         if bos:
             self._check_bos()
-        length.check_length_options(min_length, max_tries, L, bos)
+        check_length_options(min_length, max_tries, L, bos)
 
         def draw(s: int) -> torch.Tensor:
             return self.sample_ids(num_samples, steps, s, seq_len=seq_len, bos=bos, **kw)
 
-        return length.generate(draw, self.tokenizer, num_samples, seed, min_length, max_tries, bos)
+        return generate_samples(draw, self.tokenizer, num_samples, seed, min_length, max_tries, bos)
 
     def save_pretrained(self, directory: str | Path, name: str | None = None, eval_result=None) -> Path:
         """Write a Hugging Face-style model directory (config.json, model.safetensors with the weights this
@@ -281,7 +295,7 @@ class Model:
 
     def sample(self, num_samples: int = 4, steps: int | None = None, seed: int = 0, **kw) -> list[str]:
         """Sample texts with ``steps`` network evaluations, each ending before its first EOS
-        (:meth:`generate`; its ``min_length``, ``max_tries`` and ``bos`` apply)."""
+        (:meth:`generate`; its ``min_length``, ``max_tries``, ``bos``, ``length`` and ``context`` apply)."""
         return self.generate(num_samples, steps, seed, **kw).texts
 
 

@@ -81,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-samples", "-n", type=positive, default=4)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--seq-len", type=positive, help="sequence length (at most the model's maximum)")
+    s.add_argument(
+        "--length",
+        type=positive,
+        metavar="N",
+        help="texts of N tokens, beyond the block too: written block by block (see --context)",
+    )
+    s.add_argument(
+        "--context",
+        type=int,
+        metavar="K",
+        help="with --length: each next block continues the last K tokens (default half the block)",
+    )
     s.add_argument("--float64", action="store_true", help="integrate the flow in float64")
     s.add_argument(
         "--min-length",

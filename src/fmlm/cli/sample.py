@@ -61,6 +61,8 @@ def _sampling_options(args) -> dict:
         "min_length": args.min_length,
         "max_tries": args.max_tries,
         "bos": args.bos,
+        "length": args.length,
+        "context": args.context,
         "gamma": args.gamma,
         "temperature": args.temperature,
         "top_k": args.top_k,
