@@ -72,6 +72,11 @@ class TrainConfig:
     methods draw the Gaussian part of the interpolant: ``embedded`` (directly in the
     d-dimensional embedding space, never materialising (B, L, V) noise) or ``vocab`` (the
     reference: V-dimensional noise through the input layer).
+
+    Conditioning (:mod:`fmlm.conditioning`; FLM, flow maps, MDLM, Duo): ``cond_prob`` of the rows
+    get given positions (a clean prefix, or with ``cond_infill_prob`` random spans) that carry no
+    loss and are flagged by a learned given embedding (0: none, and no such embedding);
+    ``cfg_drop`` drops a conditioned row's conditioning (classifier-free guidance).
     """
 
     method: str = "flm"
@@ -102,6 +107,9 @@ class TrainConfig:
     distributed: str = "ddp"
     compile: bool = False
     noise: str = "embedded"
+    cond_prob: float = 0.0
+    cond_infill_prob: float = 0.0
+    cfg_drop: float = 0.0
 
 
 @dataclass
