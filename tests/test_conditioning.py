@@ -1,6 +1,8 @@
 """Training-time conditioning (fmlm.conditioning): given positions, the conditional losses, the learned
 conditional sampler and classifier-free guidance."""
 
+import json
+
 import pytest
 import torch
 
@@ -136,7 +138,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+SLOW = {"lagrangian", "eulerian"}  # a JVP through the network
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in CASES])
 def test_conditional_loss_ignores_known_positions(case):
     """Moving the outputs (the student's, and the teacher's: the loss target) at the given positions
     changes nothing; the gradient reaches the outputs only at the free positions."""
@@ -193,7 +198,8 @@ def test_learned_conditioning_flags_the_known_positions(make):
     assert (ids[:, MASK] == KNOWN[MASK]).all()
     assert flags and all(f is not None and (f == MASK).all() for f in flags)
     flags.clear()
-    steered = m.sample(6, L, 2, generator=gen(), known=KNOWN, mask=MASK, cond_mode="steer")
+    opts = {"invert_iters": 2} if isinstance(m, FMLM) else {}
+    steered = m.sample(6, L, 2, generator=gen(), known=KNOWN, mask=MASK, cond_mode="steer", **opts)
     assert flags and all(f is None for f in flags) and (steered[:, MASK] == KNOWN[MASK]).all()
 
 
@@ -284,3 +290,32 @@ def test_distilling_needs_a_teacher_with_the_same_conditioning(cond_run, capsys,
     assert main([*argv, "--quiet", "--no-samples", "--run-dir", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err
     assert "needs a teacher trained with it" in err and len(err.strip().splitlines()) == 1
+
+
+def test_server_cfg_weight(tmp_path):
+    pytest.importorskip("fastapi")
+    from fmlm.api import Model
+    from fmlm.data import PhrasesTask
+    from fmlm.serve import BadRequest, ServeLimits, wrap_model
+    from fmlm.serve.requests import parse_request
+
+    task = PhrasesTask(n=4, k=2, phrases_per_seq=1, seed=0)
+    served = {}
+    for name, extra in (("c", ["cond_prob=0.5"]), ("p", []), ("m", ["method=mdlm", "cond_prob=0.5"])):
+        cfg = build_config("tiny", ["method=flm", *extra])
+        cfg.model.vocab_size, cfg.model.max_seq_len = task.tokenizer.vocab_size, cfg.data.seq_len
+        served[name] = wrap_model(name, Model(cfg, build_method(cfg).eval(), task.tokenizer, tmp_path / name))
+    word = task.tokenizer.decode([task.phrases[0][0]])
+
+    def parse(body):
+        return parse_request(json.dumps(body).encode(), served, ServeLimits(), stream=False)
+
+    assert parse({"model": "c", "prefix": word, "cfg_weight": 2}).options["cfg_weight"] == 2.0
+    for body, msg in (
+        ({"model": "p", "prefix": word, "cfg_weight": 1}, "needs a model trained with conditioning"),
+        ({"model": "c", "cfg_weight": 1}, "needs a prefix"),
+        ({"model": "c", "prefix": word, "cfg_weight": "x"}, "must be a finite number"),
+        ({"model": "m", "prefix": word, "cfg_weight": 1}, "does not apply to model 'm'"),
+    ):
+        with pytest.raises(BadRequest, match=msg):
+            parse(body)
