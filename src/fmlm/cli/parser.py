@@ -124,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefix", help="text the samples start with (tokenised with the model's tokenizer)")
     g.add_argument("--suffix", help="text the samples end with (alone or with --prefix; not AR)")
     g.add_argument("--infill", help='template with gaps, e.g. "The [MASK:5] of York" ([MASK] = one token)')
+    g.add_argument(
+        "--steer",
+        action="store_true",
+        help="prefix/infill by sampling-time steering even on a model trained with train.cond_prob > 0 "
+        "(default there: its learned conditioning)",
+    )
+    g.add_argument(
+        "--cfg-weight", type=float, metavar="W", help="classifier-free guidance weight (learned conditioning; 0: none)"
+    )
     g.add_argument("--guide-weak", metavar="RUN", help="autoguidance: a weaker model of the same data")
     g.add_argument("--guide-weight", type=float, metavar="W", help="autoguidance weight w (default 1)")
     g.add_argument("--reward", metavar="RUN", help="reward guidance: a classifier run (fmlm train method=classifier)")

@@ -138,6 +138,13 @@ def guidance_options(args: argparse.Namespace, model: Model) -> dict:
         out["suffix"] = args.suffix
     if args.infill is not None:
         out["infill"] = args.infill
+    if getattr(args, "steer", False) or getattr(args, "cfg_weight", None) is not None:
+        if out.keys().isdisjoint(("prefix", "suffix", "infill")):
+            raise FmlmError("--steer and --cfg-weight need --prefix, --suffix or --infill")
+        if args.steer and args.cfg_weight is not None:
+            raise FmlmError("--cfg-weight needs the learned conditioning, not --steer")
+        out["cond_mode"] = "steer" if args.steer else None
+        out["cfg_weight"] = args.cfg_weight
     if args.guide_weak is not None:
         out["guide_weak"] = load(args.guide_weak, device=model.device)
         out["guide_weight"] = 1.0 if args.guide_weight is None else args.guide_weight

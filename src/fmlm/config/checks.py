@@ -96,9 +96,13 @@ def validate(cfg: RunConfig) -> None:
         ("distill.target_ema", dc.target_ema),
         ("sample.gamma", s.gamma),
         ("classifier.soft_fraction", cfg.classifier.soft_fraction),
+        ("train.cond_prob", t.cond_prob),
+        ("train.cond_infill_prob", t.cond_infill_prob),
+        ("train.cfg_drop", t.cfg_drop),
     ):
         if not 0.0 <= v <= 1.0:
             raise ConfigError(f"{name} must be in [0, 1], got {v}")
+    _check_conditioning(t)
     if not 0.0 < dc.max_gap <= 1.0:
         raise ConfigError(f"distill.max_gap must be in (0, 1], got {dc.max_gap}")
     if dc.diag_fraction >= 1.0 and t.method in ("semigroup", "lagrangian", "eulerian"):
@@ -134,3 +138,15 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}")
     if t.warmup_steps < 0 or t.max_minutes < 0 or t.grad_clip < 0:
         raise ConfigError("train.warmup_steps, train.max_minutes and train.grad_clip must be >= 0")
+
+
+#: Methods whose training takes ``train.cond_prob`` > 0 (:mod:`fmlm.conditioning`).
+CONDITIONED_METHODS = ("flm", "semigroup", "lagrangian", "eulerian", "mdlm", "duo")
+
+
+def _check_conditioning(t) -> None:
+    if (t.cond_infill_prob or t.cfg_drop) and not t.cond_prob:
+        raise ConfigError("train.cond_infill_prob and train.cfg_drop need train.cond_prob > 0")
+    names = t.method.split("+")  # the two-stage main job: flm+semigroup
+    if t.cond_prob and any(n not in CONDITIONED_METHODS for n in names):
+        raise ConfigError(f"train.cond_prob applies to methods {', '.join(CONDITIONED_METHODS)}, not {t.method!r}")

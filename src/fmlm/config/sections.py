@@ -77,6 +77,11 @@ class TrainConfig:
     d-dimensional embedding space, never materialising (B, L, V) noise) or ``vocab`` (the
     reference: V-dimensional noise through the input layer). ``log_to`` is a comma list of the
     log writers, ``jsonl``, ``tensorboard``, ``wandb`` (:mod:`fmlm.train.logs`).
+
+    Conditioning (:mod:`fmlm.conditioning`; FLM, flow maps, MDLM, Duo): ``cond_prob`` of the rows
+    get given positions (a clean prefix, or with ``cond_infill_prob`` random spans) that carry no
+    loss and are flagged by a learned given embedding (0: none, and no such embedding);
+    ``cfg_drop`` drops a conditioned row's conditioning (classifier-free guidance).
     """
 
     method: str = "flm"
@@ -108,6 +113,9 @@ class TrainConfig:
     compile: bool = False
     noise: str = "embedded"
     log_to: str = "jsonl"  # comma list of jsonl, tensorboard, wandb (fmlm.train.logs)
+    cond_prob: float = 0.0
+    cond_infill_prob: float = 0.0
+    cfg_drop: float = 0.0
 
 
 @dataclass

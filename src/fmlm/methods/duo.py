@@ -79,6 +79,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmlm import conditioning as conditioning_
 from fmlm.methods.base import nelbo_metrics
 from fmlm.methods.flm import Strata, stratified_uniform
 from fmlm.methods.sampling import gumbel_argmax, sampler_setup
@@ -136,6 +137,9 @@ class Duo(nn.Module):
             each optimiser step) in a persistent buffer, so it survives resume.
         curriculum_schedule: the decoding-error schedule for V (built on demand when
             the curriculum is on and none is given).
+        cond: training-time conditioning (:class:`fmlm.conditioning.Conditioning`; None: none):
+            the given positions are never corrupted, carry no loss and are flagged by the
+            backbone's given embedding.
     """
 
     def __init__(
@@ -146,8 +150,10 @@ class Duo(nn.Module):
         greedy_of: str = "posterior",
         curriculum_steps: int = 0,
         curriculum_schedule=None,
+        cond: conditioning_.Conditioning | None = None,
     ):
         super().__init__()
+        self.cond = cond
         if not 0.0 < t_min < 1.0:
             raise ValueError("t_min must be in (0, 1)")
         if greedy_of not in ("posterior", "xhat"):
@@ -208,17 +214,26 @@ class Duo(nn.Module):
         return 10.0 ** (-1.0 - frac)  # 0.1 -> 0.01, geometric
 
     # ------------------------------------------------------------------ loss
-    def log_xhat(self, x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """log x_θ (B, L, V) in float32; x_in is ids (B, L) or relaxed vectors (B, L, V)."""
-        return self.net(x_in, t).float().log_softmax(-1)
+    def log_xhat(self, x_in: torch.Tensor, t: torch.Tensor, given: torch.Tensor | None = None) -> torch.Tensor:
+        """log x_θ (B, L, V) in float32; x_in is ids (B, L) or relaxed vectors (B, L, V); ``given``
+        (B, L) flags the known positions (learned conditioning)."""
+        return self.net(x_in, t, **conditioning_.net_kw(given)).float().log_softmax(-1)
 
     def nelbo_given(
-        self, ids: torch.Tensor, z: torch.Tensor, t: torch.Tensor, net_input: torch.Tensor | None = None
+        self,
+        ids: torch.Tensor,
+        z: torch.Tensor,
+        t: torch.Tensor,
+        net_input: torch.Tensor | None = None,
+        given: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The NELBO integrand at (t, z_t) summed over positions, (B,). Average over t ~ U[0,1], z_t ~ q_t."""
-        log_xhat = self.log_xhat(z if net_input is None else net_input, t)
+        """The NELBO integrand at (t, z_t) summed over positions, (B,). Average over t ~ U[0,1], z_t ~ q_t.
+
+        ``given``: the known positions are flagged to the network and left out of the sum."""
+        log_xhat = self.log_xhat(z if net_input is None else net_input, t, given)
         t64 = t.double()  # the schedule's scalars in float64 (see uniform_nelbo_terms)
-        return uniform_nelbo_terms(log_xhat, ids, z, self.alpha(t64), self.dalpha(t64)).sum(-1)
+        terms = uniform_nelbo_terms(log_xhat, ids, z, self.alpha(t64), self.dalpha(t64))
+        return (terms if given is None else terms * (~given)).sum(-1)
 
     def _nelbo(
         self,
@@ -230,11 +245,26 @@ class Duo(nn.Module):
         B, L = ids.shape
         # t in [t_min, 1): stratified across the batch; the integrand vanishes as t -> 1.
         t = self.t_min + (1.0 - self.t_min) * stratified_uniform(B, generator, ids.device, strata)
+        if self.cond is not None and self.training:
+            return self._conditioned_nelbo(ids, t, generator, temperature)
         if temperature is None:
             z = self.corrupt(ids, t, generator)
             return self.nelbo_given(ids, z, t).mean() / L
         x_in, z = self.relaxed(ids, t, temperature, generator)
         return self.nelbo_given(ids, z, t, net_input=x_in).mean() / L
+
+    def _conditioned_nelbo(self, ids, t, generator, temperature) -> torch.Tensor:
+        """The NELBO per free token of a batch with given positions (never corrupted, flagged, no loss)."""
+        B, L = ids.shape
+        if temperature is None:
+            x_in, z = None, self.corrupt(ids, t, generator)
+        else:
+            x_in, z = self.relaxed(ids, t, temperature, generator)
+        given = self.cond.draw(B, L, generator, ids.device)
+        z = torch.where(given, ids, z)
+        if x_in is not None:
+            x_in = torch.where(given[..., None], F.one_hot(ids, self.vocab_size).to(x_in.dtype), x_in)
+        return self.nelbo_given(ids, z, t, x_in, given).sum() / (~given).sum().clamp_min(1)
 
     def loss(
         self, ids: torch.Tensor, generator: torch.Generator | None = None, strata: Strata | None = None
@@ -270,6 +300,7 @@ class Duo(nn.Module):
         greedy_tail: bool | None = None,
         known=None,
         mask=None,
+        cond_mode: str | None = None,
     ) -> torch.Tensor:
         """Ancestral sampling from uniform noise with ``steps`` network passes on a uniform t grid.
 
@@ -282,9 +313,13 @@ class Duo(nn.Module):
             greedy_tail: override the constructor's choice for the last step.
             known, mask: known token ids and their positions (a prefix when ``mask`` is None):
                 clamped in the state before every step and in the output.
+            cond_mode: ``learned`` (the default for a model trained with ``train.cond_prob`` > 0):
+                the known positions are also flagged as given to the backbone; ``steer``: not
+                (plain clamping, the only mode of a model trained without conditioning).
         """
         B, V = num_samples, self.vocab_size
         device, dtype, known, kmask = sampler_setup(self, B, seq_len, steps, float64, known, mask, V)
+        given = kmask if conditioning_.resolve_mode(self, cond_mode, known) == "learned" else None
         greedy = self.greedy_tail if greedy_tail is None else greedy_tail
         z = torch.randint(V, (B, seq_len), generator=generator, device=device)  # z_1 ~ uniform
 
@@ -296,7 +331,7 @@ class Duo(nn.Module):
             t, s = ts[i].item(), ts[i + 1].item()
             a_t, a_s = 1.0 - t, 1.0 - s
             z = clamp(z)
-            log_xhat = self.log_xhat(z, torch.full((B,), t, device=device)).to(dtype)  # (B, L, V)
+            log_xhat = self.log_xhat(z, torch.full((B,), t, device=device), given).to(dtype)  # (B, L, V)
             if callback is not None:
                 callback(i, z, log_xhat.exp())
             if i == steps - 1 and greedy and self.greedy_of == "xhat":

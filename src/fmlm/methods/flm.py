@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmlm import conditioning as conditioning_
 from fmlm.guidance import (
     Steering,
     chain,
@@ -92,6 +93,7 @@ def euler_sample(
     mask: torch.Tensor | None = None,
     steer: Callable[[torch.Tensor, Callable, float], torch.Tensor] | None = None,
     lookahead: Denoiser | None = None,
+    clean_known: bool = False,
 ) -> torch.Tensor:
     """Integrate the FLM probability-flow ODE with Euler steps on a uniform τ grid.
 
@@ -112,6 +114,8 @@ def euler_sample(
         known, mask: (B, L) ids and bool mask of known positions (see :func:`fmlm.guidance.known_tensors`).
         steer: reward guidance, applied before each network evaluation.
         lookahead: the (z, τ) -> simplex map whose output the reward scores (default: denoiser).
+        clean_known: the known positions are their clean one-hot at every step (the learned
+            conditioning, whose ``denoiser`` flags them as given) instead of their interpolant.
 
     Returns:
         The final denoiser output D (B, L, V); decode with ``argmax(-1)``.
@@ -124,10 +128,11 @@ def euler_sample(
     ts = schedule.t(taus)
     for i in range(steps):
         tau = taus[i].to(torch.float32).expand(B)
-        z = replace_known(z, known, mask, noise, ts[i])
+        t_known = 1.0 if clean_known else ts[i]
+        z = replace_known(z, known, mask, noise, t_known)
         if steer is not None:
             look = denoiser if lookahead is None else lookahead
-            z = replace_known(steer(z, lambda x: look(x, tau), float(ts[i])), known, mask, noise, ts[i])
+            z = replace_known(steer(z, lambda x: look(x, tau), float(ts[i])), known, mask, noise, t_known)
         D = clamp_known(denoiser(z, tau).to(dtype), known, mask)  # (B, L, V)
         if callback is not None:
             callback(i, z, D)
@@ -148,10 +153,19 @@ class FLM(nn.Module):
         noise: ``embedded`` (the default, as ``train.noise``) draws x0 @ E in the embedding space
             (:mod:`fmlm.paths`); ``vocab`` draws x0 in R^{L×V} (the reference).
             ``mse_velocity`` needs x0 itself and always uses ``vocab``.
+        cond: training-time conditioning (:class:`fmlm.conditioning.Conditioning`; None: none).
     """
 
-    def __init__(self, net: nn.Module, schedule: Schedule, loss_type: str = "ce", noise: str = "embedded"):
+    def __init__(
+        self,
+        net: nn.Module,
+        schedule: Schedule,
+        loss_type: str = "ce",
+        noise: str = "embedded",
+        cond: conditioning_.Conditioning | None = None,
+    ):
         super().__init__()
+        self.cond = cond
         if noise not in ("vocab", "embedded"):
             raise ValueError(f"unknown noise path {noise!r}")
         self.noise = noise
@@ -185,14 +199,22 @@ class FLM(nn.Module):
         weak: "FLM | None" = None,
         weight: float = 0.0,
         temperature: float = 1.0,
+        given: torch.Tensor | None = None,
+        cfg_weight: float = 0.0,
+        z_uncond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """D(z, τ) on the simplex, float32, (B, L, V); z may be an :class:`EmbeddedState`.
 
         With a ``weak`` FLM: autoguidance, softmax(log D + w·(log D − log D_weak)) (both
         networks see the same z and τ; w = 0 gives D bit for bit). ``temperature`` T ≠ 1
-        softens the result to softmax(logits / T) (the reward look-ahead).
+        softens the result to softmax(logits / T) (the reward look-ahead). ``given`` (B, L)
+        flags the known positions (learned conditioning); with ``z_uncond`` (the state as an
+        unconditioned row sees it) classifier-free guidance with weight ``cfg_weight``:
+        softmax(log D_cond + w·(log D_cond − log D_uncond)), w = 0 exactly D_cond.
         """
-        out = run_net(self.net, z, tau).float()
+        out = run_net(self.net, z, tau, **conditioning_.net_kw(given)).float()
+        if z_uncond is not None:
+            out = guided_logits(out, run_net(self.net, z_uncond, tau).float(), cfg_weight)
         if self.loss_type == "mse_velocity":
             # The network predicts the velocity v; the implied denoiser is z + (1 − t)·v.
             # It is not a distribution, but the Euler update only needs D − z.
@@ -208,6 +230,8 @@ class FLM(nn.Module):
         """Training loss on a batch of token ids (B, L). Returns (loss, metrics).
 
         ``strata``: this batch is one part of a global batch (:class:`Strata`)."""
+        if self.cond is not None:
+            return self._conditioned_loss(ids, generator, strata)
         B = ids.shape[0]
         tau = stratified_uniform(B, generator, ids.device, strata)
         t = self.schedule.t(tau.double()).float()
@@ -230,6 +254,31 @@ class FLM(nn.Module):
         else:
             loss = (out - (x1 - noise)).pow(2).sum(-1).mean()
         return loss, {"loss": loss.detach()}
+
+    def _conditioned_loss(self, ids: torch.Tensor, generator, strata) -> tuple[torch.Tensor, dict]:
+        """The loss of :meth:`loss` with given positions (:mod:`fmlm.conditioning`): they enter clean,
+        flagged by the given embedding, and the loss is the mean over the free positions."""
+        B, L = ids.shape
+        tau = stratified_uniform(B, generator, ids.device, strata)
+        t = self.schedule.t(tau.double()).float()
+        given = self.cond.draw(B, L, generator, ids.device)
+        noise = None
+        if self.uses_embedded_noise:
+            h = conditioning_.clean_embedded(self.embedded_interpolant(ids, t, generator), ids, given, self.net.embed)
+            out = self.net(None, tau, embedded=h, given=given).float()
+        else:
+            noise = torch.randn(*ids.shape, self.vocab_size, generator=generator, device=ids.device)
+            x = conditioning_.clean_state(self.interpolate(ids, t, noise), ids, given)
+            out = self.net(x, tau, given=given).float()
+        if self.loss_type == "ce":
+            per_token = F.cross_entropy(out.flatten(0, 1), ids.flatten(), reduction="none").view(B, L)
+        elif self.loss_type == "mse_denoiser":
+            p = out.softmax(-1)
+            per_token = p.pow(2).sum(-1) - 2 * p.gather(-1, ids[..., None]).squeeze(-1) + 1
+        else:
+            per_token = (out - (F.one_hot(ids, self.vocab_size).float() - noise)).pow(2).sum(-1)
+        loss = conditioning_.free_mean(per_token, given)
+        return loss, {"loss": loss.detach(), "given": given.float().mean()}
 
     @torch.no_grad()
     def eval_loss(self, ids: torch.Tensor, generator: torch.Generator) -> dict:
@@ -263,6 +312,8 @@ class FLM(nn.Module):
         reward_scale: float = 0.1,
         reward_iters: int = 10,
         reward_temperature: float = 8.0,
+        cond_mode: str | None = None,
+        cfg_weight: float | None = None,
     ) -> torch.Tensor:
         """Draw token ids (num_samples, seq_len) with ``steps`` Euler steps.
 
@@ -282,9 +333,19 @@ class FLM(nn.Module):
                 gradient through the look-ahead D_t(z), softened to softmax(logits / T) with
                 T = ``reward_temperature``, with ``reward_iters`` steps of ``reward_scale`` per
                 sampler step (:class:`fmlm.guidance.Steering`).
+            cond_mode: ``learned`` (the default for a model trained with ``train.cond_prob`` > 0):
+                the known positions are their clean one-hot at every step, flagged as given, and
+                nothing is steered; ``steer``: the replacement and steering above (the default
+                otherwise; a conditioned model then runs as an unconditional one).
+            cfg_weight: classifier-free guidance weight w (learned conditioning only; None: none, 0: the
+                guided formula at w = 0, which is the conditional sampler bit for bit).
         """
         device = next(self.parameters()).device
         known, mask = known_tensors(known, mask, num_samples, seq_len, self.vocab_size, device)
+        mode = conditioning_.resolve_mode(self, cond_mode, known)
+        conditioning_.check_cfg(cfg_weight, mode)
+        if mode == "learned":
+            known_iters = 0
         if guide_weak is not None:
             if self.loss_type == "mse_velocity":
                 raise ValueError("autoguidance needs a denoiser on the simplex (not loss=mse_velocity)")
@@ -299,13 +360,18 @@ class FLM(nn.Module):
         noise = torch.randn(num_samples, seq_len, self.vocab_size, generator=generator, device=device)
 
         def denoiser(z, tau, temperature=1.0):
-            return self.denoise(z, tau, guide_weak, guide_weight, temperature)
+            if mode != "learned":
+                return self.denoise(z, tau, guide_weak, guide_weight, temperature)
+            z_u = None
+            if cfg_weight is not None:  # the unconditional view: known positions on their interpolant, not flagged
+                z_u = replace_known(z, known, mask, noise, self.schedule.t(tau[:1].double()))
+            return self.denoise(z, tau, guide_weak, guide_weight, temperature, mask, cfg_weight, z_u)
 
         def lookahead(z, tau):
             return denoiser(z, tau, reward_temperature)
 
         D = euler_sample(
-            denoiser if guide_weak is not None else self.denoise,
+            denoiser if guide_weak is not None or mode == "learned" else self.denoise,
             noise,
             self.schedule,
             steps,
@@ -315,5 +381,6 @@ class FLM(nn.Module):
             mask=mask,
             steer=chain(steers),
             lookahead=lookahead,
+            clean_known=mode == "learned",
         )
         return D.argmax(-1)

@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmlm import conditioning as conditioning_
 from fmlm.methods.base import nelbo_metrics
 from fmlm.methods.flm import Strata, stratified_uniform
 from fmlm.methods.sampling import gumbel_argmax, sampler_setup
@@ -78,6 +79,9 @@ class MDLM(nn.Module):
             cache is used only when this is off).
         position_embedding: add a learned absolute position embedding (max_seq_len, D)
             to the embedded input (see the module docstring); needs a DiT backbone.
+        cond: training-time conditioning (:class:`fmlm.conditioning.Conditioning`; None: none):
+            the given positions are never masked, carry no loss (as every unmasked position) and
+            are flagged by the backbone's given embedding.
     """
 
     def __init__(
@@ -87,8 +91,10 @@ class MDLM(nn.Module):
         t_min: float = 1e-3,
         time_conditioning: bool = False,
         position_embedding: bool = True,
+        cond: conditioning_.Conditioning | None = None,
     ):
         super().__init__()
+        self.cond = cond
         if not 0.0 <= eps < 1.0 or not 0.0 < t_min < 1.0:
             raise ValueError("need 0 <= eps < 1 and 0 < t_min < 1")
         self.net = net
@@ -125,14 +131,17 @@ class MDLM(nn.Module):
         return torch.where(masked, torch.full_like(ids, self.mask_id), ids)
 
     # ------------------------------------------------------------------ denoiser
-    def log_probs(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """log x_θ(z_t) (B, L, V + 1) in float32 with SUBS: no mass on the mask, unmasked positions copied."""
+    def log_probs(self, z: torch.Tensor, t: torch.Tensor, given: torch.Tensor | None = None) -> torch.Tensor:
+        """log x_θ(z_t) (B, L, V + 1) in float32 with SUBS: no mass on the mask, unmasked positions copied.
+
+        ``given`` (B, L) flags the known positions to the backbone (learned conditioning)."""
         t_net = t if self.time_conditioning else torch.zeros_like(t)
+        kw = conditioning_.net_kw(given)
         if self.pos is None:
-            logits = self.net(z, t_net).float()  # (B, L, V + 1)
+            logits = self.net(z, t_net, **kw).float()  # (B, L, V + 1)
         else:
             h = F.embedding(z, self.net.embed) + self.pos[: z.shape[1]]  # (B, L, D)
-            logits = self.net(None, t_net, embedded=h).float()  # (B, L, V + 1)
+            logits = self.net(None, t_net, embedded=h, **kw).float()  # (B, L, V + 1)
         # Zero mask probability (out of place: the backbone's tanh cap needs its output for backward).
         is_mask = torch.arange(logits.shape[-1], device=logits.device) == self.mask_id  # (V + 1,)
         logp = logits.masked_fill(is_mask, -math.inf).log_softmax(-1)
@@ -141,13 +150,15 @@ class MDLM(nn.Module):
         copy = torch.full_like(logp, -math.inf).scatter(-1, z[..., None], 0.0)
         return torch.where(keep, copy, logp)
 
-    def nelbo_given(self, ids: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def nelbo_given(
+        self, ids: torch.Tensor, z: torch.Tensor, t: torch.Tensor, given: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The NELBO integrand at (t, z_t), summed over positions: (B,).
 
         (−α'_t/(1 − α_t))·Σ_{l masked} −log x_θ^l(z_t)[x^l]. Averaging over t ~ U[0, 1]
         and z_t ~ q_t(·|x) gives NELBO(x) in nats per sequence.
         """
-        logp = self.log_probs(z, t)  # (B, L, V + 1)
+        logp = self.log_probs(z, t, given)  # (B, L, V + 1)
         masked = z == self.mask_id  # (B, L)
         nll = -logp.gather(-1, ids[..., None]).squeeze(-1)  # (B, L); 0 at copied positions
         nll = torch.where(masked, nll, torch.zeros_like(nll))
@@ -160,6 +171,10 @@ class MDLM(nn.Module):
         B, L = ids.shape
         t = self.t_min + (1.0 - self.t_min) * stratified_uniform(B, generator, ids.device, strata)  # (B,)
         z = self.corrupt(ids, t, generator)
+        if self.cond is not None and self.training:  # given positions: never masked, flagged, no loss
+            given = self.cond.draw(B, L, generator, ids.device)
+            z = torch.where(given, ids, z)
+            return self.nelbo_given(ids, z, t, given).sum() / (~given).sum().clamp_min(1)
         return self.nelbo_given(ids, z, t).mean() / L
 
     def loss(
@@ -186,6 +201,7 @@ class MDLM(nn.Module):
         callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
         known=None,
         mask=None,
+        cond_mode: str | None = None,
     ) -> torch.Tensor:
         """Ancestral sampling from all-mask with ``steps`` steps on a uniform t grid.
 
@@ -199,12 +215,16 @@ class MDLM(nn.Module):
             known, mask: known token ids and their positions (a prefix when ``mask`` is None,
                 see :func:`fmlm.guidance.known_tensors`): they start unmasked (MDLM's usual
                 clamping), so SUBS carries them over to the output unchanged.
+            cond_mode: ``learned`` (the default for a model trained with ``train.cond_prob`` > 0):
+                the known positions are also flagged as given to the backbone; ``steer``: not
+                (MDLM's plain clamping, the only mode of a model trained without conditioning).
 
         Returns:
             Token ids (B, L), none of them the mask.
         """
         B, V, m = num_samples, self.vocab_size, self.mask_id
         device, dtype, known, kmask = sampler_setup(self, B, seq_len, steps, float64, known, mask, V)
+        given = kmask if conditioning_.resolve_mode(self, cond_mode, known) == "learned" else None
         z = torch.full((B, seq_len), m, dtype=torch.long, device=device)  # (B, L): all masked
         if known is not None:
             z = torch.where(kmask, known, z)
@@ -219,7 +239,7 @@ class MDLM(nn.Module):
             if stale.any():
                 rows = stale.nonzero().squeeze(-1)
                 tt = torch.full((rows.numel(),), t, device=device)
-                logp[rows] = self.log_probs(z[rows], tt).to(dtype)  # (b, L, V + 1)
+                logp[rows] = self.log_probs(z[rows], tt, None if given is None else given[rows]).to(dtype)
             # log of the reverse transition of a masked position: unmask to a token, or stay masked.
             log_q = logp + math.log((a_s - a_t) / (1.0 - a_t))  # (B, L, V + 1)
             stay = (1.0 - a_s) / (1.0 - a_t)

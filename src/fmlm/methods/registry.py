@@ -28,11 +28,23 @@ def _build_flm(cfg, training: bool = False) -> nn.Module:
     if cfg.model.two_time:
         raise ConfigError("FLM uses a one-time backbone; set model.two_time=false")
     return FLM(
-        build_dit(cfg.model),
+        build_dit(cfg.model, given_embedding=_given(cfg)),
         make_schedule(cfg.train.time, cfg.model.vocab_size),
         cfg.train.loss,
         noise=_noise(cfg, training),
+        cond=_cond(cfg),
     )
+
+
+def _given(cfg) -> bool:
+    """Whether the backbone has a given embedding: only for a run trained with conditioning."""
+    return cfg.train.cond_prob > 0
+
+
+def _cond(cfg):
+    from fmlm.conditioning import Conditioning
+
+    return Conditioning.from_config(cfg.train)
 
 
 def _noise(cfg, training: bool) -> str:
@@ -56,6 +68,11 @@ def load_teacher(path: str, cfg: RunConfig) -> FLM:
         )
     if tcfg.train.time != cfg.train.time:
         raise ConfigError(f"teacher time reparameterisation ({tcfg.train.time}) differs from {cfg.train.time}")
+    if _given(tcfg) != _given(cfg):
+        raise ConfigError(
+            "a flow map trained with conditioning (train.cond_prob > 0) needs a teacher trained with it, and "
+            f"only then: the teacher has train.cond_prob={tcfg.train.cond_prob}, the student {cfg.train.cond_prob}"
+        )
     return method
 
 
@@ -68,8 +85,9 @@ def _build_fmlm(cfg, training: bool = False) -> nn.Module:
     from fmlm.schedule import make_schedule
 
     d = cfg.distill
-    net = build_dit(dataclasses.replace(cfg.model, two_time=True))
+    net = build_dit(dataclasses.replace(cfg.model, two_time=True), given_embedding=_given(cfg))
     kw = dict(
+        cond=_cond(cfg),
         objective=cfg.train.method,
         diag_fraction=d.diag_fraction,
         boundary_fraction=d.boundary_fraction,
@@ -106,10 +124,14 @@ def _build_mdlm(cfg, training: bool = False) -> nn.Module:
     # One extra input/output slot: id V is the mask token; one time input. MDLM adds its own
     # absolute positions unless the backbone has them (model.position_embedding, every method).
     return MDLM(
-        build_dit(dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size + 1, two_time=False)),
+        build_dit(
+            dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size + 1, two_time=False),
+            given_embedding=_given(cfg),
+        ),
         t_min=cfg.diffusion.t_min,
         time_conditioning=cfg.diffusion.mdlm_time_conditioning,
         position_embedding=not cfg.model.position_embedding,
+        cond=_cond(cfg),
     )
 
 
@@ -121,11 +143,12 @@ def _build_duo(cfg, training: bool = False) -> nn.Module:
 
     dc = cfg.diffusion
     return Duo(
-        build_dit(dataclasses.replace(cfg.model, two_time=False)),
+        build_dit(dataclasses.replace(cfg.model, two_time=False), given_embedding=_given(cfg)),
         t_min=dc.t_min,
         greedy_tail=dc.greedy_tail,
         greedy_of=dc.greedy_of,
         curriculum_steps=dc.curriculum_steps,
+        cond=_cond(cfg),
     )
 
 

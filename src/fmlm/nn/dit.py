@@ -172,6 +172,9 @@ class DiT(nn.Module):
         norm_eps: the LayerNorms' epsilon (1e-6; the flm authors' DiT: 1e-5).
         attn_softcap: soft cap ``cap * tanh(s / cap)`` on the attention logits (0 disables; the
             flm authors' DiT: 50).
+        given_embedding: a learned "given" vector (D,) added to the embedded input at the
+            positions flagged by ``forward(..., given=)`` (``self.given_embed``; ``None`` when off,
+            the default: it exists only for models trained with conditioning, :mod:`fmlm.conditioning`).
     """
 
     def __init__(
@@ -193,6 +196,7 @@ class DiT(nn.Module):
         position_embedding: bool = False,
         norm_eps: float = 1e-6,
         attn_softcap: float = 0.0,
+        given_embedding: bool = False,
     ):
         super().__init__()
         if d_model % n_heads or (d_model // n_heads) % 2:
@@ -208,6 +212,8 @@ class DiT(nn.Module):
         self.embed = nn.Parameter(torch.randn(vocab_size, d_model) * embed_std)
         # Learned absolute positions, added to the embedded input (off by default: RoPE only).
         self.pos = nn.Parameter(torch.zeros(max_seq_len, d_model)) if position_embedding else None
+        # Learned flag of the known ("given") positions of a conditioned input (off by default).
+        self.given_embed = nn.Parameter(torch.zeros(d_model)) if given_embedding else None
         self.time1 = TimeEmbedding(cond_dim, scale=time_scale)
         self.time2 = TimeEmbedding(cond_dim, scale=time_scale) if two_time else None
         self.rotary = Rotary(d_model // n_heads)
@@ -243,6 +249,8 @@ class DiT(nn.Module):
             nn.init.normal_(self.out.weight, std=0.02)
         if self.time2 is not None:
             self.zero_second_time()
+        if self.given_embed is not None:  # last, so that every other weight starts as without it
+            nn.init.normal_(self.given_embed, std=0.02)
 
     def zero_second_time(self) -> None:
         """Zero the last layer of the second time embedding so it contributes nothing."""
@@ -276,6 +284,7 @@ class DiT(nn.Module):
         t2: torch.Tensor | None = None,
         embedded: torch.Tensor | None = None,
         cap: bool = True,
+        given: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits of shape (B, L, V).
 
@@ -285,8 +294,9 @@ class DiT(nn.Module):
             t2: second time (B,) for a two-time backbone.
             embedded: optional precomputed ``x @ E`` of shape (B, L, D).
             cap: apply the soft cap (``False``: the raw output, for a loss that applies it itself).
+            given: optional (B, L) bool of the known positions, flagged by the given embedding.
         """
-        logits = self.out(self.features(x, t, t2, embedded))  # (B, L, V)
+        logits = self.out(self.features(x, t, t2, embedded, given))  # (B, L, V)
         if self.logit_cap > 0 and cap:
             if logits.requires_grad or not self.inplace_cap:
                 logits = self.logit_cap * torch.tanh(logits / self.logit_cap)
@@ -300,6 +310,7 @@ class DiT(nn.Module):
         t: torch.Tensor,
         t2: torch.Tensor | None = None,
         embedded: torch.Tensor | None = None,
+        given: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The final hidden states (B, L, D), normalised and modulated, before the output layer."""
         h = self.embed_input(x) if embedded is None else embedded  # (B, L, D)
@@ -308,6 +319,10 @@ class DiT(nn.Module):
             raise FmlmError(f"sequence length {L} exceeds the model's maximum {self.max_seq_len}")
         if self.pos is not None:
             h = h + self.pos[:L].to(h.dtype)
+        if given is not None:
+            if self.given_embed is None:
+                raise FmlmError("this backbone has no given embedding (it was trained without conditioning)")
+            h = h + given[..., None].to(h.dtype) * self.given_embed.to(h.dtype)
         if torch.as_tensor(t).dim() == 0:
             t = torch.as_tensor(t, device=h.device, dtype=torch.float32).expand(B)
         if t2 is not None and torch.as_tensor(t2).dim() == 0:
@@ -323,8 +338,8 @@ class DiT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def build_dit(model_cfg: ModelConfig) -> DiT:
-    """Build a DiT from a :class:`fmlm.config.ModelConfig`."""
+def build_dit(model_cfg: ModelConfig, given_embedding: bool = False) -> DiT:
+    """Build a DiT from a :class:`fmlm.config.ModelConfig` (``given_embedding``: see :class:`DiT`)."""
     return DiT(
         vocab_size=model_cfg.vocab_size,
         max_seq_len=model_cfg.max_seq_len,
@@ -343,4 +358,5 @@ def build_dit(model_cfg: ModelConfig) -> DiT:
         position_embedding=model_cfg.position_embedding,
         norm_eps=model_cfg.norm_eps,
         attn_softcap=model_cfg.attn_softcap,
+        given_embedding=given_embedding,
     )

@@ -25,7 +25,9 @@ tests). The event loop only parses, validates and waits.
 Conditioning: ``prefix`` (text the sample starts with), ``suffix`` (text it ends with; with or
 without a prefix) and ``infill`` (a template such as ``"The [MASK:5] of York"``) go to
 :meth:`fmlm.api.Model.sample_ids`. FLM, FMLM, MDLM and Duo take all three, AR only a prefix; a
-field the model cannot take is answered 400 "... does not apply to model ...".
+field the model cannot take is answered 400 "... does not apply to model ...". ``cfg_weight``
+(with one of them, on a model trained with ``train.cond_prob`` > 0, FLM or FMLM) is the weight of
+classifier-free guidance (:mod:`fmlm.conditioning`).
 
 Hostile input: every malformed body gets a 4xx with one line, never a 500: bodies over
 ``max_body_bytes`` (413), JSON nested deeper than ``max_json_depth``, numbers longer than

@@ -21,6 +21,7 @@ _FIELDS = {
     "max_events",
     "min_length",
     "bos",
+    "cfg_weight",
     *CONDITIONING_FIELDS,
 }
 
@@ -212,6 +213,7 @@ def parse_request(raw: bytes, models: dict[str, Served], limits: ServeLimits, st
         options[key] = v
     if "infill" in options and any(k in options for k in ("prefix", "suffix")):
         raise BadRequest("give either infill or prefix/suffix, not both")
+    _cfg_weight(body, served, options)
     cond = {k: v for k, v in options.items() if k in (*CONDITIONING_FIELDS, "bos")}
     check = getattr(served.model, "check_conditioning", None)
     if cond and check is not None:
@@ -223,3 +225,19 @@ def parse_request(raw: bytes, models: dict[str, Served], limits: ServeLimits, st
     if not stream and not min_length:  # one draw: requests with the same settings can share it
         job.batch_key = ("generate", served.name, steps, seq_len, tuple(sorted(options.items())))
     return job
+
+
+def _cfg_weight(body: dict, served: Served, options: dict) -> None:
+    """``cfg_weight``: classifier-free guidance of a prefix/suffix/infill (models trained with conditioning)."""
+    w = body.get("cfg_weight")
+    if w is None:
+        return
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or abs(w) > 1e6:
+        raise BadRequest(f"cfg_weight must be a finite number, got {json.dumps(w)[:40]}")
+    if "cfg_weight" not in inspect.signature(served.model.method.sample).parameters:
+        raise BadRequest(f"cfg_weight does not apply to model {served.name!r} (method {served.method})")
+    if getattr(served.model.method.net, "given_embed", None) is None:
+        raise BadRequest(f"cfg_weight needs a model trained with conditioning; {served.name!r} was not")
+    if not any(k in options for k in CONDITIONING_FIELDS):
+        raise BadRequest("cfg_weight needs a prefix, suffix or infill")
+    options["cfg_weight"] = float(w)

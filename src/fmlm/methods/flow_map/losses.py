@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fmlm.conditioning import clean_state
 from fmlm.methods.flm import Strata, stratified_uniform
 from fmlm.paths import EmbeddedState, embedded_noise, interpolant
 
@@ -94,14 +95,19 @@ def kl_capped(p: torch.Tensor, z: torch.Tensor, cap: float) -> torch.Tensor:
     return _CappedKL.apply(p.reshape(-1, p.shape[-1]), z.reshape(-1, z.shape[-1]), float(cap)).view(shape)
 
 
-def kl_to(fm, p: torch.Tensor, x, tau_s: torch.Tensor, tau_t: torch.Tensor) -> torch.Tensor:
-    """Σ KL(p ‖ δ̂_{s,t}(x)) over rows and positions, fused with the logit cap (:func:`kl_capped`)."""
+def kl_to(fm, p: torch.Tensor, x, tau_s: torch.Tensor, tau_t: torch.Tensor, given=None) -> torch.Tensor:
+    """Σ KL(p ‖ δ̂_{s,t}(x)) over rows and positions, fused with the logit cap (:func:`kl_capped`).
+
+    ``given`` (B, L): the network sees the flag, and the given positions are left out of the sum."""
     if not fm.fused:
-        return kl_rows(p, fm.logits(x, tau_s, tau_t).log_softmax(-1)).sum()
-    cap = getattr(fm.net, "logit_cap", None)  # None: a backbone without the DiT's soft cap
-    if cap is None:
-        return kl_capped(p, fm.logits(x, tau_s, tau_t), 0.0).sum()
-    return kl_capped(p, fm.logits(x, tau_s, tau_t, cap=False), cap).sum()
+        kl = kl_rows(p, fm.logits(x, tau_s, tau_t, given=given).log_softmax(-1))
+    else:
+        cap = getattr(fm.net, "logit_cap", None)  # None: a backbone without the DiT's soft cap
+        if cap is None:
+            kl = kl_capped(p, fm.logits(x, tau_s, tau_t, given=given), 0.0)
+        else:
+            kl = kl_capped(p, fm.logits(x, tau_s, tau_t, cap=False, given=given), cap)
+    return kl.sum() if given is None else (kl * (~given)).sum()
 
 
 def noisy_states(fm, ids: torch.Tensor, generator):
@@ -132,52 +138,75 @@ def noisy_states(fm, ids: torch.Tensor, generator):
 def distillation_loss(
     fm, ids: torch.Tensor, generator: torch.Generator | None = None, strata: Strata | None = None
 ) -> tuple[torch.Tensor, dict]:
-    """Diagonal + off-diagonal distillation loss on token ids (B, L); ``strata``: see :class:`Strata`."""
+    """Diagonal + off-diagonal distillation loss on token ids (B, L); ``strata``: see :class:`Strata`.
+
+    With training-time conditioning (``fm.cond``, :mod:`fmlm.conditioning`) each row's given
+    positions are clean in every state, flagged to every network, and carry no loss; the loss is
+    then the mean over the free positions."""
     B, L = ids.shape
     n_diag = min(B - 1, max(1, round(B * fm.diag_fraction))) if fm.diag_fraction > 0 else 0
     n_off = B - n_diag
     states = noisy_states(fm, ids, generator)
+    given = None if fm.cond is None else fm.cond.draw(B, L, generator, ids.device)
+    if given is not None:
+        noisy = states
+
+        def states(rows, t):
+            return clean_state(noisy(rows, t), ids[rows], given[rows])
+
+    def part(rows):  # (the given flags, the known (ids, given)) of some rows; None without conditioning
+        return (None, None) if given is None else (given[rows], (ids[rows], given[rows]))
+
+    def tokens(rows, n):  # the positions that carry loss
+        return n * L if given is None else (~given[rows]).sum().clamp_min(1)
+
     total = ids.new_zeros((), dtype=torch.float32)
     metrics: dict[str, torch.Tensor] = {}
 
     if n_diag:
         tau = stratified_uniform(n_diag, generator, ids.device, strata)
-        x = states(slice(0, n_diag), fm._t(tau))
+        rows = slice(0, n_diag)
+        x = states(rows, fm._t(tau))
+        g, _ = part(rows)
         if fm.teacher is None:
-            log_q = fm.logits(x, tau, tau).log_softmax(-1)
-            diag = F.nll_loss(log_q.flatten(0, 1), ids[:n_diag].flatten(), reduction="sum")
+            log_q = fm.logits(x, tau, tau, given=g).log_softmax(-1)
+            target = ids[rows] if g is None else ids[rows].masked_fill(g, -100)  # -100: ignored by nll_loss
+            diag = F.nll_loss(log_q.flatten(0, 1), target.flatten(), reduction="sum")
         else:
             with torch.no_grad():
-                p = fm.teacher.denoise(x, tau)
-            diag = kl_to(fm, p, x, tau, tau)
+                p = fm.teacher.denoise(x, tau, given=g)
+            diag = kl_to(fm, p, x, tau, tau, given=g)
         total = total + diag
-        metrics["loss_diag"] = diag.detach() / (n_diag * L)
+        metrics["loss_diag"] = diag.detach() / tokens(rows, n_diag)
 
     if n_off:
         tau_s, tau_u, tau_t = fm.sample_times(n_off, generator, ids.device, strata)
-        x = states(slice(n_diag, B), fm._t(tau_s))  # I_s
+        rows = slice(n_diag, B)
+        x = states(rows, fm._t(tau_s))  # I_s
+        g, known = part(rows)
         if fm.objective == "semigroup":
-            target = fm.semigroup_target(x, tau_s, tau_u, tau_t)
+            target = fm.semigroup_target(x, tau_s, tau_u, tau_t, known=known)
         elif fm.objective == "lagrangian":
-            target = fm.lagrangian_target(x, tau_s, tau_t)
+            target = fm.lagrangian_target(x, tau_s, tau_t, known=known)
         else:
-            target = fm.eulerian_target(x, tau_s, tau_t)
+            target = fm.eulerian_target(x, tau_s, tau_t, known=known)
         mse = fm.objective == "eulerian" and fm.eulerian_loss == "mse"
-        logits = fm.logits(x, tau_s, tau_t) if mse else None
+        logits = fm.logits(x, tau_s, tau_t, given=g) if mse else None
+        free = 1.0 if g is None else (~g)[..., None].float()  # MSE: only the free positions
         if mse and fm.eulerian_form == "relaxed":
-            off = (logits.softmax(-1) - target).pow(2).sum()
+            off = (free * (logits.softmax(-1) - target).pow(2)).sum()
         elif mse:
             # The target's JVP coefficient c = (1−s)(t−s)/(1−t) diverges as t → 1; weighting each
             # pair by 1/(1 + c²) keeps the regression bounded (weight 1 near the diagonal).
             ts_, tt_ = fm._t(tau_s), fm._t(tau_t)
             c = (1 - ts_) * (tt_ - ts_) / (1 - tt_).clamp_min(1e-3)
             w = (1.0 / (1.0 + c**2))[:, None, None]
-            off = (w * (logits.softmax(-1) - target).pow(2)).sum()
+            off = (free * w * (logits.softmax(-1) - target).pow(2)).sum()
         else:
-            off = kl_to(fm, target, x, tau_s, tau_t)
+            off = kl_to(fm, target, x, tau_s, tau_t, given=g)
         total = total + off
-        metrics["loss_off"] = off.detach() / (n_off * L)
+        metrics["loss_off"] = off.detach() / tokens(rows, n_off)
 
-    loss = total / (B * L)
+    loss = total / tokens(slice(0, B), B)
     metrics["loss"] = loss.detach()
     return loss, metrics

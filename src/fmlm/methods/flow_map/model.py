@@ -10,6 +10,7 @@ from torch import nn
 import fmlm.methods.flow_map.losses as losses
 import fmlm.methods.flow_map.sampling as sampling
 import fmlm.methods.flow_map.targets as targets
+from fmlm import conditioning as conditioning_
 from fmlm.errors import FmlmError
 from fmlm.guidance import check_weak, guided_logits, known_tensors
 from fmlm.methods.flm import FLM, Strata, denoising_metrics, stratified_uniform
@@ -45,6 +46,7 @@ class FMLM(nn.Module):
         fused: compute the KL losses with the logit cap fused in, by chunks of rows
             (:func:`kl_capped`), and the semigroup target in place; ``False`` is the reference
             (autograd through log_softmax, out-of-place target): the same values up to rounding.
+        cond: training-time conditioning (:class:`fmlm.conditioning.Conditioning`; None: none).
     """
 
     def __init__(
@@ -63,9 +65,11 @@ class FMLM(nn.Module):
         eulerian_form: str = "relaxed",
         noise: str = "embedded",
         fused: bool = True,
+        cond: conditioning_.Conditioning | None = None,
     ):
         super().__init__()
         self.fused = fused
+        self.cond = cond
         if noise not in ("vocab", "embedded"):
             raise ValueError(f"unknown noise path {noise!r}")
         self.noise = noise
@@ -123,12 +127,21 @@ class FMLM(nn.Module):
 
     # ------------------------------------------------------------------ the model
     def logits(
-        self, x: torch.Tensor, tau_s: torch.Tensor, tau_t: torch.Tensor, net: nn.Module | None = None, cap: bool = True
+        self,
+        x: torch.Tensor,
+        tau_s: torch.Tensor,
+        tau_t: torch.Tensor,
+        net: nn.Module | None = None,
+        cap: bool = True,
+        given: torch.Tensor | None = None,
     ):
-        out = run_net(self.net if net is None else net, x, tau_s, tau_t, **({} if cap else {"cap": False}))
+        kw = {**({} if cap else {"cap": False}), **conditioning_.net_kw(given)}
+        out = run_net(self.net if net is None else net, x, tau_s, tau_t, **kw)
         return out if out.dtype == torch.float64 else out.float()
 
-    def delta(self, x: torch.Tensor, tau_s: torch.Tensor, tau_t: torch.Tensor) -> torch.Tensor:
+    def delta(
+        self, x: torch.Tensor, tau_s: torch.Tensor, tau_t: torch.Tensor, given: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """δ_{s,t}(x) on the simplex, (B, L, V) float32; τ_s ≤ τ_t required."""
         tau_s, tau_t = torch.as_tensor(tau_s), torch.as_tensor(tau_t)
         # One check (one device sync): 0 <= s <= t <= 1, and no NaN (every comparison with NaN fails).
@@ -136,7 +149,7 @@ class FMLM(nn.Module):
             if bool(((tau_s >= 0) & (tau_s <= 1) & (tau_t >= 0) & (tau_t <= 1)).all()):
                 raise FmlmError("flow map needs s <= t")
             raise FmlmError("flow-map times must be in [0, 1] (and not NaN)")
-        return self.logits(x, tau_s, tau_t).softmax(-1)
+        return self.logits(x, tau_s, tau_t, given=given).softmax(-1)
 
     def flow_map(self, x: torch.Tensor, tau_s: torch.Tensor, tau_t: torch.Tensor) -> torch.Tensor:
         """X_{s,t}(x) in R^{L×V}."""
@@ -146,11 +159,11 @@ class FMLM(nn.Module):
     def _t(self, tau: torch.Tensor) -> torch.Tensor:
         return self.schedule.t(tau.double()).float()
 
-    def _denoiser(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    def _denoiser(self, x: torch.Tensor, tau: torch.Tensor, given: torch.Tensor | None = None) -> torch.Tensor:
         """D_τ(x): the teacher's, or the student's own diagonal when self-distilling."""
         if self.teacher is not None:
-            return self.teacher.denoise(x, tau)
-        return self.logits(x, tau, tau, self._target).softmax(-1)
+            return self.teacher.denoise(x, tau, given=given)
+        return self.logits(x, tau, tau, self._target, given=given).softmax(-1)
 
     # ------------------------------------------------------------------ times
     def sample_times(self, n: int, generator=None, device=None, strata: Strata | None = None):
@@ -168,17 +181,17 @@ class FMLM(nn.Module):
         return s, u, t
 
     # ------------------------------------------------------------------ targets (flow_map.targets)
-    def semigroup_target(self, x: torch.Tensor, tau_s, tau_u, tau_t) -> torch.Tensor:
+    def semigroup_target(self, x: torch.Tensor, tau_s, tau_u, tau_t, known=None) -> torch.Tensor:
         """δ̄ = λ·δ̂_{s,u}(x) + (1 − λ)·δ̂_{u,t}(X_{s,u}(x)) (:func:`~fmlm.methods.flow_map.targets.semigroup_target`)."""
-        return targets.semigroup_target(self, x, tau_s, tau_u, tau_t)
+        return targets.semigroup_target(self, x, tau_s, tau_u, tau_t, known)
 
-    def lagrangian_target(self, x: torch.Tensor, tau_s, tau_t) -> torch.Tensor:
+    def lagrangian_target(self, x: torch.Tensor, tau_s, tau_t, known=None) -> torch.Tensor:
         """The Lagrangian target (:func:`~fmlm.methods.flow_map.targets.lagrangian_target`)."""
-        return targets.lagrangian_target(self, x, tau_s, tau_t)
+        return targets.lagrangian_target(self, x, tau_s, tau_t, known)
 
-    def eulerian_target(self, x: torch.Tensor, tau_s, tau_t, form: str | None = None) -> torch.Tensor:
+    def eulerian_target(self, x: torch.Tensor, tau_s, tau_t, form: str | None = None, known=None) -> torch.Tensor:
         """The Eulerian target (:func:`~fmlm.methods.flow_map.targets.eulerian_target`)."""
-        return targets.eulerian_target(self, x, tau_s, tau_t, form)
+        return targets.eulerian_target(self, x, tau_s, tau_t, form, known)
 
     # ------------------------------------------------------------------ losses (flow_map.losses)
     def loss(
@@ -212,12 +225,19 @@ class FMLM(nn.Module):
         weak: "FMLM | None" = None,
         weight: float = 0.0,
         temperature: float = 1.0,
+        given: torch.Tensor | None = None,
+        cfg_weight: float = 0.0,
+        x_uncond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """δ_{s,t}(x), or with a ``weak`` flow map softmax(log δ + w·(log δ − log δ_weak)) (w = 0: δ exactly).
 
-        ``temperature`` T ≠ 1 softens it to softmax(logits / T) (the reward look-ahead).
+        ``temperature`` T ≠ 1 softens it to softmax(logits / T) (the reward look-ahead). ``given``
+        flags the known positions (learned conditioning); with ``x_uncond`` classifier-free
+        guidance: softmax(log δ_cond + w·(log δ_cond − log δ_uncond)), w = ``cfg_weight``.
         """
-        logits = self.logits(x, tau_s, tau_t)
+        logits = self.logits(x, tau_s, tau_t, given=given)
+        if x_uncond is not None:
+            logits = guided_logits(logits, self.logits(x_uncond, tau_s, tau_t), cfg_weight)
         weak_logits = None if weak is None else weak.logits(x, tau_s, tau_t)
         logits = guided_logits(logits, weak_logits, weight)
         return (logits if temperature == 1.0 else logits / temperature).softmax(-1)
@@ -243,6 +263,8 @@ class FMLM(nn.Module):
         reward_iters: int = 10,
         reward_temperature: float = 8.0,
         noise: str = "embedded",
+        cond_mode: str | None = None,
+        cfg_weight: float | None = None,
     ) -> torch.Tensor:
         """N flow-map steps on a uniform τ grid; the last returns δ_{s,1}, decoded by argmax.
 
@@ -272,6 +294,11 @@ class FMLM(nn.Module):
                 look-ahead δ_{s,1}(z_s), softened to softmax(logits / T): before every step z_s
                 takes ``reward_iters`` normalised gradient steps of reward (B, L, V) -> (B,)
                 (:class:`fmlm.guidance.Steering`).
+            cond_mode: ``learned`` (the default for a model trained with ``train.cond_prob`` > 0):
+                the known positions are their clean one-hot at every step, flagged as given, and
+                not inverted; ``steer``: the replacement and inversion above.
+            cfg_weight: classifier-free guidance weight w (learned conditioning only; None: none, 0: the
+                guided formula at w = 0, which is the conditional sampler bit for bit).
         """
         if steps < 1:
             raise ValueError("steps must be >= 1")
@@ -280,6 +307,8 @@ class FMLM(nn.Module):
         if noise not in ("embedded", "vocab"):
             raise ValueError(f"unknown noise path {noise!r} (embedded or vocab)")
         known, mask = known_tensors(known, mask, num_samples, seq_len, self.vocab_size, device)
+        mode = conditioning_.resolve_mode(self, cond_mode, known)
+        conditioning_.check_cfg(cfg_weight, mode)
         if noise == "embedded" and known is None and guide_weak is None and reward is None and callback is None:
             h = draw_embedded(self.net.embed, (num_samples, seq_len), generator, self._noise_factor())
             return self.sample_embedded(h.to(dtype), steps, generator, gamma)
@@ -303,6 +332,8 @@ class FMLM(nn.Module):
             reward_scale,
             reward_iters,
             reward_temperature,
+            learned=mode == "learned",
+            cfg_weight=cfg_weight,
         )
 
     def _noise_factor(self) -> torch.Tensor | None:

@@ -38,16 +38,24 @@ def guided_sample(
     reward_scale: float,
     reward_iters: int,
     reward_temperature: float,
+    learned: bool = False,
+    cfg_weight: float | None = None,
 ) -> torch.Tensor:
-    """Token ids (B, L) from the initial state z (B, L, V); the arguments are those of ``FMLM.sample``."""
+    """Token ids (B, L) from the initial state z (B, L, V); the arguments are those of ``FMLM.sample``
+    (``learned``: its ``cond_mode="learned"``: known positions clean and flagged, no inversion)."""
     device, dtype = z.device, z.dtype
     taus = torch.linspace(0, 1, steps + 1, dtype=torch.float64, device=device)
     ts = fm.schedule.t(taus)
     B = z.shape[0]
     one = torch.ones(B, device=device)
 
-    def delta(x, tau_s, tau_t):
-        return fm.guided_delta(x, tau_s, tau_t, guide_weak, guide_weight)
+    def delta(x, tau_s, tau_t, temperature=1.0):
+        if not learned:
+            return fm.guided_delta(x, tau_s, tau_t, guide_weak, guide_weight, temperature)
+        x_u = None
+        if cfg_weight is not None:  # the unconditional view: known positions on their interpolant, not flagged
+            x_u = replace_known(x, known, mask, noise.to(x.dtype), fm.schedule.t(tau_s[:1].double()))
+        return fm.guided_delta(x, tau_s, tau_t, guide_weak, guide_weight, temperature, mask, cfg_weight, x_u)
 
     steer = (
         None if reward is None else Steering(reward, reward_scale, reward_iters, update=None if mask is None else ~mask)
@@ -55,23 +63,18 @@ def guided_sample(
     if reward_temperature <= 0:
         raise ValueError(f"reward_temperature must be > 0, got {reward_temperature}")
     noise = z
-    if known is not None and invert_iters > 0:
+    if known is not None and invert_iters > 0 and not learned:
         # Invert the known positions' noise through the one-step look-ahead (t = 0).
         tau0 = taus[0].float().expand(B)
         noise = z = invert_known(z, lambda x: delta(x, tau0, one), known, mask, invert_scale, invert_iters)
     for i in range(steps):
         s, t = ts[i], ts[i + 1]
         tau_s = taus[i].float().expand(B)
-        z = replace_known(z, known, mask, noise, s)
+        s_known = 1.0 if learned else s  # learned conditioning: the known positions stay clean
+        z = replace_known(z, known, mask, noise, s_known)
         if steer is not None:
             z = replace_known(
-                steer(
-                    z, lambda x: fm.guided_delta(x, tau_s, one, guide_weak, guide_weight, reward_temperature), float(s)
-                ),
-                known,
-                mask,
-                noise,
-                s,
+                steer(z, lambda x: delta(x, tau_s, one, reward_temperature), float(s)), known, mask, noise, s_known
             )
         if i == steps - 1:
             d = clamp_known(delta(z.float(), tau_s, taus[i + 1].float().expand(B)), known, mask)
