@@ -71,7 +71,7 @@ def _wandb_history(run: Path) -> list[dict]:
             rec.ParseFromString(buf)
             if rec.WhichOneof("record_type") == "history":
                 items = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in rec.history.item}
-                out.append({"session": path.parent.name, **items})
+                out.append({"session": path.parent.name, "run_id": path.stem.removeprefix("run-"), **items})
     return out
 
 
@@ -162,7 +162,9 @@ def test_resume_logs_every_step_once(tmp_path, offline_wandb):
     assert sorted(h["_step"] for h in hist if "loss" in h) == [1, 2, 3, 4, 5, 6]
     sessions = sorted({h["session"] for h in hist})
     assert len(sessions) == 2 and {h["_step"] for h in hist if h["session"] == sessions[1]} == {6}
-    assert len({s.rsplit("-", 1)[1] for s in sessions}) == 1  # one run id
+    # one run id (read from the run file's name: two sessions started in the same second get folders
+    # "offline-run-TIME-ID" and "offline-run-TIME-ID-1", so the folder name is no place to parse it from)
+    assert len({h["run_id"] for h in hist}) == 1
 
 
 def test_restart_archives_the_writers_files(tmp_path):
