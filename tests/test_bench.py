@@ -567,6 +567,23 @@ def test_bench_use_checks_the_config(tiny_bench, capsys):
     assert_one_line_error(code, err, "no such variant")
 
 
+def test_bench_cache_keys_do_not_move_when_keys_are_added_at_their_defaults():
+    """The cache keys of runs trained before later config keys existed (the scaling study's cached
+    300-step point). A new config key must leave them alone at its default (runs._LATER_DEFAULTS),
+    or every cached run would silently train again; a change of what is learned changes them."""
+    from fmlm.bench.presets import get_preset, variants_for
+    from fmlm.bench.runs import config_key, variant_config
+
+    preset, by_label = get_preset("shakespeare-cpu"), {v.label: v for v in variants_for(None)}
+    keys = {
+        label: config_key(variant_config(preset, by_label[label], ["model.size=mini", "max_steps=300"], None, 1))
+        for label in ("FLM", "MDLM", "Duo", "AR")
+    }
+    assert keys == {"FLM": "83790e557c96", "MDLM": "634a5b0a61da", "Duo": "874f3c5b7212", "AR": "6f6951d4dfcb"}
+    other = variant_config(preset, by_label["FLM"], ["model.size=mini", "max_steps=300", "cond_prob=0.5"], None, 1)
+    assert config_key(other) != keys["FLM"]
+
+
 @pytest.mark.slow
 def test_bench_resumes_its_saved_settings(tiny_bench, capsys, monkeypatch):
     """A killed bench samples only the settings it had not saved; the others come back unchanged."""

@@ -78,7 +78,13 @@ def variant_config(
 
 
 # Keys added after bench caches existed, left out at their default so that older cache keys stay valid.
-_LATER_DEFAULTS = {"model.norm_eps": 1e-6, "model.attn_softcap": 0.0}
+_LATER_DEFAULTS = {
+    "model.norm_eps": 1e-6,
+    "model.attn_softcap": 0.0,
+    "train.cond_prob": 0.0,
+    "train.cond_infill_prob": 0.0,
+    "train.cfg_drop": 0.0,
+}
 
 
 def comparable(cfg: dict) -> dict:
