@@ -218,3 +218,35 @@ def test_server_min_length_and_bos_fields(models, tmp_path):
         ]:
             r = client.post("/v1/generate", json={"model": "flm", "steps": 2, **bad})
             assert r.status_code == 400 and match in r.json()["error"], (bad, r.json())
+
+
+def test_server_length_and_context_fields(models):
+    """A long text over HTTP is the API's block-by-block text of the same seed (fmlm.long)."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from fmlm.serve import ServeLimits, create_app, wrap_model
+
+    served = [wrap_model("flm", models["flm"]), wrap_model("ar", models["ar"])]
+    with TestClient(create_app(served, ServeLimits(max_steps=8, max_tries=3, max_length=64))) as client:
+        for name in ("flm", "ar"):
+            body = {"model": name, "num_samples": 3, "steps": 2, "seed": 4, "length": 20, "context": 3}
+            r = client.post("/v1/generate", json=body)
+            assert r.status_code == 200, r.json()
+            r = r.json()
+            expected = models[name].generate(3, 2, 4, length=20, context=3, max_tries=3)
+            assert r["ids"] == expected.ids and r["texts"] == expected.texts
+            assert r["raw_ids"] == expected.raw.tolist() and len(r["raw_ids"][0]) == 20
+        r = client.post("/v1/generate", json={"model": "flm", "steps": 2, "seed": 4, "length": 20, "min_length": 12})
+        assert r.status_code == 200 and all(len(ids) >= 12 for ids in r.json()["ids"])
+        for bad, match in [
+            ({"length": 65}, "length must be in 0..64"),
+            ({"length": 20, "context": 8}, "context must be in 0..7"),
+            ({"context": 2}, "context applies only with a length"),
+            ({"length": 20, "min_length": 21}, "min_length must be in 0..20"),
+        ]:
+            r = client.post("/v1/generate", json={"model": "flm", "steps": 2, **bad})
+            assert r.status_code == 400 and match in r.json()["error"], (bad, r.json())
+        r = client.post("/v1/stream", json={"model": "flm", "steps": 2, "length": 20})
+        assert r.status_code == 400 and "not a stream" in r.json()["error"]

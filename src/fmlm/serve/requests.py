@@ -20,6 +20,8 @@ _FIELDS = {
     "gamma",
     "max_events",
     "min_length",
+    "length",
+    "context",
     "bos",
     "cfg_weight",
     *CONDITIONING_FIELDS,
@@ -39,6 +41,7 @@ class ServeLimits:
     max_json_depth: int = 4
     max_number_chars: int = 32
     max_tries: int = 4  # draws per sample for min_length (fmlm.length)
+    max_length: int = 4_096  # tokens of a long text, written block by block (fmlm.long)
     batch_max: int = 32  # sequences in one batched forward pass (1: no batching)
     batch_window: float = 0.0  # seconds a batch waits for more requests (0: only those already waiting)
 
@@ -190,8 +193,17 @@ def parse_request(raw: bytes, models: dict[str, Served], limits: ServeLimits, st
     bos = body.get("bos", False)
     if not isinstance(bos, bool):
         raise BadRequest(f"bos must be true or false, got {json.dumps(bos)[:40]}")
-    room = " (the sequence length" + (", less one for bos)" if bos else ")")
-    min_length = _int_field(body, "min_length", 0, 0, seq_len - bos, room)
+    total = _int_field(body, "length", 0, 0, limits.max_length, " (tokens of a text written block by block)")
+    if total:
+        if stream:
+            raise BadRequest("length (a long text, block by block) is for /v1/generate, not a stream", param="length")
+        options["length"] = total
+        if "context" in body:
+            options["context"] = _int_field(body, "context", 0, 0, seq_len - 1, " (less than the block)")
+    elif "context" in body:
+        raise BadRequest("context applies only with a length", param="context")
+    room = " (the length)" if total else " (the sequence length" + (", less one for bos)" if bos else ")")
+    min_length = _int_field(body, "min_length", 0, 0, total or seq_len - bos, room)
     if min_length:
         options["min_length"] = min_length
     if bos:
@@ -222,7 +234,7 @@ def parse_request(raw: bytes, models: dict[str, Served], limits: ServeLimits, st
         except FmlmError as e:
             raise BadRequest(str(e)) from None
     job = Job(served, num_samples, steps, seed, seq_len, options, stream=stream, max_events=max_events)
-    if not stream and not min_length:  # one draw: requests with the same settings can share it
+    if not stream and not min_length and not total:  # one draw: requests with the same settings can share it
         job.batch_key = ("generate", served.name, steps, seq_len, tuple(sorted(options.items())))
     return job
 

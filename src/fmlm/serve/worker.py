@@ -5,7 +5,7 @@ import queue
 import threading
 import time
 
-from fmlm import length
+from fmlm import length, long
 from fmlm.errors import FmlmError
 from fmlm.serve.batching import JobQueue, RowStreams, Unsplittable
 from fmlm.serve.requests import BadRequest, Job, ServeLimits
@@ -203,6 +203,7 @@ class Worker:
 
             kw["callback"] = callback
         min_length, bos = kw.pop("min_length", 0), kw.get("bos", False)
+        long_len, context = kw.pop("length", 0), kw.pop("context", None)
 
         def draw(seed: int):  # a stream shows the steps of every draw
             nonlocal first
@@ -217,7 +218,16 @@ class Worker:
             return job.finish(
                 job, raw, {"seconds": time.perf_counter() - started, "queue_seconds": queue_seconds, **meta}
             )
-        res = length.generate(draw, model.tokenizer, job.num_samples, job.seed, min_length, self.limits.max_tries, bos)
+        if long_len:  # a long text, block by block (fmlm.long); never batched, never streamed
+            rest = {k: v for k, v in kw.items() if k != "bos"}
+            n, tries = job.num_samples, self.limits.max_tries
+            res = long.generate(
+                model, n, job.steps, job.seed, long_len, context, min_length, tries, bos, job.seq_len, **rest
+            )
+        else:
+            res = length.generate(
+                draw, model.tokenizer, job.num_samples, job.seed, min_length, self.limits.max_tries, bos
+            )
         seconds = time.perf_counter() - started
         out = {
             "model": job.served.name,
