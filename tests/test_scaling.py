@@ -131,3 +131,24 @@ def test_scaling_cli_errors(capsys):
         main(["bench", "scaling", "--budgets", "0"])
     assert e.value.code == 2
     assert_one_line_error(2, capsys.readouterr().err, "--budgets")
+
+
+def test_a_point_is_reused_only_with_the_same_variants():
+    """--only is part of a point's settings: a bench of five variants does not stand in for one of seven."""
+    from fmlm.bench.scaling import _matches
+
+    ov, distill, steps = ["model.size=mini", "max_steps=10"], ["max_steps=5"], [1, 2]
+    result = {
+        "preset": "shakespeare-cpu",
+        "overrides": ov,
+        "distill_overrides": distill,
+        "steps": steps,
+        "num_samples": 4,
+        "samples_file": "samples.jsonl",
+        "only": ["FLM", "FMLM", "AR"],
+    }
+    assert _matches(result, "shakespeare-cpu", ov, distill, steps, 4, ["ar", "flm", "fmlm"])
+    assert not _matches(result, "shakespeare-cpu", ov, distill, steps, 4, None)
+    assert not _matches(result, "shakespeare-cpu", ov, distill, steps, 4, ["FLM", "AR"])
+    assert _matches({**result, "only": None}, "shakespeare-cpu", ov, distill, steps, 4, None)
+    assert not _matches({**result, "only": None}, "shakespeare-cpu", ov, distill, steps, 4, ["FLM"])

@@ -41,7 +41,15 @@ def point_overrides(size: str, budget: int) -> list[str]:
     return [f"model.size={size}", f"max_steps={budget}"]
 
 
-def _matches(result: dict, preset: str, overrides: list[str], distill: list[str], steps: list[int], n: int) -> bool:
+def _matches(
+    result: dict,
+    preset: str,
+    overrides: list[str],
+    distill: list[str],
+    steps: list[int],
+    n: int,
+    only: list[str] | None = None,
+) -> bool:
     """Whether a finished bench was sampled with these settings (whatever its scorer)."""
     return (
         result.get("preset") == preset
@@ -50,7 +58,12 @@ def _matches(result: dict, preset: str, overrides: list[str], distill: list[str]
         and result.get("steps") == steps
         and result.get("num_samples") == n
         and bool(result.get("samples_file"))
+        and _labels(result.get("only")) == _labels(only)
     )
+
+
+def _labels(only: list[str] | None) -> set[str] | None:
+    return None if not only else {label.lower() for label in only}
 
 
 def _scorer_name(result: dict) -> str | None:
@@ -73,6 +86,7 @@ def run_point(
     quiet: bool,
     log,
     load=None,
+    only: list[str] | None = None,
 ) -> list[Path]:
     """One point of the study: the bench and a scored folder per scorer; returns the scored folders.
 
@@ -81,6 +95,7 @@ def run_point(
     scorer (and the first one, when the reused bench was scored by another or by none, e.g.
     sampled on a GPU machine without scorers) re-scores its saved samples into
     ``OUT/SIZE-BUDGET-SCORER``. ``none`` as the only scorer samples without scoring.
+    ``only`` restricts the sampled variants (``--only``; their teachers are still trained).
     """
     from fmlm.bench.suite import run_bench
 
@@ -95,7 +110,7 @@ def run_point(
     folder = out / f"{size}-{budget}"
     first = scorers[0]
     existing = read_result(folder) if (folder / "results.json").is_file() else None
-    if existing is not None and _matches(existing, preset, ov, distill, steps, n):
+    if existing is not None and _matches(existing, preset, ov, distill, steps, n, only):
         log(f"{folder}: sampled with the same settings, reused")
     else:
         log(f"bench {preset} at {size}, {budget} steps -> {folder}")
@@ -112,6 +127,7 @@ def run_point(
                 str(n),
                 "--scorer",
                 first,
+                *(["--only", ",".join(only)] if only else []),
             ]
         )
         existing = run_bench(
@@ -128,6 +144,7 @@ def run_point(
             quiet=quiet,
             command=command,
             distill_overrides=distill,
+            only=only,
         )
     folders = []
     for name in scorers:
@@ -170,6 +187,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=DISTILL_RATIO,
         help="flow-map distillation steps per stage-1 step (default 800/1500)",
     )
+    p.add_argument(
+        "--only",
+        help="comma-separated variant labels to sample, e.g. FLM,FMLM,MDLM,Duo,AR (their teachers are still trained)",
+    )
     p.add_argument("--out", default="runs/bench/scaling", help="output folder")
     p.add_argument("--cache-dir", help="where trained runs are cached (default: $FMLM_CACHE/bench)")
     p.add_argument("--threads", type=positive)
@@ -191,6 +212,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     scorers = [s.strip() for s in args.scorers.split(",") if s.strip()]
     if not sizes or not scorers:
         raise ConfigError("--sizes and --scorers need at least one name each")
+    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     out = Path(args.out)
     loaded: dict = {}
@@ -223,6 +245,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                 args.quiet,
                 log,
                 load,
+                only,
             ):
                 done.append((size, budget, folder))
     study = aggregate(done)

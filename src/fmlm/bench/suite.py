@@ -170,6 +170,7 @@ def run_bench(
         "seed": seed,
         "num_samples": num_samples,
         "steps": steps,
+        "only": [v.label for v in sampled] if only else None,
         "sample_batch": sample_batch,
         "precision": "float32",
         "scorer": score.describe() if score is not None else None,
