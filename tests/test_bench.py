@@ -1000,3 +1000,74 @@ def test_bench_lm1b_cpu_at_toy_scale(shared_dir, tmp_path, capsys):
     assert r["variants"]["FLM"]["step"] == 2 and r["metric"] == "gen_bpb"
     row = r["rows"][0]
     assert row["num_samples"] == 2 and row["gen_ppl"] > 1 and 0 < r["data_entropy"] < math.log(16)
+
+
+def _hand_bench(folder):
+    """A finished bench written by hand: two settings and the two reference sets, 3 samples each."""
+    from fmlm.bench.report import SAMPLES, write_outputs
+
+    texts = {("FLM", 1): ["ab", "cde", "f"], ("FLM", 4): ["abc", "d", "efgh"], ("AR", 8): ["xy", "z", "w"]}
+    rows = [
+        {
+            **{"label": lab, "method": lab.lower(), "steps": s, "nfe": s, "num_samples": 3, "entropy": 2.0},
+            **{"seconds_per_sample": 0.1, "samples_per_s": 10.0},
+        }
+        for lab, s in texts
+    ]
+    result = {
+        **dict.fromkeys(("ablation", "ablation_description", "command", "commit", "torch", "threads")),
+        "preset": "hand",
+        "description": "by hand",
+        "seed": 0,
+        "steps": [1, 4],
+        "num_samples": 3,
+        "rows": rows,
+        "variants": {},
+        "scorer": None,
+    }
+    samples = [
+        {"label": lab, "steps": s, "index": i, "text": t, "ended": False}
+        for (lab, s), ts in [*texts.items(), (("data", None), ["abc"] * 3), (("shuffled", None), ["cba"] * 3)]
+        for i, t in enumerate(ts)
+    ]
+    write_outputs(result, folder, plots=False, samples=samples)
+    assert (folder / SAMPLES).is_file()
+
+
+def test_a_killed_rescoring_resumes_from_the_rows_it_scored(tmp_path):
+    """Each scored row is saved at once; a rerun scores only the rest and ends as an uninterrupted run."""
+    from fmlm.bench.rescore import PARTIAL, rescore
+
+    _hand_bench(tmp_path / "bench")
+    whole, _ = rescore(tmp_path / "bench", _UniformScorer(10), tmp_path / "whole", plots=False)
+
+    class Killed(_UniformScorer):
+        calls = 0
+
+        def score(self, texts, ended=None):
+            Killed.calls += 1
+            if Killed.calls == 3:
+                raise KeyboardInterrupt  # killed while scoring the third row
+            return super().score(texts, ended)
+
+    with pytest.raises(KeyboardInterrupt):
+        rescore(tmp_path / "bench", Killed(10), tmp_path / "re", plots=False)
+    assert set(json.loads((tmp_path / "re" / PARTIAL).read_text())["rows"]) == {"FLM|1", "FLM|4"}
+    Killed.calls = 100  # never raises again; counts the calls of the resumed run
+    logs = []
+    again, _ = rescore(tmp_path / "bench", Killed(10), tmp_path / "re", plots=False, log=logs.append)
+    assert Killed.calls == 100 + 1 + 2  # the last row and the two reference sets, nothing scored twice
+    assert any("resuming, 2 row(s)" in m for m in logs) and not (tmp_path / "re" / PARTIAL).exists()
+    assert [r["gen_bpb"] for r in again["rows"]] == [r["gen_bpb"] for r in whole["rows"]]
+    # a partial file of another scorer is not reused: said so, and every row scored again
+    (tmp_path / "re2").mkdir()
+    partial = json.loads((tmp_path / "re" / "results.json").read_text())  # any JSON of the wrong shape
+    (tmp_path / "re2" / PARTIAL).write_text(json.dumps({"scorer": {"name": "uniform"}, "rows": partial}))
+    logs.clear()
+
+    class Other(_UniformScorer):
+        name = "other"
+
+    r3, _ = rescore(tmp_path / "bench", Other(10), tmp_path / "re2", plots=False, log=logs.append)
+    assert any("starts from the first row" in m for m in logs)
+    assert [r["gen_bpb"] for r in r3["rows"]] == [r["gen_bpb"] for r in whole["rows"]]

@@ -3,16 +3,25 @@
 A bench saves every decoded sample (and the two reference sets) in ``samples.jsonl``;
 re-scoring needs no model and no sampling, so a bench sampled on one machine (a GPU
 without the scorers, say) can be scored on another, and under several scorers.
+
+Re-scoring resumes: each scored row is saved at once in ``OUT/rescore-partial.json``
+(with the scorer and a checksum of the samples), so a killed re-scoring goes on from
+the rows it had scored; the file is removed when the results are written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 from fmlm.bench.metrics import score_references, score_texts
 from fmlm.bench.report import SAMPLES, _fmt, add_references, read_result, write_outputs
 from fmlm.errors import ConfigError
+from fmlm.io import write_json
+
+#: Rows scored so far by an unfinished re-scoring (removed once the results are written).
+PARTIAL = "rescore-partial.json"
 
 
 def read_samples(folder: str | Path) -> list[dict]:
@@ -74,9 +83,19 @@ def rescore(
     if missing:
         raise ConfigError(f"{folder / SAMPLES}: the samples of {', '.join(missing[:3])} are missing or incomplete")
     old = (result.get("scorer") or {}).get("name")
+    dest = Path(out) if out else folder.with_name(f"{folder.name}-{_slug(scorer.describe()['name'])}")
+    partial_path = dest / PARTIAL
+    checksum = hashlib.sha256((folder / SAMPLES).read_bytes()).hexdigest()
+    identity = {"scorer": scorer.describe(), "samples_sha256": checksum}
+    done = _read_partial(partial_path, identity, log)
     for i, r in enumerate(result["rows"], 1):
-        g = groups[(r["label"], r["steps"])]
-        r.update(score_texts([s["text"] for s in g], [s["ended"] for s in g], scorer))
+        key = f"{r['label']}|{r['steps']}"
+        if key not in done:
+            g = groups[(r["label"], r["steps"])]
+            done[key] = score_texts([s["text"] for s in g], [s["ended"] for s in g], scorer)
+            dest.mkdir(parents=True, exist_ok=True)
+            write_json(partial_path, {**identity, "rows": done})
+        r.update(done[key])
         log(f"[{i}/{len(result['rows'])}] {r['label']} {r['steps']} steps: {_fmt(r['gen_bpb'], '.3f')} bits/byte")
     refs = {
         name: ([s["text"] for s in groups[(name, None)]], [s["ended"] for s in groups[(name, None)]])
@@ -88,6 +107,24 @@ def rescore(
     result["scorer"] = scorer.describe()
     result["metric"] = "gen_bpb"
     result["rescored"] = {"from": str(folder), "from_scorer": old, "command": command}
-    dest = Path(out) if out else folder.with_name(f"{folder.name}-{_slug(result['scorer']['name'])}")
     write_outputs(result, dest, plots=plots, samples=samples)
+    partial_path.unlink(missing_ok=True)
     return result, dest
+
+
+def _read_partial(path: Path, identity: dict, log) -> dict:
+    """The rows an unfinished re-scoring of the same samples under the same scorer saved."""
+    if not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        rows = saved["rows"]
+        same = saved["scorer"] == identity["scorer"] and saved["samples_sha256"] == identity["samples_sha256"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        log(f"{path}: unreadable, the re-scoring starts from the first row")
+        return {}
+    if not (same and isinstance(rows, dict)):
+        log(f"{path}: left by another scorer or other samples, the re-scoring starts from the first row")
+        return {}
+    log(f"{path}: resuming, {len(rows)} row(s) scored earlier")
+    return rows
