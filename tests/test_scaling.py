@@ -152,3 +152,61 @@ def test_a_point_is_reused_only_with_the_same_variants():
     assert not _matches(result, "shakespeare-cpu", ov, distill, steps, 4, ["FLM", "AR"])
     assert _matches({**result, "only": None}, "shakespeare-cpu", ov, distill, steps, 4, None)
     assert not _matches({**result, "only": None}, "shakespeare-cpu", ov, distill, steps, 4, ["FLM"])
+
+
+def _finished_point(folder, budget, scorer, bpb):
+    from fmlm.bench.report import write_outputs
+
+    rows = [
+        {"label": lab, "method": m, "steps": s, "nfe": s, "num_samples": 3, "entropy": 3.0, "gen_bpb": bpb + d}
+        | {"gen_ppl": 2.0, "seconds_per_sample": 0.01 * s, "samples_per_s": 100.0 / s}
+        for lab, m, s, d in [("FLM", "flm", 1, 1.0), ("FMLM", "semigroup", 1, 0.0), ("MDLM", "mdlm", 2, 0.5)]
+    ]
+    result = {
+        **dict.fromkeys(("ablation", "ablation_description", "command", "commit", "torch", "threads")),
+        "preset": "shakespeare-cpu",
+        "description": "by hand",
+        "seed": 0,
+        "overrides": ["model.size=mini", f"max_steps={budget}"],
+        "distill_overrides": [f"max_steps={budget // 2}"],
+        "steps": [1, 2],
+        "num_samples": 3,
+        "samples_file": "samples.jsonl",
+        "scorer": {"name": scorer},
+        "metric": "gen_bpb",
+        "rows": rows,
+        "variants": {
+            "FLM": {"method": "flm", "tokens": budget * 100, "status": "trained"},
+            "FMLM": {"method": "semigroup", "tokens": 1, "status": "trained"},
+        },
+        "data_entropy": 3.1,
+        "data_bpb": 2.0,
+        "shuffled_bpb": 5.5,
+    }
+    write_outputs(result, folder, plots=False)
+
+
+def test_report_only_aggregates_the_finished_points_and_names_the_missing(tmp_path, capsys):
+    out = tmp_path / "study"
+    _finished_point(out / "mini-10", 10, "s1", 4.0)
+    _finished_point(out / "mini-10-s2", 10, "s2", 4.5)
+    _finished_point(out / "mini-30", 30, "s1", 3.5)
+    common = ["--steps", "1,2", "-n", "3", "--distill-ratio", "0.5", "--out", str(out), "--no-plots"]
+    code, _, err = run_cli(
+        capsys, "bench", "scaling", "--budgets", "10,30,90", "--scorers", "s1,s2", "--report-only", *common
+    )
+    assert code == 0, err
+    study = json.loads((out / "scaling.json").read_text())
+    assert [(p["budget"], p["scorer"], p["folder"]) for p in study["points"]] == [
+        (10, "s1", "mini-10"),
+        (10, "s2", "mini-10-s2"),
+        (30, "s1", "mini-30"),
+    ]
+    assert study["points"][2]["tokens"] == 3000 and study["points"][2]["claims"]["one_step"]["holds"]
+    assert "mini-30: not scored under s2 yet, left out" in err and "mini-90: not scored under s1" in err
+    # a point sampled with other settings is not one of this study's
+    other = [x if x != "3" else "4" for x in common]  # 4 samples per setting, not 3
+    code, _, err = run_cli(
+        capsys, "bench", "scaling", "--budgets", "10", "--report-only", "--scorers", "s1", "--quiet", *other
+    )
+    assert_one_line_error(code, err, "no finished point")

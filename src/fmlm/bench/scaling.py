@@ -13,7 +13,8 @@ so a study can be built up over several invocations (add a budget, a size or a s
 later; nothing finished is redone). Then it aggregates every point into
 ``scaling.json``, ``scaling.md`` (bits per byte by method, steps and budget; the seed's
 three claims judged at each point) and two plots: bits per byte against training tokens
-and, at the largest budget, against seconds per sample.
+and, at the largest budget, against seconds per sample. ``--report-only`` runs nothing: it
+aggregates the points and scorers already finished under ``--out`` and says which are missing.
 """
 
 from __future__ import annotations
@@ -165,6 +166,25 @@ def run_point(
     return folders
 
 
+def finished_folders(out: Path, size: str, budget: int, overrides, distill, args, scorers, only) -> dict[str, Path]:
+    """The folders of one point already scored by each scorer (``--report-only``), by scorer name."""
+    folder = out / f"{size}-{budget}"
+    if not (folder / "results.json").is_file():
+        return {}
+    bench = read_result(folder)
+    if not _matches(bench, args.preset, overrides, distill, list(args.steps), args.num_samples, only):
+        return {}
+    found = {}
+    for name in scorers:
+        if _scorer_name(bench) == name:
+            found[name] = folder
+            continue
+        dest = out / f"{size}-{budget}-{_slug(name)}"
+        if (dest / "results.json").is_file() and _scorer_name(read_result(dest)) == name:
+            found[name] = dest
+    return found
+
+
 # ------------------------------------------------------------------ CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from fmlm.argtypes import positive, steps_list
@@ -195,6 +215,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="where trained runs are cached (default: $FMLM_CACHE/bench)")
     p.add_argument("--threads", type=positive)
     p.add_argument("--device")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train, sample and score nothing: aggregate the points (and scorers) already finished under --out",
+    )
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true")
 
@@ -229,6 +254,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     for i, size in enumerate(sizes):
         for j, budget in enumerate(args.budgets):
             log(f"[point {i * len(args.budgets) + j + 1}/{total}] {size}, {budget} steps")
+            if args.report_only:
+                ov = list(args.overrides) + point_overrides(size, budget)
+                distill = [f"max_steps={max(1, round(args.distill_ratio * budget))}"]
+                found = finished_folders(out, size, budget, ov, distill, args, scorers, only)
+                for name in scorers:
+                    if name not in found:
+                        log(f"{out / f'{size}-{budget}'}: not scored under {name} yet, left out")
+                done += [(size, budget, found[name]) for name in scorers if name in found]
+                continue
             for folder in run_point(
                 args.preset,
                 size,
@@ -248,6 +282,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                 only,
             ):
                 done.append((size, budget, folder))
+    if not done:
+        raise ConfigError(f"{out}: no finished point to report")
     study = aggregate(done)
     command = "fmlm bench scaling " + " ".join(shlex.quote(a) for a in argv)
     study["command"] = command
