@@ -8,6 +8,7 @@ import torch
 
 from fmlm import checkpoint as ckpt
 from fmlm.errors import CheckpointError
+from test_cli import assert_one_line_error, run_cli
 
 
 def _state(seed=0):
@@ -203,3 +204,44 @@ def test_dead_writers_temporary_folders_are_cleaned_before_a_save(tmp_path):
     names = sorted(p.name for p in ck.iterdir())
     assert names == [mine.name, "step_00000001", "step_00000003"]
     ckpt.verify(ck / "step_00000001")
+
+
+def test_init_from_starts_a_new_run_from_another_runs_ema_weights(tmp_path, capsys):
+    """train.init_from: the new run's weights (and EMA) are the source's EMA weights, at step 0 with a
+    fresh optimiser; a source of another backbone is one line; resuming ignores the source."""
+    from safetensors.torch import load_file
+
+    from fmlm.config import build_config
+    from fmlm.train import Trainer
+
+    def cfg(*over):
+        base = ["threads=1", "max_steps=4", "eval_every=100", "save_every=4", f"data.cache_dir={tmp_path / 'd'}"]
+        return build_config("tiny", base + list(over))
+
+    quiet = {"progress": False, "log": lambda *a: None}
+    Trainer(cfg(), tmp_path / "a", **quiet).fit()
+    src = load_file(str(ckpt.latest_checkpoint(tmp_path / "a") / "ema.safetensors"))
+    logs = []
+    b = Trainer(cfg("lr=1e-4", f"init_from={tmp_path / 'a'}"), tmp_path / "b", progress=False, log=logs.append)
+    assert b.state.step == 0 and not b.opt.state  # a fresh optimiser, step 0
+    for k, v in b.method.state_dict().items():
+        assert torch.equal(v.float(), src[k].float()) and torch.equal(b.ema.shadow[k], src[k].float()), k
+    assert any("initialised from the EMA weights" in m for m in logs)
+    b.fit()
+    # resuming b (now with its own checkpoint) takes b's weights, not the source's again
+    resumed = Trainer(cfg("lr=1e-4", f"init_from={tmp_path / 'a'}", "max_steps=6"), tmp_path / "b", **quiet)
+    own = load_file(str(ckpt.latest_checkpoint(tmp_path / "b") / "model.safetensors"))
+    assert resumed.state.step == 4
+    assert all(torch.equal(v, own[k]) for k, v in resumed.method.state_dict().items())
+    # another backbone, or no checkpoint there: one line, exit 2
+    code, _, err = run_cli(
+        capsys, "train", "tiny", "model.d_model=32", f"init_from={tmp_path / 'a'}", *_quick(tmp_path, "c")
+    )
+    assert_one_line_error(code, err, "does not match the model")
+    code, _, err = run_cli(capsys, "train", "tiny", f"init_from={tmp_path / 'nowhere'}", *_quick(tmp_path, "e"))
+    assert_one_line_error(code, err, "checkpoint not found")
+
+
+def _quick(tmp_path, name):
+    data = f"data.cache_dir={tmp_path / 'd'}"
+    return ["threads=1", "max_steps=2", data, "--run-dir", str(tmp_path / name), "--quiet"]

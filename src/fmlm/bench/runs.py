@@ -84,6 +84,7 @@ _LATER_DEFAULTS = {
     "train.cond_prob": 0.0,
     "train.cond_infill_prob": 0.0,
     "train.cfg_drop": 0.0,
+    "train.init_from": "",
 }
 
 

@@ -82,6 +82,10 @@ class TrainConfig:
     get given positions (a clean prefix, or with ``cond_infill_prob`` random spans) that carry no
     loss and are flagged by a learned given embedding (0: none, and no such embedding);
     ``cfg_drop`` drops a conditioned row's conditioning (classifier-free guidance).
+
+    ``init_from`` (a run or checkpoint directory of the same method and backbone) starts a new
+    run from that checkpoint's EMA weights, with a fresh optimiser, schedule and step count:
+    fine-tuning, or a second phase with another learning rate or EMA (ignored on resume).
     """
 
     method: str = "flm"
@@ -116,6 +120,7 @@ class TrainConfig:
     cond_prob: float = 0.0
     cond_infill_prob: float = 0.0
     cfg_drop: float = 0.0
+    init_from: str = ""
 
 
 @dataclass

@@ -59,6 +59,19 @@ def restore(trainer, path: Path) -> None:
     trainer.log(f"resumed from {path} at step {trainer.state.step}")
 
 
+def init_weights(method, source: str, log) -> Path:
+    """Load the EMA weights of another run's checkpoint into a fresh run's ``method`` (``train.init_from``).
+
+    Strict: the checkpoint must hold the same method and backbone (one-line error otherwise).
+    The optimiser, schedule, RNG and counters are not taken: the new run starts at step 0.
+    """
+    path = ckpt.resolve(source)
+    ckpt.verify(path, deep=True)
+    ckpt.load_into(method, ckpt.load_state(path, "ema.safetensors"), f"train.init_from={source}")
+    log(f"initialised from the EMA weights of {path}")
+    return path
+
+
 def save(trainer) -> Path:
     """Write a checkpoint (rank 0; under FSDP every rank helps gather the state).
 

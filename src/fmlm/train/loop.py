@@ -18,7 +18,7 @@ from fmlm.io import write_json
 from fmlm.methods import build_method
 from fmlm.methods.flm import Strata
 from fmlm.runtime import autocast_dtype, pick_device
-from fmlm.train.checkpoints import find_resume_point, restore, save
+from fmlm.train.checkpoints import find_resume_point, init_weights, restore, save
 from fmlm.train.evaluate import evaluate, sample_texts
 from fmlm.train.interrupt import _GracefulInterrupt
 from fmlm.train.logs import BarTotal, RunLogs, progress_bar
@@ -119,6 +119,8 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # same initial weights on every rank
         self.method = build_method(cfg, training=True).to(self.device)
+        if self.resume_from is None and t.init_from:  # before the EMA copies the weights
+            init_weights(self.method, t.init_from, self.log)
         if hasattr(self.method, "bind_tokenizer"):  # e.g. a classifier whose labels come from the text
             self.method.bind_tokenizer(self.data.tokenizer)
         if t.compile:
