@@ -56,6 +56,14 @@ def test_claims_by_bits_per_byte():
     # a collapsed one-step flow map does not hold the claim, however low its score
     rows[0]["entropy"] = 0.4
     assert not claims({"rows": rows, "data_entropy": 3.1})["one_step"]["holds"]
+    # nor does a collapsed FLM at 1,024 steps, and a collapsed rival does not count
+    rows[0]["entropy"] = 3.0
+    low = [dict(r, gen_bpb=2.0, entropy=0.5) if (r["label"], r["steps"]) == ("FLM", 1024) else r for r in rows]
+    c2 = claims({"rows": low, "data_entropy": 3.1})["many_step"]
+    assert not c2["holds"] and not c2["entropy_ok"] and c2["gap"] == pytest.approx(-0.9)
+    rival_low = [dict(r, gen_bpb=1.0, entropy=0.5) if (r["label"], r["steps"]) == ("MDLM", 1024) else r for r in rows]
+    c3 = claims({"rows": rival_low, "data_entropy": 3.1})["many_step"]
+    assert c3["best_rival"] == "Duo" and not c3["holds"] and c3["gap"] == pytest.approx(0.2)
     point = {
         "size": "mini",
         "budget": 500,
