@@ -192,36 +192,56 @@ def plot(study: dict, out: Path) -> list[Path]:
         pts = [p for p in study["points"] if p["scorer"] == scorer]
         size = pts[0]["size"]
         line_pts = sorted((p for p in pts if p["size"] == size), key=lambda p: p["tokens"])
-        fig, ax = plt.subplots(figsize=(7.2, 4.6))
         labels = list(dict.fromkeys(r["label"] for p in line_pts for r in p["rows"]))
         colors = {lab: f"C{i}" for i, lab in enumerate(labels)}
-        all_steps = sorted({r["steps"] for p in line_pts for r in p["rows"]})
-        markers = dict(zip(all_steps, "os^vDP*Xh"))
-        for label, steps in dict.fromkeys((r["label"], r["steps"]) for p in line_pts for r in p["rows"]):
-            xy = [
-                (p["tokens"], r["gen_bpb"])
-                for p in line_pts
-                for r in p["rows"]
-                if r["label"] == label and r["steps"] == steps and r["gen_bpb"] is not None
-            ]
-            if xy:
+        all_steps = sorted({r["steps"] for p in line_pts for r in p["rows"] if r["label"] != "AR"})
+        shade = {st: plt.cm.viridis(i / max(1, len(all_steps) - 1)) for i, st in enumerate(all_steps)}
+        # One panel per method, one line per step count; collapsed settings hollow; the two reference
+        # rows in every panel. The y range is the references' (collapsed outliers may fall below it).
+        fig, axes = plt.subplots(1, len(labels), figsize=(2.6 * len(labels) + 0.6, 3.6), sharey=True, squeeze=False)
+        refs = [p[k] for p in line_pts for k in ("data_bpb", "shuffled_bpb") if p[k] is not None]
+        vals = [r["gen_bpb"] for p in line_pts for r in p["rows"] if r["gen_bpb"] is not None and not r["collapsed"]]
+        lo, hi = min(refs + vals, default=0.0), max(refs + vals, default=1.0)
+        for ax, label in zip(axes[0], labels):
+            for steps in sorted({r["steps"] for p in line_pts for r in p["rows"] if r["label"] == label}):
+                pts_rows = [
+                    (p["tokens"], r)
+                    for p in line_pts
+                    for r in p["rows"]
+                    if r["label"] == label and r["steps"] == steps and r["gen_bpb"] is not None
+                ]
+                if not pts_rows:
+                    continue
+                color = colors[label] if label == "AR" else shade.get(steps, "k")
                 ax.plot(
-                    *zip(*xy), color=colors[label], marker=markers.get(steps, "o"), alpha=0.8, label=f"{label} {steps}"
+                    [x for x, _ in pts_rows],
+                    [r["gen_bpb"] for _, r in pts_rows],
+                    color=color,
+                    alpha=0.8,
+                    label=f"{steps} {'passes' if label == 'AR' else 'step' if steps == 1 else 'steps'}",
                 )
-        for key, style in (("data_bpb", "--"), ("shuffled_bpb", ":")):
-            xy = [(p["tokens"], p[key]) for p in line_pts if p[key] is not None]
-            if xy:
-                ax.plot(
-                    *zip(*xy),
-                    color="gray",
-                    linestyle=style,
-                    label="held-out text" if key == "data_bpb" else "shuffled characters",
-                )
-        ax.set_xscale("log")
-        ax.set_xlabel(f"training tokens ({size})")
-        ax.set_ylabel(f"bits per byte under {scorer}")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=6, ncol=3)
+                for x, r in pts_rows:
+                    ax.plot(
+                        [x],
+                        [r["gen_bpb"]],
+                        marker="o",
+                        color=color,
+                        markerfacecolor="none" if r["collapsed"] else color,
+                    )
+            for key, style in (("data_bpb", "--"), ("shuffled_bpb", ":")):
+                xy = [(p["tokens"], p[key]) for p in line_pts if p[key] is not None]
+                if xy:
+                    ax.plot(*zip(*xy), color="gray", linestyle=style, marker="_", markersize=16)
+            ax.set_xscale("log")
+            ax.set_title(label, fontsize=10)
+            ax.set_xlabel(f"training tokens ({size})", fontsize=8)
+            ax.set_ylim(lo - 0.25, hi + 0.25)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=6)
+        axes[0][0].set_ylabel(f"bits per byte under {scorer}")
+        fig.suptitle(
+            "dashed: held-out text, dotted: shuffled characters; hollow: collapsed (entropy off by > 10%)", fontsize=8
+        )
         fig.tight_layout()
         name = out / f"bpb_vs_tokens-{_slug(scorer)}.png"
         fig.savefig(name, dpi=110)
