@@ -282,7 +282,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                 only,
             ):
                 done.append((size, budget, folder))
-    if not done:
+    if args.report_only and not done:
         raise ConfigError(f"{out}: no finished point to report")
     study = aggregate(done)
     command = "fmlm bench scaling " + " ".join(shlex.quote(a) for a in argv)
