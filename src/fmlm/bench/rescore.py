@@ -83,10 +83,10 @@ def rescore(
     if missing:
         raise ConfigError(f"{folder / SAMPLES}: the samples of {', '.join(missing[:3])} are missing or incomplete")
     old = (result.get("scorer") or {}).get("name")
-    dest = Path(out) if out else folder.with_name(f"{folder.name}-{_slug(scorer.describe()['name'])}")
-    partial_path = dest / PARTIAL
     checksum = hashlib.sha256((folder / SAMPLES).read_bytes()).hexdigest()
     identity = {"scorer": scorer.describe(), "samples_sha256": checksum}
+    dest = Path(out) if out else folder.with_name(f"{folder.name}-{_slug(identity['scorer']['name'])}")
+    partial_path = dest / PARTIAL
     done = _read_partial(partial_path, identity, log)
     for i, r in enumerate(result["rows"], 1):
         key = f"{r['label']}|{r['steps']}"
@@ -104,7 +104,7 @@ def rescore(
     }
     if refs:
         add_references(result, score_references(refs, scorer))
-    result["scorer"] = scorer.describe()
+    result["scorer"] = identity["scorer"]
     result["metric"] = "gen_bpb"
     result["rescored"] = {"from": str(folder), "from_scorer": old, "command": command}
     write_outputs(result, dest, plots=plots, samples=samples)

@@ -71,6 +71,22 @@ def _scorer_name(result: dict) -> str | None:
     return (result.get("scorer") or {}).get("name")
 
 
+def point_settings(overrides: list[str], size: str, budget: int, distill_ratio: float) -> tuple[list[str], list[str]]:
+    """A point's config overrides and its distillation overrides (``distill_ratio`` × ``budget`` steps)."""
+    return list(overrides) + point_overrides(size, budget), [f"max_steps={max(1, round(distill_ratio * budget))}"]
+
+
+def scored_folder(out: Path, size: str, budget: int, bench: dict, name: str) -> Path | None:
+    """The folder of a point that holds its bench scored under ``name`` (the bench's own, or a
+    re-scored copy ``OUT/SIZE-BUDGET-SCORER``); None when it is not scored under it yet."""
+    if _scorer_name(bench) == name:
+        return out / f"{size}-{budget}"
+    dest = out / f"{size}-{budget}-{_slug(name)}"
+    if (dest / "results.json").is_file() and _scorer_name(read_result(dest)) == name:
+        return dest
+    return None
+
+
 def run_point(
     preset: str,
     size: str,
@@ -106,8 +122,7 @@ def run_point(
         def load(name):
             return load_scorer(name, device=device)
 
-    ov = list(overrides) + point_overrides(size, budget)
-    distill = [f"max_steps={max(1, round(distill_ratio * budget))}"]
+    ov, distill = point_settings(overrides, size, budget, distill_ratio)
     folder = out / f"{size}-{budget}"
     first = scorers[0]
     existing = read_result(folder) if (folder / "results.json").is_file() else None
@@ -151,38 +166,30 @@ def run_point(
     for name in scorers:
         if name == "none":
             continue
-        if _scorer_name(existing) == name:
-            folders.append(folder)
+        found = scored_folder(out, size, budget, existing, name)
+        if found is not None:
+            if found != folder:
+                log(f"{found}: already re-scored, reused")
+            folders.append(found)
             continue
         dest = out / f"{size}-{budget}-{_slug(name)}"
-        if (dest / "results.json").is_file() and _scorer_name(read_result(dest)) == name:
-            log(f"{dest}: already re-scored, reused")
-        else:
-            log(f"re-scoring {folder} under {name} -> {dest}")
-            rescore(
-                folder, load(name), dest, command=f"fmlm bench rescore {folder} --scorer {name} --out {dest}", log=log
-            )
+        log(f"re-scoring {folder} under {name} -> {dest}")
+        rescore(folder, load(name), dest, command=f"fmlm bench rescore {folder} --scorer {name} --out {dest}", log=log)
         folders.append(dest)
     return folders
 
 
-def finished_folders(out: Path, size: str, budget: int, overrides, distill, args, scorers, only) -> dict[str, Path]:
+def finished_folders(out: Path, size: str, budget: int, args, scorers, only) -> dict[str, Path]:
     """The folders of one point already scored by each scorer (``--report-only``), by scorer name."""
     folder = out / f"{size}-{budget}"
     if not (folder / "results.json").is_file():
         return {}
     bench = read_result(folder)
-    if not _matches(bench, args.preset, overrides, distill, list(args.steps), args.num_samples, only):
+    ov, distill = point_settings(args.overrides, size, budget, args.distill_ratio)
+    if not _matches(bench, args.preset, ov, distill, list(args.steps), args.num_samples, only):
         return {}
-    found = {}
-    for name in scorers:
-        if _scorer_name(bench) == name:
-            found[name] = folder
-            continue
-        dest = out / f"{size}-{budget}-{_slug(name)}"
-        if (dest / "results.json").is_file() and _scorer_name(read_result(dest)) == name:
-            found[name] = dest
-    return found
+    found = {name: scored_folder(out, size, budget, bench, name) for name in scorers}
+    return {name: f for name, f in found.items() if f is not None}
 
 
 # ------------------------------------------------------------------ CLI
@@ -255,9 +262,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         for j, budget in enumerate(args.budgets):
             log(f"[point {i * len(args.budgets) + j + 1}/{total}] {size}, {budget} steps")
             if args.report_only:
-                ov = list(args.overrides) + point_overrides(size, budget)
-                distill = [f"max_steps={max(1, round(args.distill_ratio * budget))}"]
-                found = finished_folders(out, size, budget, ov, distill, args, scorers, only)
+                found = finished_folders(out, size, budget, args, scorers, only)
                 for name in scorers:
                     if name not in found:
                         log(f"{out / f'{size}-{budget}'}: not scored under {name} yet, left out")
