@@ -29,6 +29,18 @@ def _row(label, steps, bpb, entropy=3.0, sec=0.01):
     }
 
 
+def _point_of(rows):
+    return {
+        "size": "mini",
+        "budget": 500,
+        "tokens": 2048000,
+        "scorer": "s",
+        "data_bpb": 1.9,
+        "shuffled_bpb": 5.1,
+        "rows": [{**r, "collapsed": False} for r in rows],
+    }
+
+
 def test_claims_by_bits_per_byte():
     rows = [
         _row("FMLM", 1, 4.0),
@@ -64,6 +76,16 @@ def test_claims_by_bits_per_byte():
     rival_low = [dict(r, gen_bpb=1.0, entropy=0.5) if (r["label"], r["steps"]) == ("MDLM", 1024) else r for r in rows]
     c3 = claims({"rows": rival_low, "data_entropy": 3.1})["many_step"]
     assert c3["best_rival"] == "Duo" and not c3["holds"] and c3["gap"] == pytest.approx(0.2)
+    assert c["many_step"]["steps"] == 1024
+    # a sweep that stops short of 1,024 is judged at the largest step count the FLM and a rival share
+    short = [r for r in rows if r["steps"] != 1024] + [
+        _row("FLM", 256, 3.4),
+        _row("Duo", 256, 3.1),
+        _row("MDLM", 64, 2.0),
+    ]
+    c4 = claims({"rows": short, "data_entropy": 3.1})["many_step"]
+    assert c4["steps"] == 256 and c4["best_rival"] == "Duo" and c4["gap"] == pytest.approx(0.3)
+    assert "fails (+0.300 at 256 steps)" in markdown({"points": [dict(_point_of(short), claims={"many_step": c4})]})
     point = {
         "size": "mini",
         "budget": 500,
@@ -126,7 +148,8 @@ def test_gpu_study_script_at_tiny_size_on_cpu(tmp_path):
     assert point["folder"].startswith("tiny-2-") and point["data_bpb"] > 0 and point["shuffled_bpb"] > 0
     assert point["tokens"] == 2 * 4 * 16  # stage-1 steps x batch x length, not the distillation's
     assert all(row["gen_bpb"] > 0 for row in point["rows"])
-    assert set(point["claims"]) == {"one_step", "one_step_distilled", "speed"}  # no 1,024-step setting in this sweep
+    assert set(point["claims"]) == {"one_step", "one_step_distilled", "many_step", "speed"}
+    assert point["claims"]["many_step"]["steps"] == 2  # the sweep's largest step count stands in for 1,024
     assert "### " in (tmp_path / "out" / "scaling.md").read_text()
 
 

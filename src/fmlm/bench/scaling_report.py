@@ -19,7 +19,8 @@ def claims(result: dict, tolerance: float = ENTROPY_TOLERANCE) -> dict:
        entropy within ``tolerance`` of the data's (collapsed competitor settings do not count);
        ``one_step_distilled``: the same against Duo+DCD and MDLM+SDTT, the distilled baselines.
     2. FLM at 1,024 steps at or below MDLM and Duo at 1,024 steps, with the same entropy rule
-       (a collapsed FLM does not hold it; collapsed rivals do not count).
+       (a collapsed FLM does not hold it; collapsed rivals do not count). A sweep that stops short of
+       1,024 is judged at the largest step count the FLM and a rival share (``steps`` says which).
     3. The one-step flow map's time against the cheapest setting of every other model that
        is at least as good (the bench's headline).
     """
@@ -53,8 +54,14 @@ def claims(result: dict, tolerance: float = ENTROPY_TOLERANCE) -> dict:
                 "best_rival_bpb": best["gen_bpb"],
                 "margin": best["gen_bpb"] - f1["gen_bpb"],
             }
-    flm = at("FLM", 1024)
-    others = [r for r in (at("MDLM", 1024), at("Duo", 1024)) if r is not None and not _collapsed(r, data_h, tolerance)]
+    # (2) at 1,024 steps, or at the largest step count the FLM and a rival both sampled when the sweep stops short
+    rival_steps = {r["steps"] for r in rows if r["label"] in ("MDLM", "Duo") and r.get("gen_bpb") is not None}
+    common = [
+        r["steps"] for r in rows if r["label"] == "FLM" and r.get("gen_bpb") is not None and r["steps"] in rival_steps
+    ]
+    many = max(common, default=None)
+    flm = at("FLM", many)
+    others = [r for r in (at("MDLM", many), at("Duo", many)) if r is not None and not _collapsed(r, data_h, tolerance)]
     if flm is not None and others:
         best = min(others, key=lambda r: r["gen_bpb"])
         ok = not _collapsed(flm, data_h, tolerance)
@@ -65,6 +72,7 @@ def claims(result: dict, tolerance: float = ENTROPY_TOLERANCE) -> dict:
             "best_rival": best["label"],
             "best_rival_bpb": best["gen_bpb"],
             "gap": flm["gen_bpb"] - best["gen_bpb"],
+            "steps": many,
         }
     h = headline(result, entropy_tolerance=tolerance)
     if h is not None and h["metric"] == "gen_bpb":
@@ -125,7 +133,8 @@ def _verdict(c: dict | None, field: str) -> str:
     if c is None:
         return "–"
     collapsed = "" if c.get("entropy_ok", True) else "entropy off; "
-    return ("holds" if c["holds"] else "fails") + f" ({collapsed}{c[field]:+.3f})"
+    at = f" at {c['steps']:,} steps" if c.get("steps", 1024) != 1024 else ""
+    return ("holds" if c["holds"] else "fails") + f" ({collapsed}{c[field]:+.3f}{at})"
 
 
 def markdown(study: dict, command: str | None = None) -> str:
@@ -154,7 +163,7 @@ def markdown(study: dict, command: str | None = None) -> str:
         lines += [
             "",
             "| point | training tokens | (1) FMLM 1 step < MDLM, Duo at 1–8 "
-            "| (1') FMLM 1 step < Duo+DCD, MDLM+SDTT at 1–8 | (2) FLM 1,024 ≤ MDLM, Duo 1,024 "
+            "| (1') FMLM 1 step < Duo+DCD, MDLM+SDTT at 1–8 | (2) FLM ≤ MDLM, Duo at 1,024 steps (or as noted) "
             "| (3) × FMLM time of the cheapest setting at least as good |",
             "|---|---|---|---|---|---|",
         ]
