@@ -30,6 +30,7 @@ def _row(label, steps, bpb, entropy=3.0, sec=0.01):
 
 
 def _point_of(rows):
+    """A study point of the given rows, none collapsed (its claims added by the caller)."""
     return {
         "size": "mini",
         "budget": 500,
@@ -86,17 +87,7 @@ def test_claims_by_bits_per_byte():
     c4 = claims({"rows": short, "data_entropy": 3.1})["many_step"]
     assert c4["steps"] == 256 and c4["best_rival"] == "Duo" and c4["gap"] == pytest.approx(0.3)
     assert "fails (+0.300 at 256 steps)" in markdown({"points": [dict(_point_of(short), claims={"many_step": c4})]})
-    point = {
-        "size": "mini",
-        "budget": 500,
-        "tokens": 2048000,
-        "scorer": "s",
-        "data_bpb": 1.9,
-        "shuffled_bpb": 5.1,
-        "rows": [{**r, "collapsed": False} for r in rows],
-        "claims": c,
-    }
-    md = markdown({"points": [point]})
+    md = markdown({"points": [dict(_point_of(rows), claims=c)]})
     assert (
         "| held-out text | – | 1.900 |" in md
         and "| mini 500 | 2,048,000 | holds (+0.200) | fails (-0.100) | fails (+0.300) |" in md

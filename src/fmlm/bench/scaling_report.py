@@ -55,11 +55,8 @@ def claims(result: dict, tolerance: float = ENTROPY_TOLERANCE) -> dict:
                 "margin": best["gen_bpb"] - f1["gen_bpb"],
             }
     # (2) at 1,024 steps, or at the largest step count the FLM and a rival both sampled when the sweep stops short
-    rival_steps = {r["steps"] for r in rows if r["label"] in ("MDLM", "Duo") and r.get("gen_bpb") is not None}
-    common = [
-        r["steps"] for r in rows if r["label"] == "FLM" and r.get("gen_bpb") is not None and r["steps"] in rival_steps
-    ]
-    many = max(common, default=None)
+    scored = {(r["label"], r["steps"]) for r in rows if r.get("gen_bpb") is not None}
+    many = max((s for lab, s in scored if lab == "FLM" and {("MDLM", s), ("Duo", s)} & scored), default=None)
     flm = at("FLM", many)
     others = [r for r in (at("MDLM", many), at("Duo", many)) if r is not None and not _collapsed(r, data_h, tolerance)]
     if flm is not None and others:
