@@ -176,7 +176,7 @@ def test_a_point_is_reused_only_with_the_same_variants():
     assert not _matches({**result, "only": None}, "shakespeare-cpu", ov, distill, steps, 4, ["FLM"])
 
 
-def _finished_point(folder, budget, scorer, bpb):
+def _finished_point(folder, budget, scorer, bpb, size="mini", steps=(1, 2)):
     from fmlm.bench.report import write_outputs
 
     rows = [
@@ -189,9 +189,9 @@ def _finished_point(folder, budget, scorer, bpb):
         "preset": "shakespeare-cpu",
         "description": "by hand",
         "seed": 0,
-        "overrides": ["model.size=mini", f"max_steps={budget}"],
+        "overrides": [f"model.size={size}", f"max_steps={budget}"],
         "distill_overrides": [f"max_steps={budget // 2}"],
-        "steps": [1, 2],
+        "steps": list(steps),
         "num_samples": 3,
         "samples_file": "samples.jsonl",
         "scorer": {"name": scorer},
@@ -232,3 +232,25 @@ def test_report_only_aggregates_the_finished_points_and_names_the_missing(tmp_pa
         capsys, "bench", "scaling", "--budgets", "10", "--report-only", "--scorers", "s1", "--quiet", *other
     )
     assert_one_line_error(code, err, "no finished point")
+
+
+def test_report_only_takes_a_point_sampled_with_its_own_sweep_and_plots_every_size(tmp_path, capsys):
+    """A costly point (here a wider model) sampled with a shorter or longer sweep than --steps still
+    belongs to the study: it is aggregated, the log says so, and the plots show it beside the first size."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "study"
+    _finished_point(out / "mini-10", 10, "s1", 4.0)
+    _finished_point(out / "mini-30", 30, "s1", 3.5)
+    _finished_point(out / "small-cpu-30", 30, "s1", 3.0, size="small-cpu", steps=(1, 2, 256))
+    args = ["--budgets", "10,30", "--sizes", "mini,small-cpu", "--scorers", "s1", "--report-only"]
+    code, _, err = run_cli(
+        capsys, "bench", "scaling", *args, "--steps", "1,2", "-n", "3", "--distill-ratio", "0.5", "--out", str(out)
+    )
+    assert code == 0, err
+    study = json.loads((out / "scaling.json").read_text())
+    assert [(p["size"], p["budget"]) for p in study["points"]] == [("mini", 10), ("mini", 30), ("small-cpu", 30)]
+    assert "small-cpu-30: sampled at steps 1,2,256, not --steps; included" in err
+    assert "mini-10: sampled at" not in err
+    assert "| model | steps | mini 10 | mini 30 | small-cpu 30 |" in (out / "scaling.md").read_text()
+    assert sorted(study["plots"]) == ["bpb_vs_time-s1.png", "bpb_vs_tokens-s1.png"]
+    assert all((out / name).stat().st_size > 0 for name in study["plots"])

@@ -47,16 +47,17 @@ def _matches(
     preset: str,
     overrides: list[str],
     distill: list[str],
-    steps: list[int],
+    steps: list[int] | None,
     n: int,
     only: list[str] | None = None,
 ) -> bool:
-    """Whether a finished bench was sampled with these settings (whatever its scorer)."""
+    """Whether a finished bench was sampled with these settings (whatever its scorer; ``steps=None``:
+    whatever its step sweep)."""
     return (
         result.get("preset") == preset
         and result.get("overrides") == overrides
         and result.get("distill_overrides") == distill
-        and result.get("steps") == steps
+        and (steps is None or result.get("steps") == steps)
         and result.get("num_samples") == n
         and bool(result.get("samples_file"))
         and _labels(result.get("only")) == _labels(only)
@@ -179,15 +180,20 @@ def run_point(
     return folders
 
 
-def finished_folders(out: Path, size: str, budget: int, args, scorers, only) -> dict[str, Path]:
-    """The folders of one point already scored by each scorer (``--report-only``), by scorer name."""
+def finished_folders(out: Path, size: str, budget: int, args, scorers, only, log=lambda msg: None) -> dict[str, Path]:
+    """The folders of one point already scored by each scorer (``--report-only``), by scorer name.
+
+    A point counts whatever its step sweep (a costly point, e.g. a wider model, may have been sampled
+    with a shorter one); the log says when it differs from ``--steps``."""
     folder = out / f"{size}-{budget}"
     if not (folder / "results.json").is_file():
         return {}
     bench = read_result(folder)
     ov, distill = point_settings(args.overrides, size, budget, args.distill_ratio)
-    if not _matches(bench, args.preset, ov, distill, list(args.steps), args.num_samples, only):
+    if not _matches(bench, args.preset, ov, distill, None, args.num_samples, only):
         return {}
+    if bench.get("steps") != list(args.steps):
+        log(f"{folder}: sampled at steps {','.join(map(str, bench.get('steps') or []))}, not --steps; included")
     found = {name: scored_folder(out, size, budget, bench, name) for name in scorers}
     return {name: f for name, f in found.items() if f is not None}
 
@@ -225,7 +231,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--report-only",
         action="store_true",
-        help="train, sample and score nothing: aggregate the points (and scorers) already finished under --out",
+        help="train, sample and score nothing: aggregate the points (and scorers) already finished under --out, "
+        "whatever step sweep each was sampled with",
     )
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true")
@@ -262,7 +269,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         for j, budget in enumerate(args.budgets):
             log(f"[point {i * len(args.budgets) + j + 1}/{total}] {size}, {budget} steps")
             if args.report_only:
-                found = finished_folders(out, size, budget, args, scorers, only)
+                found = finished_folders(out, size, budget, args, scorers, only, log)
                 for name in scorers:
                     if name not in found:
                         log(f"{out / f'{size}-{budget}'}: not scored under {name} yet, left out")

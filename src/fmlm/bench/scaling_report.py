@@ -200,13 +200,14 @@ def plot(study: dict, out: Path) -> list[Path]:
         line_pts = sorted((p for p in pts if p["size"] == size), key=lambda p: p["tokens"])
         labels = list(dict.fromkeys(r["label"] for p in line_pts for r in p["rows"]))
         colors = {lab: f"C{i}" for i, lab in enumerate(labels)}
-        all_steps = sorted({r["steps"] for p in line_pts for r in p["rows"] if r["label"] != "AR"})
+        others = [p for p in pts if p["size"] != size]  # other sizes: squares, one line per step count each
+        all_steps = sorted({r["steps"] for p in pts for r in p["rows"] if r["label"] != "AR"})
         shade = {st: plt.cm.viridis(i / max(1, len(all_steps) - 1)) for i, st in enumerate(all_steps)}
         # One panel per method, one line per step count; collapsed settings hollow; the two reference
         # rows in every panel. The y range is the references' (collapsed outliers may fall below it).
         fig, axes = plt.subplots(1, len(labels), figsize=(2.6 * len(labels) + 0.6, 3.6), sharey=True, squeeze=False)
         refs = [p[k] for p in line_pts for k in ("data_bpb", "shuffled_bpb") if p[k] is not None]
-        vals = [r["gen_bpb"] for p in line_pts for r in p["rows"] if r["gen_bpb"] is not None and not r["collapsed"]]
+        vals = [r["gen_bpb"] for p in pts for r in p["rows"] if r["gen_bpb"] is not None and not r["collapsed"]]
         lo, hi = min(refs + vals, default=0.0), max(refs + vals, default=1.0)
         for ax, label in zip(axes[0], labels):
             for steps in sorted({r["steps"] for p in line_pts for r in p["rows"] if r["label"] == label}):
@@ -234,19 +235,42 @@ def plot(study: dict, out: Path) -> list[Path]:
                         color=color,
                         markerfacecolor="none" if r["collapsed"] else color,
                     )
+            for other in dict.fromkeys(p["size"] for p in others):
+                o_pts = sorted((p for p in others if p["size"] == other), key=lambda p: p["tokens"])
+                for steps in sorted({r["steps"] for p in o_pts for r in p["rows"] if r["label"] == label}):
+                    o_rows = [
+                        (p["tokens"], r)
+                        for p in o_pts
+                        for r in p["rows"]
+                        if r["label"] == label and r["steps"] == steps and r["gen_bpb"] is not None
+                    ]
+                    color = colors[label] if label == "AR" else shade.get(steps, "k")
+                    ax.plot([x for x, _ in o_rows], [r["gen_bpb"] for _, r in o_rows], color=color, linestyle="-.")
+                    for x, r in o_rows:
+                        ax.plot(
+                            [x],
+                            [r["gen_bpb"]],
+                            marker="s",
+                            color=color,
+                            markerfacecolor="none" if r["collapsed"] else color,
+                        )
             for key, style in (("data_bpb", "--"), ("shuffled_bpb", ":")):
                 xy = [(p["tokens"], p[key]) for p in line_pts if p[key] is not None]
                 if xy:
                     ax.plot(*zip(*xy), color="gray", linestyle=style, marker="_", markersize=16)
             ax.set_xscale("log")
             ax.set_title(label, fontsize=10)
-            ax.set_xlabel(f"training tokens ({size})", fontsize=8)
+            ax.set_xlabel("training tokens", fontsize=8)
             ax.set_ylim(lo - 0.25, hi + 0.25)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=6)
         axes[0][0].set_ylabel(f"bits per byte under {scorer}")
+        sizes_note = (
+            f"; circles: {size}, squares: " + ", ".join(dict.fromkeys(p["size"] for p in others)) if others else ""
+        )
         fig.suptitle(
-            "dashed: held-out text, dotted: shuffled characters; hollow: collapsed (entropy off by > 10%)", fontsize=8
+            "dashed: held-out text, dotted: shuffled characters; hollow: collapsed (entropy off by > 10%)" + sizes_note,
+            fontsize=8,
         )
         fig.tight_layout()
         name = out / f"bpb_vs_tokens-{_slug(scorer)}.png"
