@@ -200,7 +200,7 @@ def plot(study: dict, out: Path) -> list[Path]:
         line_pts = sorted((p for p in pts if p["size"] == size), key=lambda p: p["tokens"])
         labels = list(dict.fromkeys(r["label"] for p in line_pts for r in p["rows"]))
         colors = {lab: f"C{i}" for i, lab in enumerate(labels)}
-        others = [p for p in pts if p["size"] != size]  # other sizes: squares, one line per step count each
+        others = [p for p in pts if p["size"] != size]
         all_steps = sorted({r["steps"] for p in pts for r in p["rows"] if r["label"] != "AR"})
         shade = {st: plt.cm.viridis(i / max(1, len(all_steps) - 1)) for i, st in enumerate(all_steps)}
         # One panel per method, one line per step count; collapsed settings hollow; the two reference
@@ -210,47 +210,36 @@ def plot(study: dict, out: Path) -> list[Path]:
         vals = [r["gen_bpb"] for p in pts for r in p["rows"] if r["gen_bpb"] is not None and not r["collapsed"]]
         lo, hi = min(refs + vals, default=0.0), max(refs + vals, default=1.0)
         for ax, label in zip(axes[0], labels):
-            for steps in sorted({r["steps"] for p in line_pts for r in p["rows"] if r["label"] == label}):
-                pts_rows = [
-                    (p["tokens"], r)
-                    for p in line_pts
-                    for r in p["rows"]
-                    if r["label"] == label and r["steps"] == steps and r["gen_bpb"] is not None
-                ]
-                if not pts_rows:
-                    continue
-                color = colors[label] if label == "AR" else shade.get(steps, "k")
-                ax.plot(
-                    [x for x, _ in pts_rows],
-                    [r["gen_bpb"] for _, r in pts_rows],
-                    color=color,
-                    alpha=0.8,
-                    label=f"{steps} {'passes' if label == 'AR' else 'step' if steps == 1 else 'steps'}",
-                )
-                for x, r in pts_rows:
-                    ax.plot(
-                        [x],
-                        [r["gen_bpb"]],
-                        marker="o",
-                        color=color,
-                        markerfacecolor="none" if r["collapsed"] else color,
-                    )
-            for other in dict.fromkeys(p["size"] for p in others):
-                o_pts = sorted((p for p in others if p["size"] == other), key=lambda p: p["tokens"])
-                for steps in sorted({r["steps"] for p in o_pts for r in p["rows"] if r["label"] == label}):
-                    o_rows = [
+            labelled: set[int] = set()  # each step count once in the legend
+            for i, sz in enumerate(dict.fromkeys(p["size"] for p in pts)):
+                first = i == 0  # the first size: circles and solid lines; the rest: squares, dash-dotted
+                sz_pts = sorted((p for p in pts if p["size"] == sz), key=lambda p: p["tokens"])
+                for steps in sorted({r["steps"] for p in sz_pts for r in p["rows"] if r["label"] == label}):
+                    pts_rows = [
                         (p["tokens"], r)
-                        for p in o_pts
+                        for p in sz_pts
                         for r in p["rows"]
                         if r["label"] == label and r["steps"] == steps and r["gen_bpb"] is not None
                     ]
+                    if not pts_rows:
+                        continue
                     color = colors[label] if label == "AR" else shade.get(steps, "k")
-                    ax.plot([x for x, _ in o_rows], [r["gen_bpb"] for _, r in o_rows], color=color, linestyle="-.")
-                    for x, r in o_rows:
+                    ax.plot(
+                        [x for x, _ in pts_rows],
+                        [r["gen_bpb"] for _, r in pts_rows],
+                        color=color,
+                        alpha=0.8,
+                        linestyle="-" if first else "-.",
+                        label=None
+                        if steps in labelled
+                        else f"{steps} {'passes' if label == 'AR' else 'step' if steps == 1 else 'steps'}",
+                    )
+                    labelled.add(steps)
+                    for x, r in pts_rows:
                         ax.plot(
                             [x],
                             [r["gen_bpb"]],
-                            marker="s",
+                            marker="o" if first else "s",
                             color=color,
                             markerfacecolor="none" if r["collapsed"] else color,
                         )
