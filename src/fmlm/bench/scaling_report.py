@@ -196,11 +196,14 @@ def plot(study: dict, out: Path) -> list[Path]:
     files = []
     for scorer in dict.fromkeys(p["scorer"] for p in study["points"]):
         pts = [p for p in study["points"] if p["scorer"] == scorer]
-        size = pts[0]["size"]
-        line_pts = sorted((p for p in pts if p["size"] == size), key=lambda p: p["tokens"])
+        # each size's points by training tokens: the first size circles and solid lines, the rest squares
+        by_size = {
+            sz: sorted((p for p in pts if p["size"] == sz), key=lambda p: p["tokens"])
+            for sz in dict.fromkeys(p["size"] for p in pts)
+        }
+        size, line_pts = next(iter(by_size.items()))
         labels = list(dict.fromkeys(r["label"] for p in line_pts for r in p["rows"]))
         colors = {lab: f"C{i}" for i, lab in enumerate(labels)}
-        others = [p for p in pts if p["size"] != size]
         all_steps = sorted({r["steps"] for p in pts for r in p["rows"] if r["label"] != "AR"})
         shade = {st: plt.cm.viridis(i / max(1, len(all_steps) - 1)) for i, st in enumerate(all_steps)}
         # One panel per method, one line per step count; collapsed settings hollow; the two reference
@@ -211,9 +214,8 @@ def plot(study: dict, out: Path) -> list[Path]:
         lo, hi = min(refs + vals, default=0.0), max(refs + vals, default=1.0)
         for ax, label in zip(axes[0], labels):
             labelled: set[int] = set()  # each step count once in the legend
-            for i, sz in enumerate(dict.fromkeys(p["size"] for p in pts)):
-                first = i == 0  # the first size: circles and solid lines; the rest: squares, dash-dotted
-                sz_pts = sorted((p for p in pts if p["size"] == sz), key=lambda p: p["tokens"])
+            for sz, sz_pts in by_size.items():
+                first = sz == size
                 for steps in sorted({r["steps"] for p in sz_pts for r in p["rows"] if r["label"] == label}):
                     pts_rows = [
                         (p["tokens"], r)
@@ -254,9 +256,7 @@ def plot(study: dict, out: Path) -> list[Path]:
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=6)
         axes[0][0].set_ylabel(f"bits per byte under {scorer}")
-        sizes_note = (
-            f"; circles: {size}, squares: " + ", ".join(dict.fromkeys(p["size"] for p in others)) if others else ""
-        )
+        sizes_note = f"; circles: {size}, squares: " + ", ".join(list(by_size)[1:]) if len(by_size) > 1 else ""
         fig.suptitle(
             "dashed: held-out text, dotted: shuffled characters; hollow: collapsed (entropy off by > 10%)" + sizes_note,
             fontsize=8,
