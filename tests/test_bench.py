@@ -745,6 +745,23 @@ def test_markdown_table_from_rows():
     assert np.isfinite(result["data_entropy"])
 
 
+def test_markdown_says_what_a_bench_overrode_and_how_long_it_took():
+    from fmlm.bench.report import _this_run
+
+    assert _this_run({"overrides": [], "distill_overrides": []}) == []
+    text = _this_run(
+        {
+            "overrides": ["data.seq_len=64"],
+            "distill_overrides": ["max_steps=53"],
+            "bench_seconds": 5400.0,
+            "settings_reused": 2,
+        }
+    )[0]
+    assert "`data.seq_len=64 distill max_steps=53`" in text and "preset's defaults" in text
+    assert "90 min (2 setting(s) reused from the cache)." in text
+    assert "overrides" not in _this_run({"overrides": [], "bench_seconds": 60.0})[0]
+
+
 def _rows(label, pts, metric="gen_ppl"):
     return [
         {

@@ -85,6 +85,24 @@ def _headline_md(h: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------ results.md
+def _this_run(result: dict) -> list[str]:
+    """What this bench changed from its preset's description, and how long it took."""
+    parts = []
+    changed = list(result.get("overrides") or []) + [f"distill {o}" for o in result.get("distill_overrides") or []]
+    if changed:
+        parts.append(
+            "This bench overrides the preset with `" + " ".join(changed) + "`: the description above, "
+            "its timing included, is for the preset's defaults."
+        )
+    if result.get("bench_seconds") is not None:
+        reused = result.get("settings_reused") or 0
+        parts.append(
+            f"Measured wall time of this bench: {result['bench_seconds'] / 60:.0f} min"
+            + (f" ({reused} setting(s) reused from the cache)." if reused else ".")
+        )
+    return [" ".join(parts), ""] if parts else []
+
+
 def markdown(result: dict) -> str:
     title = f"fmlm bench {result['preset']}" + (f" --ablation {result['ablation']}" if result["ablation"] else "")
     lines = [f"## {title}", ""]
@@ -105,6 +123,7 @@ def markdown(result: dict) -> str:
         + (f" Scorer: {result['scorer']['name']}." if result.get("scorer") else ""),
         "",
     ]
+    lines += _this_run(result)
     for note in result.get("notes", []):
         lines.append(f"- {note}")
     if result.get("notes"):
