@@ -86,7 +86,8 @@ def _headline_md(h: dict) -> list[str]:
 
 # ------------------------------------------------------------------ results.md
 def _this_run(result: dict) -> list[str]:
-    """What this bench changed from its preset's description, and how long it took."""
+    """What this bench changed from its preset's description, and how long its sampling bench took
+    (a re-scored result keeps the wall time of the bench that drew its samples)."""
     parts = []
     changed = list(result.get("overrides") or []) + [f"distill {o}" for o in result.get("distill_overrides") or []]
     if changed:
@@ -97,7 +98,7 @@ def _this_run(result: dict) -> list[str]:
     if result.get("bench_seconds") is not None:
         reused = result.get("settings_reused") or 0
         parts.append(
-            f"Measured wall time of this bench: {result['bench_seconds'] / 60:.0f} min"
+            f"Measured wall time of the bench that drew these samples: {result['bench_seconds'] / 60:.0f} min"
             + (f" ({reused} setting(s) reused from the cache)." if reused else ".")
         )
     return [" ".join(parts), ""] if parts else []
